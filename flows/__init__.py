@@ -1,0 +1,11 @@
+"""Prefect flows, one per pipeline stage: thin glue that loads params, calls `llm`, and writes outputs.
+
+Run a stage with `python -m flows.<stage>` (that is what `dvc.yaml` does). With no `PREFECT_API_URL`,
+Prefect starts a temporary local API for the run; set it to a running `prefect server start` to keep
+the runs and skip that start-up.
+"""
+
+import os
+
+# Set before Prefect is imported: offline, its telemetry logs an error on every run.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

@@ -1,0 +1,292 @@
+"""Typed settings: `params.yaml` loaded into frozen dataclasses.
+
+`params.yaml` is the single source of settings, one section per stage. `load_params()` turns it into a
+`Params` object; every problem in the file (an unknown key, a wrong type, a value out of range) is
+collected and raised together as one `ConfigError` whose lines name the key path:
+
+    tokenize.val_fraction: must be in (0, 1), got 1.5
+
+The loader is generic: any dataclass can be built with `from_mapping(cls, data)`. A dataclass checks its
+own values in a `problems()` method that yields `(key, message)` pairs; the loader prefixes the path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+T = TypeVar("T")
+
+Problem = tuple[str, str]  # (key path, message)
+
+
+class ConfigError(ValueError):
+    """Invalid settings; `problems` holds every `(key path, message)` found, not just the first."""
+
+    def __init__(self, problems: list[Problem], source: str = "params.yaml"):
+        self.problems = problems
+        lines = "\n".join(f"  {key}: {message}" if key else f"  {message}" for key, message in problems)
+        count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
+        super().__init__(f"{source} has {count}; fix {'them' if len(problems) != 1 else 'it'} and rerun:\n{lines}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The generic loader
+
+
+# Returned for a value that could not be built at all, so that its parents skip their own checks.
+_INVALID: Any = object()
+
+
+def from_mapping(cls: type[T], data: Any, source: str = "params.yaml") -> T:
+    """Build dataclass `cls` from a mapping, raising one ConfigError that lists every problem."""
+    problems: list[Problem] = []
+    value = _convert(cls, data, "", problems)
+    if problems:
+        raise ConfigError(problems, source)
+    return value
+
+
+def _join(path: str, key: str | int) -> str:
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    return f"{path}.{key}" if path else key
+
+
+def _describe(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}" if not isinstance(value, Mapping) else "a mapping"
+
+
+def _convert(tp: Any, value: Any, path: str, problems: list[Problem]) -> Any:
+    """Check `value` against type `tp`; append problems, return the value or _INVALID."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+
+    if dataclasses.is_dataclass(tp):
+        return _convert_dataclass(tp, value, path, problems)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return _convert(inner[0], value, path, problems)
+        for candidate in inner:  # first member that accepts the value
+            trial: list[Problem] = []
+            result = _convert(candidate, value, path, trial)
+            if result is not _INVALID:
+                problems.extend(trial)
+                return result
+        problems.append((path, f"must be one of {', '.join(_type_name(a) for a in inner)}, got {_describe(value)}"))
+        return _INVALID
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            problems.append((path, f"must be one of {choices}, got {value!r}"))
+            return _INVALID
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            problems.append((path, f"must be a list, got {_describe(value)}"))
+            return _INVALID
+        item_type = args[0] if args else Any
+        items = [_convert(item_type, item, _join(path, i), problems) for i, item in enumerate(value)]
+        if any(item is _INVALID for item in items):
+            return _INVALID
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            problems.append((path, f"must be a mapping, got {_describe(value)}"))
+            return _INVALID
+        value_type = args[1] if args else Any
+        converted = {k: _convert(value_type, v, _join(path, str(k)), problems) for k, v in value.items()}
+        return _INVALID if _INVALID in converted.values() else converted
+    if tp is Any:
+        return value
+    if tp is float:
+        # YAML writes 1 for 1.0; bool is an int subclass but never a number here.
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is Path:
+        if isinstance(value, (str, Path)):
+            return Path(value)
+    elif isinstance(tp, type) and isinstance(value, tp):
+        return value
+    problems.append((path, f"must be {_type_name(tp)}, got {_describe(value)}"))
+    return _INVALID
+
+
+def _type_name(tp: Any) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false", Path: "a path"}
+    return names.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _convert_dataclass(cls: Any, value: Any, path: str, problems: list[Problem]) -> Any:
+    if value is None:
+        value = {}  # an empty YAML section means "all defaults"
+    if not isinstance(value, Mapping):
+        problems.append((path, f"must be a mapping of settings, got {_describe(value)}"))
+        return _INVALID
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    valid = True
+    for key in value:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(fields)}"
+            problems.append((_join(path, str(key)), f"unknown key{hint}"))
+            valid = False
+    kwargs = {}
+    for name, f in fields.items():
+        if name in value:
+            kwargs[name] = _convert(hints[name], value[name], _join(path, name), problems)
+            valid = valid and kwargs[name] is not _INVALID
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            problems.append((_join(path, name), "is required"))
+            valid = False
+    if not valid:
+        return _INVALID
+    instance = cls(**kwargs)
+    check = getattr(instance, "problems", None)
+    if check is not None:
+        problems.extend((_join(path, key), message) for key, message in check())
+    return instance
+
+
+# ---------------------------------------------------------------------------------------------------
+# Small checks shared by the sections
+
+
+def check_range(
+    key: str, value: float, low: float | None = None, high: float | None = None, *, closed: str = "[]"
+) -> Iterator[Problem]:
+    """Yield a problem when `value` is outside the interval; `closed` says which ends are included."""
+    low_ok = low is None or (value >= low if closed[0] == "[" else value > low)
+    high_ok = high is None or (value <= high if closed[1] == "]" else value < high)
+    if not (low_ok and high_ok):
+        left = "-inf" if low is None else f"{low:g}"
+        right = "inf" if high is None else f"{high:g}"
+        yield key, f"must be in {closed[0]}{left}, {right}{closed[1]}, got {value!r}"
+
+
+def check_positive(key: str, value: float) -> Iterator[Problem]:
+    if value <= 0:
+        yield key, f"must be > 0, got {value!r}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sections of params.yaml
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+SourceKind = Literal["text", "json", "jsonl", "parquet"]
+SourceRole = Literal["corpus", "instructions"]
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """One file to fetch: where from, what it must hash to, how to read it, and what it is for."""
+
+    name: str
+    url: str  # https://, http://, file:// or a local path
+    sha256: str | None = None  # None: fetched unpinned, with a warning that prints the hash to pin
+    kind: SourceKind = "text"
+    role: SourceRole = "corpus"
+    text_field: str | None = None  # the record field (json, jsonl) or column (parquet) holding the text
+    filename: str | None = None  # name under data/raw/<role>/ and in the mirror; default: the URL's
+
+    @property
+    def file_name(self) -> str:
+        return self.filename or self.url.rstrip("/").rsplit("/", 1)[-1]
+
+    def problems(self) -> Iterator[Problem]:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):
+            yield "name", f"must be letters, digits, '.', '_' or '-', got {self.name!r}"
+        if self.sha256 is not None and not _SHA256.fullmatch(self.sha256):
+            yield "sha256", f"must be 64 lowercase hex digits, got {self.sha256!r}"
+        if "://" in self.url and self.url.split("://", 1)[0] not in ("http", "https", "file"):
+            yield "url", f"must be http(s)://, file:// or a local path, got {self.url!r}"
+        if self.role == "corpus" and self.kind != "text" and not self.text_field:
+            what = "column" if self.kind == "parquet" else "field"
+            yield "text_field", f"is required for a {self.kind} corpus: name the record {what} that holds the text"
+        name = self.file_name
+        if not name or name in (".", "..") or "/" in name or name == "manifest.json":
+            yield "filename", f"must be a plain file name other than manifest.json, got {name!r}"
+
+
+@dataclass(frozen=True)
+class DownloadConfig:
+    sources: list[SourceConfig] = field(default_factory=list)
+    timeout_s: float = 60.0  # per network read, not per file
+    retries: int = 3  # extra tries after a transient failure (timeout, connection error, 5xx)
+    retry_delay_s: float = 2.0  # first backoff; doubles on each retry
+
+    def problems(self) -> Iterator[Problem]:
+        yield from check_positive("timeout_s", self.timeout_s)
+        yield from check_range("retries", self.retries, 0, 20)
+        yield from check_range("retry_delay_s", self.retry_delay_s, 0)
+        if not any(s.role == "corpus" for s in self.sources):
+            yield "sources", "needs at least one source with role 'corpus' to pretrain on"
+        seen_names: set[str] = set()
+        seen_files: set[tuple[str, str]] = set()
+        for i, source in enumerate(self.sources):
+            if source.name in seen_names:
+                yield f"sources[{i}].name", f"{source.name!r} is used by another source; names must be unique"
+            if (source.role, source.file_name) in seen_files:
+                yield f"sources[{i}].filename", f"{source.file_name!r} is used by another {source.role} source"
+            seen_names.add(source.name)
+            seen_files.add((source.role, source.file_name))
+
+
+@dataclass(frozen=True)
+class TokenizeConfig:
+    tokenizer: str = "gpt2"  # a tiktoken encoding name
+    val_fraction: float = 0.1
+    seed: int = 1337
+    tokens_per_shard: int = 10_000_000
+    doc_separator: str | None = None  # split text files into documents on this string; None: one document
+    encoding_errors: Literal["strict", "replace"] = "strict"  # bytes that are not UTF-8: fail, or U+FFFD
+    num_threads: int = 0  # encoder threads; 0: one per core
+
+    def problems(self) -> Iterator[Problem]:
+        yield from check_range("val_fraction", self.val_fraction, 0, 1, closed="()")
+        yield from check_range("tokens_per_shard", self.tokens_per_shard, 1024)
+        yield from check_range("num_threads", self.num_threads, 0)
+        if self.doc_separator == "":
+            yield "doc_separator", "must be a non-empty string, or null for one document per text file"
+
+
+@dataclass(frozen=True)
+class Params:
+    """Every section of params.yaml; a missing section takes its defaults."""
+
+    download: DownloadConfig = field(default_factory=DownloadConfig)
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+
+
+def read_yaml(path: str | Path) -> Any:
+    """Parse YAML 1.2 (so `3e-4` is a number, as DVC's `-S` writes it), naming the file on errors."""
+    from ruamel.yaml import YAML, YAMLError
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([("", f"{path} not found; run from the project root or pass its path")], str(path))
+    try:
+        return YAML(typ="safe", pure=True).load(text)
+    except YAMLError as exc:
+        raise ConfigError([("", f"is not valid YAML: {exc}")], str(path)) from exc
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Load and validate every section of `path`."""
+    return from_mapping(Params, read_yaml(path), source=str(path))

@@ -1,0 +1,88 @@
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pytest
+
+from llm.config import ConfigError, Params, SourceConfig, from_mapping, load_params
+from tests.conftest import ROOT
+
+
+def test_project_params_load():
+    params = load_params(ROOT / "params.yaml")
+    assert isinstance(params, Params)
+    assert [s.name for s in params.download.sources] == ["the-verdict", "tinyshakespeare", "instruction-data"]
+    assert params.download.sources[1].file_name == "tinyshakespeare.txt"
+    assert params.download.sources[0].file_name == "the-verdict.txt"
+
+
+def test_every_problem_is_reported_with_its_key_path():
+    data = {
+        "tokenize": {"val_fraction": 1.5, "sead": 3, "tokens_per_shard": "many"},
+        "download": {"sources": [{"name": "x", "url": "ftp://host/x", "kind": "csv"}]},
+        "pretrian": {},
+    }
+    with pytest.raises(ConfigError) as info:
+        from_mapping(Params, data)
+    problems = dict(info.value.problems)
+    assert problems["tokenize.sead"] == "unknown key; did you mean 'seed'?"
+    assert problems["tokenize.tokens_per_shard"] == "must be an integer, got str 'many'"
+    assert problems["download.sources[0].kind"] == "must be one of 'text', 'json', 'jsonl', 'parquet', got 'csv'"
+    assert problems["pretrian"].startswith("unknown key")
+    assert "tokenize.sead: unknown key; did you mean 'seed'?" in str(info.value)
+
+
+def test_range_checks_run_when_types_are_right():
+    with pytest.raises(ConfigError) as info:
+        from_mapping(Params, {"tokenize": {"val_fraction": 1.5}})
+    assert str(info.value).splitlines()[1] == "  tokenize.val_fraction: must be in (0, 1), got 1.5"
+
+
+def test_source_checks():
+    bad = {"sources": [
+        {"name": "a", "url": "https://h/a.json", "kind": "json", "sha256": "ABC"},
+        {"name": "a", "url": "https://h/a.json"},
+    ]}
+    with pytest.raises(ConfigError) as info:
+        from_mapping(Params, {"download": bad})
+    problems = dict(info.value.problems)
+    assert problems["download.sources[0].sha256"] == "must be 64 lowercase hex digits, got 'ABC'"
+    assert problems["download.sources[0].text_field"].startswith("is required for a json corpus")
+    assert "download.sources[1].name" in problems
+
+
+def test_types_are_strict_about_bools_and_accept_ints_as_floats():
+    @dataclass(frozen=True)
+    class Section:
+        flag: bool = False
+        count: int = 1
+        rate: float = 0.5
+        mode: Literal["a", "b"] = "a"
+        tags: list[str] = field(default_factory=list)
+
+    assert from_mapping(Section, {"rate": 1}).rate == 1.0
+    with pytest.raises(ConfigError) as info:
+        from_mapping(Section, {"flag": 1, "count": True, "tags": "x"})
+    assert dict(info.value.problems) == {
+        "flag": "must be true or false, got int 1",
+        "count": "must be an integer, got bool True",
+        "tags": "must be a list, got str 'x'",
+    }
+
+
+def test_yaml_numbers_follow_yaml_1_2(tmp_path):
+    # DVC's `-S pretrain.lr=3e-4` writes exponent floats without a dot; YAML 1.1 would read a string.
+    path = tmp_path / "params.yaml"
+    path.write_text("download:\n  timeout_s: 3e1\n  sources: [{name: c, url: /x.txt}]\n")
+    assert load_params(path).download.timeout_s == 30.0
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found; run from the project root"):
+        load_params(tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("download: [\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_params(tmp_path / "bad.yaml")
+
+
+def test_source_filename_defaults_to_url_basename():
+    assert SourceConfig(name="x", url="file:///tmp/dir/corpus.txt").file_name == "corpus.txt"
