@@ -9,3 +9,5 @@ import os
 
 # Set before Prefect is imported: offline, its telemetry logs an error on every run.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# The library logs through the standard `llm.*` loggers; this sends those lines to Prefect's UI too.
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "llm")
