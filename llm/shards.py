@@ -1,0 +1,281 @@
+"""Token shards: Arrow IPC files of token ids, written atomically and read memory-mapped with zero copies.
+
+A shard holds one record batch with one column, `input_ids: list<uint16>` (uint32 for vocabularies over
+65,536), one row per document. A row ends with the end-of-text token exactly when its document ends
+there: a document longer than what is left of a shard continues in the next shard's first row (and the
+book-style validation cut leaves a document's training part without one), so a shard never holds more
+than `tokens_per_shard` tokens and writing never needs a whole document in memory.
+
+Reading: the list column's flat values buffer *is* the token stream, so `TokenStream` maps every shard
+of a split and serves windows straight from the page cache. `RandomWindows` draws training batches in a
+seeded, resumable order; `sequential_batches` covers a split exactly once for evaluation.
+
+    python -m llm.shards data/shards        # print what the manifest says and check every shard
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from llm.files import atomic_path, read_json
+
+COLUMN = "input_ids"
+IGNORE_INDEX = -100  # targets with this value add nothing to the loss
+MAX_TOKENS_PER_SHARD = 2**31 - 1  # Arrow list offsets are int32
+
+
+class ShardError(ValueError):
+    """A shard that is missing, truncated or not what the manifest says."""
+
+
+def _arrow_type(dtype: str) -> pa.DataType:
+    return {"uint16": pa.uint16(), "uint32": pa.uint32()}[dtype]
+
+
+@dataclass
+class ShardWriter:
+    """Collects document rows for one split and writes a shard whenever `tokens_per_shard` fill up."""
+
+    folder: Path
+    tokens_per_shard: int
+    dtype: str = "uint16"
+    shards: list[dict] = field(default_factory=list)  # {"file", "docs", "rows", "tokens"} per shard written
+    _rows: list[np.ndarray] = field(default_factory=list)
+    _row: list[np.ndarray] = field(default_factory=list)  # pieces of the document in progress
+    _tokens: int = 0
+    _docs: int = 0  # documents that end in the shard being filled
+
+    def add(self, ids: np.ndarray, ends_document: bool) -> None:
+        """Append a piece of the current document; `ends_document` closes its row."""
+        while self._tokens + len(ids) >= self.tokens_per_shard:
+            room = self.tokens_per_shard - self._tokens
+            self._row.append(ids[:room])
+            self._tokens += room
+            ids = ids[room:]
+            self._close_row()
+            self._flush()
+        if len(ids):
+            self._row.append(ids)
+            self._tokens += len(ids)
+        if ends_document:
+            self._close_row()
+            self._docs += 1
+
+    def close(self) -> list[dict]:
+        self._close_row()
+        if self._rows:
+            self._flush()
+        return self.shards
+
+    def _close_row(self) -> None:
+        if self._row:
+            self._rows.append(np.concatenate(self._row) if len(self._row) > 1 else self._row[0])
+            self._row = []
+
+    def _flush(self) -> None:
+        name = f"{len(self.shards):06d}.arrow"
+        lengths = np.fromiter((len(r) for r in self._rows), dtype=np.int32, count=len(self._rows))
+        offsets = np.zeros(len(self._rows) + 1, dtype=np.int32)
+        np.cumsum(lengths, out=offsets[1:])
+        values = pa.array(np.concatenate(self._rows).astype(self.dtype, copy=False), type=_arrow_type(self.dtype))
+        column = pa.ListArray.from_arrays(pa.array(offsets), values)
+        batch = pa.record_batch([column], names=[COLUMN])
+        with atomic_path(self.folder / name) as tmp:
+            with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, batch.schema) as writer:
+                writer.write_batch(batch)
+        self.shards.append({"file": f"{self.folder.name}/{name}", "docs": self._docs, "rows": len(self._rows),
+                            "tokens": self._tokens})
+        self._rows, self._tokens, self._docs = [], 0, 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading
+
+
+@dataclass(frozen=True)
+class Shard:
+    path: Path
+    tokens: np.ndarray  # the flat token stream, memory-mapped
+    offsets: np.ndarray  # row i is tokens[offsets[i]:offsets[i + 1]]
+
+    def document(self, i: int) -> np.ndarray:
+        return self.tokens[self.offsets[i]:self.offsets[i + 1]]
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+
+def open_shard(path: str | Path, dtype: str | None = None) -> Shard:
+    """Map a shard without copying it; a truncated or foreign file raises ShardError naming it."""
+    path = Path(path)
+    fix = "rebuild it with `dvc repro tokenize` (or restore it with `dvc checkout`)"
+    if not path.is_file():
+        raise ShardError(f"{path}: shard not found; {fix}")
+    try:
+        reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
+        if reader.num_record_batches != 1 or reader.schema.names != [COLUMN]:
+            raise ShardError(f"{path}: not a token shard (one batch with column {COLUMN!r}); {fix}")
+        column = reader.get_batch(0).column(0)
+        tokens = column.values.to_numpy(zero_copy_only=True)
+        offsets = column.offsets.to_numpy(zero_copy_only=True)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as exc:
+        raise ShardError(f"{path}: corrupt or truncated shard ({exc}); {fix}") from None
+    if dtype is not None and tokens.dtype != np.dtype(dtype):
+        raise ShardError(f"{path}: holds {tokens.dtype} ids, the manifest says {dtype}; {fix}")
+    return Shard(path, tokens, offsets)
+
+
+def read_manifest(shards_dir: str | Path) -> dict:
+    path = Path(shards_dir) / "manifest.json"
+    if not path.is_file():
+        raise ShardError(f"{path} not found: run the tokenize stage first (`dvc repro tokenize`)")
+    return read_json(path)
+
+
+class TokenStream:
+    """The concatenated token streams of a split's shards, addressable as one array."""
+
+    def __init__(self, shards: list[Shard]):
+        if not shards:
+            raise ShardError("no shards to read")
+        self.shards = shards
+        self.starts = np.cumsum([0] + [len(s.tokens) for s in shards])
+
+    @classmethod
+    def from_manifest(cls, shards_dir: str | Path, split: str) -> TokenStream:
+        """Open every shard of `split` and check it against the manifest (counts, dtype, id range)."""
+        shards_dir = Path(shards_dir)
+        manifest = read_manifest(shards_dir)
+        if split not in manifest["splits"]:
+            raise ShardError(f"{shards_dir}: no split {split!r}; the manifest has {', '.join(manifest['splits'])}")
+        shards = []
+        for entry in manifest["splits"][split]["shards"]:
+            shard = open_shard(shards_dir / entry["file"], manifest["dtype"])
+            if len(shard.tokens) != entry["tokens"] or len(shard) != entry["rows"]:
+                raise ShardError(f"{shard.path}: holds {len(shard.tokens)} tokens in {len(shard)} rows, the "
+                                 f"manifest says {entry['tokens']} in {entry['rows']}; rerun `dvc repro tokenize`")
+            if len(shard.tokens) and int(shard.tokens.max()) >= manifest["vocab_size"]:
+                raise ShardError(f"{shard.path}: holds ids beyond the vocabulary of {manifest['vocab_size']}")
+            shards.append(shard)
+        return cls(shards)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def window(self, start: int, length: int) -> np.ndarray:
+        """tokens[start:start + length], a view inside one shard, a copy across a shard boundary."""
+        i = int(np.searchsorted(self.starts, start, side="right")) - 1
+        local = start - int(self.starts[i])
+        shard = self.shards[i].tokens
+        if local + length <= len(shard):
+            return shard[local:local + length]
+        parts, need = [shard[local:]], length - (len(shard) - local)
+        while need > 0:
+            i += 1
+            if i == len(self.shards):
+                raise IndexError(f"window [{start}, {start + length}) runs past the end ({len(self)} tokens)")
+            parts.append(self.shards[i].tokens[:need])
+            need -= len(parts[-1])
+        return np.concatenate(parts)
+
+
+def _to_batch(rows: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    block = torch.from_numpy(np.stack(rows).astype(np.int64))  # (B, T + 1)
+    return block[:, :-1], block[:, 1:]  # inputs and next-token targets, (B, T) each
+
+
+class RandomWindows:
+    """Training batches of `context_length`-token windows in a seeded random order, resumable.
+
+    Each epoch shifts the window grid by a random offset and shuffles the windows, so every epoch sees
+    new window boundaries. Under DDP each rank takes its own rows of the same global batch, so the ranks
+    together see exactly what one process would with the global batch size.
+    """
+
+    def __init__(self, stream: TokenStream, context_length: int, batch_size: int, seed: int,
+                 rank: int = 0, world_size: int = 1):
+        if len(stream) < context_length + 2:
+            raise ShardError(f"the split holds {len(stream)} tokens, too few for one window of "
+                             f"context_length {context_length}; use a shorter context or more text")
+        self.stream, self.context_length, self.batch_size = stream, context_length, batch_size
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.epoch, self.position = 0, 0
+        self._order: np.ndarray | None = None
+
+    def _epoch_order(self) -> np.ndarray:
+        if self._order is None:
+            rng = np.random.default_rng([self.seed, self.epoch])
+            offset = int(rng.integers(self.context_length))
+            count = (len(self.stream) - 1 - offset) // self.context_length
+            if count < 1:
+                offset, count = 0, (len(self.stream) - 1) // self.context_length
+            self._order = offset + self.context_length * rng.permutation(count)
+        return self._order
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next (inputs, targets), each (batch_size, context_length) int64."""
+        starts: list[int] = []
+        global_batch = self.batch_size * self.world_size
+        while len(starts) < global_batch:
+            order = self._epoch_order()
+            take = order[self.position:self.position + global_batch - len(starts)]
+            starts.extend(int(s) for s in take)
+            self.position += len(take)
+            if self.position == len(order):
+                self.epoch, self.position, self._order = self.epoch + 1, 0, None
+        mine = starts[self.rank::self.world_size]
+        return _to_batch([self.stream.window(s, self.context_length + 1) for s in mine])
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position, self.seed, self._order = state["epoch"], state["position"], state["seed"], None
+
+
+def sequential_batches(stream: TokenStream, context_length: int, batch_size: int,
+                       pad_id: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Every next-token prediction of the split exactly once, in order: len(stream) - 1 targets.
+
+    The last window is padded: its inputs with `pad_id`, its targets with IGNORE_INDEX.
+    """
+    total = len(stream) - 1  # the first token is never a target
+    rows: list[np.ndarray] = []
+    for start in range(0, total, context_length):
+        length = min(context_length, total - start)
+        row = np.full(context_length + 1, IGNORE_INDEX, dtype=np.int64)
+        row[:length + 1] = stream.window(start, length + 1)
+        rows.append(row)
+        if len(rows) == batch_size:
+            yield _padded_batch(rows, pad_id)
+            rows = []
+    if rows:
+        yield _padded_batch(rows, pad_id)
+
+
+def _padded_batch(rows: list[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    inputs, targets = _to_batch(rows)
+    inputs = inputs.masked_fill(inputs == IGNORE_INDEX, pad_id)
+    return inputs, targets
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = argv if argv is not None else sys.argv[1:]
+    shards_dir = Path(args[0] if args else "data/shards")
+    manifest = read_manifest(shards_dir)
+    print(f"{shards_dir}: tokenizer {manifest['tokenizer']} (vocab {manifest['vocab_size']}), {manifest['dtype']}")
+    for split, info in manifest["splits"].items():
+        stream = TokenStream.from_manifest(shards_dir, split)
+        print(f"  {split}: {info['docs']:,} docs, {len(stream):,} tokens in {len(info['shards'])} shard(s): ok")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""Shards: atomic writes, zero-copy reads, windows across shard and document boundaries, corruption."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from llm.files import write_json_atomic
+from llm.shards import (IGNORE_INDEX, RandomWindows, ShardError, ShardWriter, TokenStream, open_shard,
+                        sequential_batches)
+
+
+def write_split(root, docs: list[np.ndarray], tokens_per_shard: int, vocab_size: int = 1000):
+    (root / "train").mkdir(parents=True)
+    writer = ShardWriter(root / "train", tokens_per_shard)
+    for doc in docs:
+        writer.add(doc.astype(np.uint16), ends_document=True)
+    shards = writer.close()
+    write_json_atomic(root / "manifest.json", {"dtype": "uint16", "vocab_size": vocab_size, "splits": {
+        "train": {"docs": len(docs), "tokens": sum(s["tokens"] for s in shards), "shards": shards}}})
+    return shards
+
+
+@pytest.fixture
+def stream(tmp_path):
+    rng = np.random.default_rng()
+    docs = [rng.integers(0, 999, size=rng.integers(1, 60)) for _ in range(40)]
+    write_split(tmp_path, docs, tokens_per_shard=97)
+    flat = np.concatenate(docs)
+    return TokenStream.from_manifest(tmp_path, "train"), flat
+
+
+def test_reads_are_zero_copy_memory_maps(tmp_path):
+    write_split(tmp_path, [np.arange(10)], tokens_per_shard=100)
+    shard = open_shard(tmp_path / "train" / "000000.arrow")
+    assert not shard.tokens.flags.owndata and not shard.tokens.flags.writeable
+    assert shard.document(0).tolist() == list(range(10))
+
+
+def test_documents_continue_across_shards(tmp_path):
+    shards = write_split(tmp_path, [np.arange(250), np.arange(5)], tokens_per_shard=100)
+    assert [(s["rows"], s["docs"], s["tokens"]) for s in shards] == [(1, 0, 100), (1, 0, 100), (2, 2, 55)]
+
+
+def test_windows_are_exact_at_shard_and_document_boundaries(stream):
+    tokens, flat = stream
+    assert len(tokens.shards) > 5 and len(tokens) == len(flat)
+    for start in range(0, len(flat) - 33):  # every start, so every boundary is crossed
+        assert np.array_equal(tokens.window(start, 33), flat[start:start + 33])
+    with pytest.raises(IndexError, match="runs past the end"):
+        tokens.window(len(flat) - 3, 5)
+
+
+def test_random_windows_are_shifted_targets_deterministic_and_resumable(stream):
+    tokens, flat = stream
+    loader = RandomWindows(tokens, context_length=16, batch_size=4, seed=11)
+    x, y = loader.next_batch()
+    assert x.shape == y.shape == (4, 16) and x.dtype == torch.int64
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    for row in range(4):  # every window is a real slice of the stream
+        start = next(s for s in range(len(flat)) if np.array_equal(flat[s:s + 16], x[row].numpy()))
+        assert np.array_equal(flat[start + 1:start + 17], y[row].numpy())
+    for _ in range(30):  # through several epochs
+        loader.next_batch()
+    state = loader.state_dict()
+    expected = [loader.next_batch() for _ in range(5)]
+    resumed = RandomWindows(tokens, context_length=16, batch_size=4, seed=11)
+    resumed.load_state_dict(state)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(expected, (resumed.next_batch() for _ in range(5))))
+    assert state["epoch"] >= 1
+
+
+def test_ranks_split_the_global_batch(stream):
+    tokens, _ = stream
+    single = RandomWindows(tokens, 8, batch_size=6, seed=5).next_batch()[0]
+    ranks = [RandomWindows(tokens, 8, batch_size=3, seed=5, rank=r, world_size=2).next_batch()[0] for r in (0, 1)]
+    assert torch.equal(torch.stack([ranks[0], ranks[1]], 1).reshape(6, 8), single)
+
+
+def test_sequential_batches_cover_every_target_once(stream):
+    tokens, flat = stream
+    targets = []
+    for x, y in sequential_batches(tokens, context_length=16, batch_size=3):
+        assert x.shape == y.shape and x.shape[1] == 16
+        kept = y[y != IGNORE_INDEX]
+        targets.extend(kept.tolist())
+    assert targets == flat[1:].tolist()
+
+
+def test_truncated_and_foreign_shards_are_named(tmp_path):
+    shards = write_split(tmp_path, [np.arange(500)], tokens_per_shard=1000)
+    path = tmp_path / shards[0]["file"]
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ShardError, match=rf"{path}: corrupt or truncated shard .*dvc repro tokenize"):
+        TokenStream.from_manifest(tmp_path, "train")
+    path.write_bytes(b"not arrow at all")
+    with pytest.raises(ShardError, match="corrupt or truncated"):
+        open_shard(path)
+    path.unlink()
+    with pytest.raises(ShardError, match="shard not found"):
+        TokenStream.from_manifest(tmp_path, "train")
+
+
+def test_ids_beyond_the_vocabulary_are_refused(tmp_path):
+    write_split(tmp_path, [np.array([1, 2, 999])], tokens_per_shard=100, vocab_size=500)
+    with pytest.raises(ShardError, match="ids beyond the vocabulary of 500"):
+        TokenStream.from_manifest(tmp_path, "train")
+
+
+def test_missing_manifest_says_to_run_tokenize(tmp_path):
+    with pytest.raises(ShardError, match=r"run the tokenize stage first \(`dvc repro tokenize`\)"):
+        TokenStream.from_manifest(tmp_path, "train")
