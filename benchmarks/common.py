@@ -1,0 +1,45 @@
+"""What the benchmarks share: measuring one side in its own process, and printing results."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+
+def run_worker(module: str, *args: str, env: dict[str, str] | None = None) -> dict:
+    """Run `python -m module args` and return its last stdout line (JSON) with its peak RSS in MiB.
+
+    Each side runs in a process of its own so that its peak memory is its own and not the other side's.
+    """
+    proc = subprocess.Popen([sys.executable, "-m", module, *args], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
+    stdout = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"{module} {' '.join(args)} failed with exit code {proc.returncode}")
+    result = json.loads(stdout.strip().splitlines()[-1])
+    result["peak_rss_mib"] = usage.ru_maxrss / 1024  # Linux reports KiB
+    return result
+
+
+def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall time of `fn()` in seconds, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def emit(result: dict) -> None:
+    """A worker's result: one JSON line on stdout."""
+    print(json.dumps(result), flush=True)
