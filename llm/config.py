@@ -265,11 +265,106 @@ class TokenizeConfig:
 
 
 @dataclass(frozen=True)
+class ModelSection:
+    """The model: a preset from llm.model.PRESETS, and any of its fields to override."""
+
+    preset: str = "cpu-small"
+    vocab_size: int | None = None
+    context_length: int | None = None
+    n_embd: int | None = None
+    n_head: int | None = None
+    n_layer: int | None = None
+    dropout: float | None = None
+    qkv_bias: bool | None = None
+    tie_weights: bool | None = None
+    attention: Literal["sdpa", "explicit"] | None = None
+
+    def overrides(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name != "preset" and getattr(self, f.name) is not None}
+
+    def build(self):  # -> llm.model.ModelConfig (imported here: the model module imports this one)
+        from llm.model import model_config
+
+        return model_config(self.preset, **self.overrides())
+
+    def problems(self) -> Iterator[Problem]:
+        try:
+            self.build()
+        except ConfigError as exc:
+            yield from exc.problems
+
+
+Device = Literal["auto", "cpu", "cuda", "mps"]
+Precision = Literal["auto", "fp32", "bf16"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train, shared by pretraining and fine-tuning."""
+
+    seed: int = 1337
+    device: Device = "auto"  # auto: CUDA, else MPS, else CPU
+    precision: Precision = "auto"  # auto: bf16 autocast where the device runs bf16 fast, else fp32
+    compile: bool = False  # torch.compile the model (minutes of warm-up; pays off on long GPU runs)
+    batch_size: int = 8  # sequences per micro-batch, per process
+    global_batch_size: int = 8  # sequences per optimizer step, over all processes; accumulates to it
+    max_steps: int = 300  # optimizer steps
+    max_tokens: int | None = None  # a token budget instead: sets max_steps
+    lr: float = 1e-3
+    min_lr: float = 1e-4  # the cosine ends here
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
+    log_interval: int = 10  # steps between train-loss reports
+    eval_interval: int = 50  # steps between val-loss evaluations (and at the end)
+    eval_batches: int = 8  # fixed val batches per evaluation
+    sample_interval: int = 100  # steps between sample generations (0: none)
+    sample_prompt: str = "Every effort moves you"
+    sample_tokens: int = 40
+    checkpoint_interval: int = 50  # steps between resumable checkpoints (and at the end)
+    keep_checkpoints: int = 1  # resumable checkpoints kept; older ones are deleted
+
+    def problems(self) -> Iterator[Problem]:
+        for key in ("batch_size", "global_batch_size", "max_steps", "lr", "log_interval", "eval_interval",
+                    "eval_batches", "checkpoint_interval", "keep_checkpoints", "sample_tokens"):
+            yield from check_positive(key, getattr(self, key))
+        if self.global_batch_size % self.batch_size:
+            yield "global_batch_size", (f"must be a multiple of batch_size ({self.batch_size}), "
+                                        f"got {self.global_batch_size}")
+        if self.max_tokens is not None:
+            yield from check_positive("max_tokens", self.max_tokens)
+        yield from check_range("min_lr", self.min_lr, 0, self.lr)
+        yield from check_range("warmup_steps", self.warmup_steps, 0)
+        yield from check_range("weight_decay", self.weight_decay, 0)
+        yield from check_range("beta1", self.beta1, 0, 1, closed="[)")
+        yield from check_range("beta2", self.beta2, 0, 1, closed="[)")
+        yield from check_range("grad_clip", self.grad_clip, 0)
+        yield from check_range("sample_interval", self.sample_interval, 0)
+
+
+@dataclass(frozen=True)
+class PretrainConfig(TrainConfig):
+    init_from: str = "scratch"  # scratch, a GPT-2 size (gpt2 ... gpt2-xl), or a checkpoint folder
+    registered_model: str = "gpt-base"  # the MLflow registry name of the result
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    experiment: str = "llm-pipeline"  # the MLflow experiment every stage logs to
+
+
+@dataclass(frozen=True)
 class Params:
     """Every section of params.yaml; a missing section takes its defaults."""
 
     download: DownloadConfig = field(default_factory=DownloadConfig)
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    model: ModelSection = field(default_factory=ModelSection)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 def read_yaml(path: str | Path) -> Any:

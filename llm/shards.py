@@ -186,7 +186,7 @@ class TokenStream:
         return np.concatenate(parts)
 
 
-def _to_batch(rows: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+def to_batch(rows: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
     block = torch.from_numpy(np.stack(rows).astype(np.int64))  # (B, T + 1)
     return block[:, :-1], block[:, 1:]  # inputs and next-token targets, (B, T) each
 
@@ -231,7 +231,7 @@ class RandomWindows:
             if self.position == len(order):
                 self.epoch, self.position, self._order = self.epoch + 1, 0, None
         mine = starts[self.rank::self.world_size]
-        return _to_batch([self.stream.window(s, self.context_length + 1) for s in mine])
+        return to_batch([self.stream.window(s, self.context_length + 1) for s in mine])
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
@@ -261,7 +261,7 @@ def sequential_batches(stream: TokenStream, context_length: int, batch_size: int
 
 
 def _padded_batch(rows: list[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    inputs, targets = _to_batch(rows)
+    inputs, targets = to_batch(rows)
     inputs = inputs.masked_fill(inputs == IGNORE_INDEX, pad_id)
     return inputs, targets
 

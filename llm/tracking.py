@@ -232,3 +232,58 @@ class MLflowTracker(AbstractContextManager):
         import mlflow
 
         mlflow.set_tags(dict(tags))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Models: a checkpoint folder logged as an MLflow pyfunc, registered, and loaded back
+
+
+def _pip_requirements() -> list[str]:
+    # Explicit: MLflow would otherwise infer them in a slow subprocess, and warn about torch's +cpu label.
+    from importlib.metadata import version
+
+    torch_version = version("torch").split("+")[0]
+    return [f"torch=={torch_version}", f"tiktoken=={version('tiktoken')}", f"safetensors=={version('safetensors')}",
+            f"mlflow=={version('mlflow')}", f"numpy=={version('numpy')}"]
+
+
+def log_gpt_model(checkpoint_dir: str | Path, registered_name: str | None = None,
+                  version_tags: Mapping[str, str] | None = None) -> str | None:
+    """Log the checkpoint's model (weights and config only) to the active run as a text-generating
+    pyfunc, and register it under `registered_name`; returns the new version number."""
+    import shutil
+    import tempfile
+
+    import mlflow
+    import pandas as pd
+    from mlflow.models import infer_signature
+
+    from llm.checkpoint import CONFIG_FILE, MODEL_FILE
+    from llm.pyfunc import DEFAULT_PARAMS
+
+    package = Path(__file__).resolve().parent
+    signature = infer_signature(pd.DataFrame({"prompt": ["Every effort moves you"]}), ["a completion"],
+                                params=DEFAULT_PARAMS)
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = Path(tmp) / "checkpoint"  # only the model: the folder may also hold resume state
+        checkpoint.mkdir()
+        for name in (MODEL_FILE, CONFIG_FILE):
+            shutil.copy2(Path(checkpoint_dir) / name, checkpoint / name)
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=str(package / "pyfunc.py"), artifacts={"checkpoint": str(checkpoint)},
+            code_paths=[str(package)], pip_requirements=_pip_requirements(), signature=signature,
+            registered_model_name=registered_name)
+    if registered_name is None:
+        return None
+    version = str(info.registered_model_version)
+    client = mlflow.MlflowClient()
+    for key, value in (version_tags or {}).items():
+        client.set_model_version_tag(registered_name, version, key, value)
+    return version
+
+
+def load_logged_gpt(model_uri: str, device: str = "cpu"):
+    """The project's GPT from a logged model (`runs:/<id>/model`, `models:/<name>/<version>`, ...)."""
+    import mlflow
+
+    return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().model.to(device)

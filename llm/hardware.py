@@ -1,0 +1,79 @@
+"""The machine a run uses: its device, the precision it trains in, and its peak FLOP/s for MFU.
+
+MFU (model FLOPs utilisation) is the share of the hardware's peak that the model's useful FLOPs reach.
+On CUDA the peak comes from the card's datasheet (dense bf16); on a CPU, which has no datasheet figure
+we can trust, it is measured: the rate of a large matmul in the training dtype, once per process.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+
+# Dense bf16 tensor-core peaks from NVIDIA's datasheets, by a substring of the device name.
+_CUDA_BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12,
+                   "L4": 121e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12}
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' asked for, but torch sees no CUDA GPU; set device: auto or cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeError("device 'mps' asked for, but this machine has no MPS; set device: auto or cpu")
+    return torch.device(name)
+
+
+def bf16_is_fast(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":  # native bf16 instructions (AVX512-BF16, AMX); emulated bf16 is slower than fp32
+        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return False
+
+
+def train_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
+    """The autocast dtype: bf16 where asked for or (auto) where fast, else fp32 (no autocast)."""
+    if precision == "bf16" or (precision == "auto" and bf16_is_fast(device)):
+        return torch.bfloat16
+    return torch.float32
+
+
+def autocast(device: torch.device, dtype: torch.dtype) -> AbstractContextManager:
+    """Mixed precision for the forward pass; the weights and the optimizer stay fp32."""
+    if dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@functools.cache
+def measured_matmul_flops(dtype: torch.dtype = torch.float32, size: int = 1024) -> float:
+    """FLOP/s of a square matmul on the CPU, the best of a few runs."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        best = min(best, (time.perf_counter() - start) / 4)
+    return 2 * size**3 / best
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
+    """The FLOP/s to measure MFU against, or None where unknown (MPS, an unlisted GPU)."""
+    if device.type == "cpu":
+        return measured_matmul_flops(dtype)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = next((v for k, v in _CUDA_BF16_PEAK.items() if k in name), None)
+        return peak if peak is None or dtype == torch.bfloat16 else peak / 2  # tf32 runs at half the rate
+    return None

@@ -1,0 +1,42 @@
+"""Optimizer and learning-rate schedule for training: AdamW with decay on matrices only, warmup + cosine.
+
+Weight decay pulls weights toward zero; it helps matrices (attention, MLP, embeddings) and hurts biases
+and LayerNorm gains, which is why GPT-2 style training decays only parameters with two or more
+dimensions. The schedule warms up linearly from 0 to `lr` over `warmup_steps`, then follows a cosine
+down to `min_lr` at `max_steps`, and stays there.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import torch
+from torch import nn
+
+
+def adamw(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
+          device_type: str) -> torch.optim.AdamW:
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # The fused kernel is one launch for all parameters on CUDA; on CPU the default is the fast path.
+    fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, **({"fused": True} if fused else {}))
+
+
+def lr_factor(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
+    """The multiplier of the peak learning rate at optimizer step `step` (0-based)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if step >= max_steps:
+        return min_lr_ratio
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, max_steps: int,
+                  min_lr_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, warmup_steps, max_steps, min_lr_ratio))

@@ -1,0 +1,127 @@
+"""The pretrain stage: train the GPT on the token shards, from scratch or from a checkpoint.
+
+    python -m flows.pretrain                                          (what `dvc repro pretrain` runs)
+    torchrun --standalone --nproc_per_node=8 -m flows.pretrain        (data-parallel, one GPU a process)
+
+The model comes from params.yaml's `model` section (a preset and overrides) and `pretrain.init_from`:
+`scratch`, a GPT-2 size (OpenAI's weights, downloaded through llm.download), or a checkpoint folder. A
+starting checkpoint must use the shards' tokenizer and have the architecture the `model` section
+describes; dropout and the attention implementation are taken from params.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llm.checkpoint import load_model, read_config
+from llm.config import Params
+from llm.distributed import Dist
+from llm.generate import Sampling, generate
+from llm.model import GPT, ModelConfig
+from llm.shards import RandomWindows, ShardError, TokenStream, to_batch, read_manifest
+from llm.tokenizer import get_tokenizer
+from llm.tracking import Tracker, file_sha256
+from llm.train import Batch, Sampler, Trainer, TrainResult
+
+ARCHITECTURE = ("vocab_size", "context_length", "n_embd", "n_head", "n_layer", "qkv_bias", "tie_weights")
+
+
+class CheckpointMismatch(ValueError):
+    """A starting checkpoint that does not fit the shards or the params."""
+
+
+def fixed_val_batches(stream: TokenStream, context_length: int, batch_size: int, batches: int) -> list[Batch]:
+    """The same `batches` batches at every evaluation: windows spread evenly over the whole val split."""
+    if len(stream) < context_length + 1:
+        raise ShardError(f"the val split holds {len(stream)} tokens, fewer than one window of context_length "
+                         f"{context_length} + 1; raise tokenize.val_fraction or use a shorter context")
+    count = min(batches * batch_size, (len(stream) - 1) // context_length)
+    starts = np.linspace(0, len(stream) - context_length - 1, count).astype(np.int64)
+    windows = [stream.window(int(s), context_length + 1) for s in starts]
+    return [to_batch(windows[i:i + batch_size]) for i in range(0, len(windows), batch_size)]
+
+
+def check_compatible(source: str, found: ModelConfig, tokenizer: str, wanted: ModelConfig, manifest: dict) -> None:
+    """Refuse a starting model whose tokenizer or architecture does not match, naming both sides."""
+    if tokenizer != manifest["tokenizer"]:
+        raise CheckpointMismatch(
+            f"{source} was trained with tokenizer {tokenizer!r}, but the shards use {manifest['tokenizer']!r}; "
+            f"set tokenize.tokenizer: {tokenizer} and rerun tokenize, or start from another checkpoint")
+    differ = [k for k in ARCHITECTURE if getattr(found, k) != getattr(wanted, k)]
+    if differ:
+        ours = ", ".join(f"{k}={getattr(wanted, k)}" for k in differ)
+        theirs = ", ".join(f"{k}={getattr(found, k)}" for k in differ)
+        raise CheckpointMismatch(
+            f"{source} has {theirs}, but params.yaml's model section says {ours}; set the model section to "
+            f"match the checkpoint (e.g. model.preset), or start from scratch (pretrain.init_from: scratch)")
+
+
+def initial_model(params: Params, manifest: dict) -> GPT:
+    """The model training starts from, with the params' dropout and attention."""
+    wanted: ModelConfig = params.model.build()
+    if wanted.vocab_size < manifest["vocab_size"]:
+        raise CheckpointMismatch(f"model.vocab_size {wanted.vocab_size} is smaller than the shards' vocabulary "
+                                 f"of {manifest['vocab_size']} ({manifest['tokenizer']}); raise it")
+    torch.manual_seed(params.pretrain.seed)
+    model = GPT(wanted)
+    init = params.pretrain.init_from
+    if init == "scratch":
+        return model
+    from llm import gpt2_weights
+
+    if init in gpt2_weights.SIZES:
+        start = gpt2_weights.gpt2_from_files(gpt2_weights.download_gpt2(init), gpt2_weights.model_config(init))
+        tokenizer = "gpt2"
+    elif Path(init).is_dir():
+        start, tokenizer = load_model(init), read_config(init).tokenizer
+    else:
+        raise CheckpointMismatch(f"pretrain.init_from: {init!r} is neither scratch, a GPT-2 size "
+                                 f"({', '.join(gpt2_weights.SIZES)}) nor a checkpoint folder")
+    check_compatible(init, start.config, tokenizer, wanted, manifest)
+    model.load_state_dict(start.state_dict())
+    return model
+
+
+def fingerprint(params: Params, shards_dir: str | Path) -> str:
+    """A hash of everything that shapes the run: a checkpoint with another one is not resumed."""
+    shape = {"model": params.model.build().to_dict(), "pretrain": dataclasses.asdict(params.pretrain),
+             "shards": file_sha256(Path(shards_dir) / "manifest.json")}
+    return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()
+
+
+def prompt_sampler(tokenizer: str, prompt: str, max_new_tokens: int, seed: int) -> Sampler:
+    """Continuations of one prompt, sampled with a fixed seed so that steps compare."""
+    enc = get_tokenizer(tokenizer)
+    ids = enc.encode_ordinary(prompt)
+
+    def sample(model: torch.nn.Module, step: int) -> dict[str, str]:
+        out = generate(model, [ids], max_new_tokens, Sampling(temperature=0.8, top_k=50, seed=seed),
+                       eos_id=enc.eot_token)[0]
+        return {f"samples/step-{step:06d}.txt": prompt + enc.decode(out)}
+
+    return sample
+
+
+def run_pretrain(params: Params, shards_dir: str | Path, out_dir: str | Path, *, tracker: Tracker,
+                 dist: Dist = Dist(), run_id: str | None = None) -> TrainResult:
+    """Train on `shards_dir`, resuming from `out_dir`'s latest matching checkpoint; the model ends there."""
+    manifest = read_manifest(shards_dir)
+    config = params.pretrain
+    model = initial_model(params, manifest)
+    T = model.config.context_length
+    train = TokenStream.from_manifest(shards_dir, "train")
+    batches = RandomWindows(train, T, config.batch_size, config.seed, dist.rank, dist.world_size)
+    val = fixed_val_batches(TokenStream.from_manifest(shards_dir, "val"), T, config.batch_size, config.eval_batches)
+    sampler = prompt_sampler(manifest["tokenizer"], config.sample_prompt, config.sample_tokens, config.seed)
+    trainer = Trainer(
+        model, batches, val, config, out_dir, fingerprint=fingerprint(params, shards_dir), tracker=tracker,
+        tokenizer=manifest["tokenizer"], sampler=sampler, run_id=run_id, dist=dist,
+        checkpoint_extra={"stage": "pretrain", "init_from": config.init_from,
+                          "shards_manifest_sha256": file_sha256(Path(shards_dir) / "manifest.json")})
+    return trainer.fit()
