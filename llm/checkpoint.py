@@ -112,10 +112,15 @@ def load_model(ckpt_dir: str | Path, device: torch.device | str = "cpu") -> GPT:
     model = GPT.empty(config.model, device)
     mismatches = _mismatches(model, weights)
     if mismatches:
-        listed = "\n  ".join(mismatches[:5]) + (f"\n  and {len(mismatches) - 5} more" if len(mismatches) > 5 else "")
-        raise CheckpointError(f"{weights} does not fit the model described in {CONFIG_FILE}:\n  {listed}")
+        raise CheckpointError(f"{weights} does not fit the model in {CONFIG_FILE}:{bulleted(mismatches)}")
     safetensors.torch.load_model(model, weights, strict=True, device=str(device))
     return model.eval()
+
+
+def bulleted(lines: list[str], limit: int = 5) -> str:
+    """The first `limit` lines, each on a new indented line, and how many more there are."""
+    more = [f"and {len(lines) - limit} more"] if len(lines) > limit else []
+    return "".join(f"\n  {line}" for line in lines[:limit] + more)
 
 
 def _mismatches(model: GPT, weights: Path) -> list[str]:

@@ -122,15 +122,17 @@ def _steps(
     ctx = model.config.context_length
     device = model.wte.weight.device
     tokens, real = _left_pad([prompt[-ctx:] for prompt in prompts], device)  # (B, P)
+    padded = not bool(real.all())  # without padding the model needs no mask: its fast causal path
     generator = None if sampling.seed is None else torch.Generator(device).manual_seed(sampling.seed)
     with _eval_mode(model), torch.inference_mode():
         cache = model.new_cache(len(prompts)) if use_cache else None
         for _ in range(max_new_tokens):
             if cache is not None and tokens.size(1) <= ctx:
-                hidden = model.forward_hidden(tokens[:, cache.length :], padding_mask=real, cache=cache)
+                new = tokens[:, cache.length :]
+                hidden = model.forward_hidden(new, padding_mask=real if padded else None, cache=cache)
             else:
                 cache = None  # past the context every position shifts: stored keys no longer apply
-                hidden = model.forward_hidden(tokens[:, -ctx:], padding_mask=real[:, -ctx:])
+                hidden = model.forward_hidden(tokens[:, -ctx:], padding_mask=real[:, -ctx:] if padded else None)
             next_ids = sample_next(model.lm_head(hidden[:, -1]), sampling, generator)  # (B,)
             tokens = torch.cat([tokens, next_ids[:, None]], dim=1)
             real = torch.cat([real, real.new_ones(len(prompts), 1)], dim=1)
@@ -149,7 +151,8 @@ def generate(
     """The new tokens of each prompt, each row ending before its first `eos_id` (not included)."""
     outputs: list[list[int]] = [[] for _ in prompts]
     finished = [False] * len(prompts)
-    with contextlib.closing(generate_steps(model, prompts, max_new_tokens, sampling, use_cache=use_cache)) as steps:
+    steps = generate_steps(model, prompts, max_new_tokens, sampling, use_cache=use_cache)
+    with contextlib.closing(steps):  # leaving early still restores the model's mode
         for next_ids in steps:
             for row, token in enumerate(next_ids.tolist()):
                 if finished[row]:
@@ -173,7 +176,8 @@ def stream(
     use_cache: bool = True,
 ) -> Iterator[int]:
     """The new tokens of one prompt as they are generated, stopping before `eos_id`."""
-    with contextlib.closing(generate_steps(model, [prompt], max_new_tokens, sampling, use_cache=use_cache)) as steps:
+    steps = generate_steps(model, [prompt], max_new_tokens, sampling, use_cache=use_cache)
+    with contextlib.closing(steps):
         for next_ids in steps:
             token = int(next_ids[0])
             if token == eos_id:
@@ -198,7 +202,8 @@ def decode_stream(tokenizer: tiktoken.Encoding, token_ids: Iterable[int]) -> Ite
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m llm.generate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint folder (model.safetensors, config.json)")
+    parser.add_argument("--checkpoint", type=Path, required=True,
+                        help="a checkpoint folder (model.safetensors and config.json)")
     parser.add_argument("--prompt", required=True, help="the text to continue ('' starts from end-of-text)")
     parser.add_argument("--max-new-tokens", type=int, default=50)
     parser.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
@@ -220,8 +225,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = read_config(args.checkpoint)
         tokenizer = get_tokenizer(config.tokenizer)
         if config.model.vocab_size != tokenizer.n_vocab:
-            raise CheckpointError(f"{args.checkpoint}: the model's vocab_size {config.model.vocab_size} does not "
-                                  f"match tokenizer {config.tokenizer!r} ({tokenizer.n_vocab} tokens)")
+            raise CheckpointError(f"{args.checkpoint}: the model's vocab_size {config.model.vocab_size} does "
+                                  f"not match tokenizer {config.tokenizer!r} ({tokenizer.n_vocab} tokens)")
         model = load_model(args.checkpoint, args.device)
         prompt = tokenizer.encode(args.prompt, allowed_special="all") or [tokenizer.eot_token]
         if len(prompt) > config.model.context_length:

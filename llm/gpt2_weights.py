@@ -27,7 +27,7 @@ from typing import Any
 import safetensors
 import torch
 
-from llm.checkpoint import save_model
+from llm.checkpoint import bulleted, save_model
 from llm.config import ConfigError
 from llm.model import GPT, ModelConfig, model_config
 
@@ -56,17 +56,17 @@ class WeightsError(RuntimeError):
 
 def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> ModelConfig:
     """Our ModelConfig for a Hugging Face GPT-2 config; variants our model does not compute are refused."""
-    unsupported = {
+    gelu = hf.get("activation_function", "gelu_new") in ("gelu_new", "gelu_pytorch_tanh")
+    supported = {  # key: (whether ours computes the same, what it must be)
         "model_type": (hf.get("model_type", "gpt2") == "gpt2", "must be 'gpt2'"),
-        "activation_function": (hf.get("activation_function", "gelu_new") in ("gelu_new", "gelu_pytorch_tanh"),
-                                "must be GELU's tanh approximation, 'gelu_new'"),
+        "activation_function": (gelu, "must be GELU's tanh approximation, 'gelu_new'"),
         "layer_norm_epsilon": (hf.get("layer_norm_epsilon", 1e-5) == 1e-5, "must be 1e-05"),
         "n_inner": (hf.get("n_inner") in (None, 4 * hf.get("n_embd", 0)), "must be null or 4 * n_embd"),
         "scale_attn_weights": (hf.get("scale_attn_weights", True) is True, "must be true"),
-        "scale_attn_by_inverse_layer_idx": (not hf.get("scale_attn_by_inverse_layer_idx", False), "must be false"),
-        "add_cross_attention": (not hf.get("add_cross_attention", False), "must be false"),
+        "scale_attn_by_inverse_layer_idx": (not hf.get("scale_attn_by_inverse_layer_idx"), "must be false"),
+        "add_cross_attention": (not hf.get("add_cross_attention"), "must be false"),
     }
-    problems = [(key, f"{message}, got {hf.get(key)!r}") for key, (ok, message) in unsupported.items() if not ok]
+    problems = [(key, f"{message}, got {hf.get(key)!r}") for key, (ok, message) in supported.items() if not ok]
     if problems:
         raise ConfigError(problems, source)
     fields = {"vocab_size": "vocab_size", "context_length": "n_positions", "n_embd": "n_embd",
@@ -97,13 +97,13 @@ def load_hf_weights(model: GPT, weights: Path) -> None:
             tensor = f.get_tensor(hf_name)
             target = ours[name].t() if name.endswith(_TRANSPOSED) else ours[name]  # in the file's layout
             if tensor.shape != target.shape:
-                problems.append(f"{hf_name}: {list(tensor.shape)} in the file, {list(target.shape)} in the config")
+                problems.append(f"{hf_name}: {list(tensor.shape)} in the file, "
+                                f"{list(target.shape)} in the config")
                 continue
             target.copy_(tensor)
     problems += [f"{name}: missing" for name in ours if name not in present]
     if problems:
-        listed = "\n  ".join(problems[:5]) + (f"\n  and {len(problems) - 5} more" if len(problems) > 5 else "")
-        raise WeightsError(f"{weights} does not hold the GPT-2 its config describes:\n  {listed}")
+        raise WeightsError(f"{weights} does not hold the GPT-2 its config describes:{bulleted(problems)}")
 
 
 def gpt2_from_files(weights: Path, config: ModelConfig, device: torch.device | str = "cpu") -> GPT:

@@ -148,10 +148,12 @@ class CausalSelfAttention(nn.Module):
             self.register_buffer("mask", future_mask(config.context_length), persistent=False)
 
     def forward(self, x: Tensor, allowed: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
-        """x (B, T, C); `allowed` (B, 1, T, S) says which key each query may see, None: plain causal."""
+        """x (B, T, C). `allowed` (B, 1, T, S) says which keys each query may see; None: causal, with the
+        T queries the last of the S positions (all of them without a cache)."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)  # each (B, T, C)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        hs = C // self.n_head
+        q, k, v = (t.view(B, T, self.n_head, hs).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, nh, S, hs), S = cached + T
         y = self._attend(q, k, v, allowed)  # (B, nh, T, hs)
@@ -159,13 +161,17 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None) -> Tensor:
+        T, S = q.size(2), k.size(2)
         if not self.explicit:
+            # SDPA's is_causal aligns the mask top-left, right only when T == S; one new token sees
+            # every key; a chunk after cached positions needs the mask spelled out.
+            if allowed is None and 1 < T < S:
+                allowed = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
             dropout_p = self.dropout if self.training else 0.0
             return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p,
-                                                  is_causal=allowed is None)
-        T, S = q.size(2), k.size(2)
+                                                  is_causal=allowed is None and T == S)
         scores = q @ k.transpose(-2, -1) / math.sqrt(k.size(-1))  # (B, nh, T, S)
-        blocked = self.mask[:T, :S] if allowed is None else ~allowed
+        blocked = self.mask[S - T : S, :S] if allowed is None else ~allowed  # the queries' rows
         weights = torch.softmax(scores.masked_fill(blocked, float("-inf")), dim=-1)
         return self.attn_dropout(weights) @ v  # (B, nh, T, hs)
 
@@ -254,7 +260,7 @@ class GPT(nn.Module):
         """The final hidden states (B, T, n_embd), before the head.
 
         Training passes only `idx`. Generation may pass a `cache` (these tokens follow its cached
-        positions) and a `padding_mask` (B, cached + T), True at real tokens and False at left padding:
+        positions) and, for left-padded batches, a `padding_mask` (B, cached + T), True at real tokens:
         padding is never attended to, and each row's positions count from its first real token.
         """
         B, T = idx.shape
@@ -262,10 +268,10 @@ class GPT(nn.Module):
         if past + T > self.config.context_length:
             raise ValueError(f"{past + T} positions exceed context_length {self.config.context_length}: "
                              "crop the input to the last context_length tokens")
-        if cache is None and padding_mask is None:
-            allowed, pos = None, torch.arange(T, device=idx.device)  # plain causal: the training path
+        if padding_mask is None:
+            allowed, pos = None, torch.arange(past, past + T, device=idx.device)  # causal
         else:
-            allowed, pos = self._attention_mask(B, T, past, padding_mask, idx.device)
+            allowed, pos = self._padding_attention(B, T, past, padding_mask)
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
         for block in self.h:
             x = block(x, allowed, cache)
@@ -274,17 +280,14 @@ class GPT(nn.Module):
         return self.ln_f(x)
 
     @staticmethod
-    def _attention_mask(
-        B: int, T: int, past: int, padding_mask: Tensor | None, device: torch.device
-    ) -> tuple[Tensor, Tensor]:
+    def _padding_attention(B: int, T: int, past: int, padding_mask: Tensor) -> tuple[Tensor, Tensor]:
         """Which keys each query may see (B, 1, T, past + T), and the queries' positions (B, T)."""
         S = past + T
-        if padding_mask is None:
-            padding_mask = torch.ones(B, S, dtype=torch.bool, device=device)
-        elif padding_mask.shape != (B, S):
-            raise ValueError(f"padding_mask must be (batch, cached + new) = {(B, S)}, got {tuple(padding_mask.shape)}")
-        query = torch.arange(past, S, device=device)[:, None]  # (T, 1)
-        key = torch.arange(S, device=device)[None, :]  # (1, S)
+        if padding_mask.shape != (B, S):
+            raise ValueError(f"padding_mask must be (batch, cached + new positions) = {(B, S)}, "
+                             f"got {tuple(padding_mask.shape)}")
+        query = torch.arange(past, S, device=padding_mask.device)[:, None]  # (T, 1)
+        key = torch.arange(S, device=padding_mask.device)[None, :]  # (1, S)
         # A padding query sees itself only: a row with nothing to attend to would make softmax NaN.
         allowed = (key <= query) & (padding_mask[:, None, None, :] | (key == query))  # (B, 1, T, S)
         pos = (padding_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)

@@ -77,7 +77,7 @@ def test_weights_that_do_not_fit_the_config_are_named(tmp_path):
     with pytest.raises(CheckpointError) as info:
         load_model(tmp_path / "ckpt")
     assert str(info.value).splitlines()[:2] == [
-        f"{tmp_path / 'ckpt' / 'model.safetensors'} does not fit the model described in config.json:",
+        f"{tmp_path / 'ckpt' / 'model.safetensors'} does not fit the model in config.json:",
         "  wpe.weight: [64, 64] in the file, [64, 32] in the model",
     ]
     assert str(info.value).endswith("and 23 more")  # all 28 tensors but the first 5
