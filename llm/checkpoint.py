@@ -1,0 +1,139 @@
+"""Checkpoint folders: a model's weights and config, written atomically, read with clear errors.
+
+A checkpoint is a folder, the format every stage reads and writes:
+
+    model.safetensors   the weights (a tied matrix is stored once)
+    config.json         {"model": {ModelConfig fields}, "tokenizer": "gpt2", ...extra keys}
+
+Other files may sit beside these (the trainer adds optimizer, RNG and data-position state). To write
+them all as one atomic folder, call `write_model_files` inside `llm.files.atomic_dir`:
+
+    with atomic_dir(out_dir) as tmp:
+        write_model_files(model, tmp, extra={"step": step})
+        ...write the trainer's own files into tmp...
+
+    model = load_model("data/checkpoints/pretrain")
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+from torch import nn
+
+from llm.files import atomic_dir, write_json_atomic
+from llm.model import GPT, ModelConfig
+
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+_RESERVED_KEYS = ("model", "tokenizer")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """What a checkpoint's config.json says: the model, its tokenizer, and whatever else was saved."""
+
+    model: ModelConfig
+    tokenizer: str = "gpt2"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def unwrap(model: nn.Module) -> GPT:
+    """The GPT inside a torch.compile (`_orig_mod`) or DDP (`module`) wrapper."""
+    while not isinstance(model, GPT):
+        inner = getattr(model, "_orig_mod", None)
+        if inner is None:
+            inner = getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            raise TypeError(f"expected a GPT (or a compiled / DDP-wrapped one), got {type(model).__name__}")
+        model = inner
+    return model
+
+
+def write_model_files(
+    model: nn.Module, folder: str | Path, tokenizer: str = "gpt2", extra: dict[str, Any] | None = None
+) -> None:
+    """Write model.safetensors and config.json into `folder` (not atomic by itself; see module doc)."""
+    gpt = unwrap(model)
+    extra = extra or {}
+    clash = [key for key in _RESERVED_KEYS if key in extra]
+    if clash:
+        raise ValueError(f"extra must not set {', '.join(clash)}: save_model writes those keys itself")
+    folder = Path(folder)
+    safetensors.torch.save_model(gpt, str(folder / MODEL_FILE))
+    write_json_atomic(folder / CONFIG_FILE, {"model": gpt.config.to_dict(), "tokenizer": tokenizer, **extra})
+
+
+def save_model(
+    model: nn.Module, out_dir: str | Path, tokenizer: str = "gpt2", extra: dict[str, Any] | None = None
+) -> Path:
+    """Write a checkpoint folder at `out_dir`, replacing any folder there only once it is complete."""
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        write_model_files(model, tmp, tokenizer, extra)
+    return out_dir
+
+
+def read_config(ckpt_dir: str | Path) -> CheckpointConfig:
+    """Read and validate a checkpoint's config.json."""
+    path = Path(ckpt_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{ckpt_dir} is not a checkpoint: {CONFIG_FILE} is missing (expected "
+                              f"{MODEL_FILE} and {CONFIG_FILE}, as written by llm.checkpoint.save_model)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+        raise CheckpointError(f"{path} must hold an object with a \"model\" object (the model config)")
+    tokenizer = data.get("tokenizer", "gpt2")
+    if not isinstance(tokenizer, str):
+        raise CheckpointError(f"{path}: \"tokenizer\" must be a tokenizer name, got {tokenizer!r}")
+    model = ModelConfig.from_dict(data["model"], source=f"{path} (model)")
+    extra = {k: v for k, v in data.items() if k not in _RESERVED_KEYS}
+    return CheckpointConfig(model=model, tokenizer=tokenizer, extra=extra)
+
+
+def load_model(ckpt_dir: str | Path, device: torch.device | str = "cpu") -> GPT:
+    """The GPT saved in checkpoint folder `ckpt_dir`, on `device`, in eval mode."""
+    config = read_config(ckpt_dir)
+    weights = Path(ckpt_dir) / MODEL_FILE
+    if not weights.is_file():
+        raise CheckpointError(f"{ckpt_dir} has {CONFIG_FILE} but {MODEL_FILE} is missing")
+    model = GPT.empty(config.model, device)
+    mismatches = _mismatches(model, weights)
+    if mismatches:
+        raise CheckpointError(f"{weights} does not fit the model in {CONFIG_FILE}:{bulleted(mismatches)}")
+    safetensors.torch.load_model(model, weights, strict=True, device=str(device))
+    return model.eval()
+
+
+def bulleted(lines: list[str], limit: int = 5) -> str:
+    """The first `limit` lines, each on a new indented line, and how many more there are."""
+    more = [f"and {len(lines) - limit} more"] if len(lines) > limit else []
+    return "".join(f"\n  {line}" for line in lines[:limit] + more)
+
+
+def _mismatches(model: GPT, weights: Path) -> list[str]:
+    """Tensors the model needs that the file lacks, has in another shape, or has in excess."""
+    with safetensors.safe_open(weights, framework="pt") as f:
+        saved = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    if model.config.tie_weights and "wte.weight" in saved:
+        expected.pop("lm_head.weight")  # a tied matrix is stored once, under either name
+    elif model.config.tie_weights:
+        expected.pop("wte.weight")
+    problems = [f"{name}: missing" for name in expected if name not in saved]
+    problems += [f"{name}: {list(saved[name])} in the file, {list(shape)} in the model"
+                 for name, shape in expected.items() if name in saved and saved[name] != shape]
+    problems += [f"{name}: in the file but not in the model" for name in saved if name not in expected]
+    return problems

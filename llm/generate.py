@@ -1,0 +1,248 @@
+"""Text generation: greedy and sampled decoding with a KV cache, batched prompts, and a command.
+
+    python -m llm.generate --checkpoint data/checkpoints/pretrain --prompt "Every effort moves you"
+        [--max-new-tokens 50] [--temperature 0.8] [--top-k 50] [--top-p 0.95] [--seed 1]
+
+prints the continuation (not the prompt) as it is generated; `--temperature 0` decodes greedily.
+
+What is computed, whatever the path: each new token comes from the model's logits at the last position
+of the last `context_length` tokens (a longer prompt is cropped to its end), exactly as a plain loop of
+`model(tokens[:, -context_length:])` would compute them. The fast paths keep that meaning:
+
+- KV cache (the default): each step runs the model on the new token only, attending over the stored
+  keys and values of the earlier positions. GPT-2's position embeddings are absolute, so once the text
+  outgrows the context, cropping shifts every position by one at each step and no stored key stays
+  valid. From there on each step recomputes the cropped window, as uncached decoding does: the tokens
+  are the same either way, and the cache speeds up everything up to the context length.
+- Batched prompts of different lengths are left-padded; a padding mask keeps padding out of attention
+  and position ids count from each row's first real token, so each row decodes as it would alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import contextlib
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import tiktoken
+import torch
+from torch import Tensor
+
+from llm.config import ConfigError, Problem, check_range
+from llm.model import GPT
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is picked from the logits."""
+
+    temperature: float = 0.0  # 0: greedy (argmax); else logits / temperature, then sampled
+    top_k: int | None = None  # sample among the k most likely tokens only
+    top_p: float | None = None  # ... among the fewest most likely tokens whose probability sums to top_p
+    seed: int | None = None  # for reproducible sampling; None: torch's global generator
+
+    def problems(self) -> Iterator[Problem]:
+        yield from check_range("temperature", self.temperature, 0)
+        if self.top_k is not None:
+            yield from check_range("top_k", self.top_k, 1)
+        if self.top_p is not None:
+            yield from check_range("top_p", self.top_p, 0, 1, closed="(]")
+
+
+def sample_next(logits: Tensor, sampling: Sampling, generator: torch.Generator | None = None) -> Tensor:
+    """The next token id of each row (B,) from last-position logits (B, vocab_size)."""
+    if sampling.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / sampling.temperature
+    if sampling.top_k is not None and sampling.top_k < logits.size(-1):
+        kth = logits.topk(sampling.top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sampling.top_p is not None and sampling.top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # Keep a token while the more likely ones before it hold less than top_p; the first always stays.
+        drop_sorted = probs.cumsum(dim=-1) - probs >= sampling.top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+def _left_pad(prompts: Sequence[Sequence[int]], device: torch.device) -> tuple[Tensor, Tensor]:
+    """Token ids (B, P) with each prompt right-aligned, and a mask (B, P): True at real tokens."""
+    width = max(len(p) for p in prompts)
+    tokens = torch.zeros(len(prompts), width, dtype=torch.long)
+    real = torch.zeros(len(prompts), width, dtype=torch.bool)
+    for row, prompt in enumerate(prompts):
+        if len(prompt):
+            tokens[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+            real[row, width - len(prompt) :] = True
+    return tokens.to(device), real.to(device)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: GPT) -> Iterator[None]:
+    """Dropout off while generating; the model's mode (training, say) is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def generate_steps(
+    model: GPT,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    sampling: Sampling = Sampling(),
+    *,
+    use_cache: bool = True,
+) -> Iterator[Tensor]:
+    """Yield the next token of every prompt (B,), `max_new_tokens` times; no stopping at end-of-text."""
+    problems = list(sampling.problems())
+    if problems:
+        raise ConfigError(problems, source="sampling")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    empty = [row for row, prompt in enumerate(prompts) if not prompt]
+    if not prompts or empty:
+        raise ValueError(f"every prompt needs at least one token (empty: {empty or 'no prompts given'}); "
+                         "start from the end-of-text token to generate from nothing")
+    return _steps(model, prompts, max_new_tokens, sampling, use_cache)
+
+
+def _steps(
+    model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sampling, use_cache: bool
+) -> Iterator[Tensor]:
+    ctx = model.config.context_length
+    device = model.wte.weight.device
+    tokens, real = _left_pad([prompt[-ctx:] for prompt in prompts], device)  # (B, P)
+    padded = not bool(real.all())  # without padding the model needs no mask: its fast causal path
+    generator = None if sampling.seed is None else torch.Generator(device).manual_seed(sampling.seed)
+    with _eval_mode(model), torch.inference_mode():
+        cache = model.new_cache(len(prompts)) if use_cache else None
+        for _ in range(max_new_tokens):
+            if cache is not None and tokens.size(1) <= ctx:
+                new = tokens[:, cache.length :]
+                hidden = model.forward_hidden(new, padding_mask=real if padded else None, cache=cache)
+            else:
+                cache = None  # past the context every position shifts: stored keys no longer apply
+                hidden = model.forward_hidden(tokens[:, -ctx:], padding_mask=real[:, -ctx:] if padded else None)
+            next_ids = sample_next(model.lm_head(hidden[:, -1]), sampling, generator)  # (B,)
+            tokens = torch.cat([tokens, next_ids[:, None]], dim=1)
+            real = torch.cat([real, real.new_ones(len(prompts), 1)], dim=1)
+            yield next_ids
+
+
+def generate(
+    model: GPT,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    sampling: Sampling = Sampling(),
+    *,
+    eos_id: int | None = None,
+    use_cache: bool = True,
+) -> list[list[int]]:
+    """The new tokens of each prompt, each row ending before its first `eos_id` (not included)."""
+    outputs: list[list[int]] = [[] for _ in prompts]
+    finished = [False] * len(prompts)
+    steps = generate_steps(model, prompts, max_new_tokens, sampling, use_cache=use_cache)
+    with contextlib.closing(steps):  # leaving early still restores the model's mode
+        for next_ids in steps:
+            for row, token in enumerate(next_ids.tolist()):
+                if finished[row]:
+                    continue
+                if token == eos_id:
+                    finished[row] = True
+                else:
+                    outputs[row].append(token)
+            if all(finished):
+                break
+    return outputs
+
+
+def stream(
+    model: GPT,
+    prompt: Sequence[int],
+    max_new_tokens: int,
+    sampling: Sampling = Sampling(),
+    *,
+    eos_id: int | None = None,
+    use_cache: bool = True,
+) -> Iterator[int]:
+    """The new tokens of one prompt as they are generated, stopping before `eos_id`."""
+    steps = generate_steps(model, [prompt], max_new_tokens, sampling, use_cache=use_cache)
+    with contextlib.closing(steps):
+        for next_ids in steps:
+            token = int(next_ids[0])
+            if token == eos_id:
+                return
+            yield token
+
+
+def decode_stream(tokenizer: tiktoken.Encoding, token_ids: Iterable[int]) -> Iterator[str]:
+    """Text pieces for token ids as they arrive. A character of several UTF-8 bytes may be split across
+    tokens: its bytes are held back until it is complete (invalid bytes become U+FFFD)."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for token in token_ids:
+        if text := decoder.decode(tokenizer.decode_single_token_bytes(token)):
+            yield text
+    if text := decoder.decode(b"", final=True):
+        yield text
+
+
+# ---------------------------------------------------------------------------------------------------
+# The command
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m llm.generate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", type=Path, required=True,
+                        help="a checkpoint folder (model.safetensors and config.json)")
+    parser.add_argument("--prompt", required=True, help="the text to continue ('' starts from end-of-text)")
+    parser.add_argument("--max-new-tokens", type=int, default=50)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
+    parser.add_argument("--top-k", type=int, default=50, help="0 to sample from the whole vocabulary")
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-cache", action="store_true", help="recompute every position at every step")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from llm.checkpoint import CheckpointError, load_model, read_config
+    from llm.tokenizer import TokenizerError, get_tokenizer
+
+    args = _parse_args(argv)
+    sampling = Sampling(args.temperature, args.top_k or None, args.top_p, args.seed)
+    try:
+        config = read_config(args.checkpoint)
+        tokenizer = get_tokenizer(config.tokenizer)
+        if config.model.vocab_size != tokenizer.n_vocab:
+            raise CheckpointError(f"{args.checkpoint}: the model's vocab_size {config.model.vocab_size} does "
+                                  f"not match tokenizer {config.tokenizer!r} ({tokenizer.n_vocab} tokens)")
+        model = load_model(args.checkpoint, args.device)
+        prompt = tokenizer.encode(args.prompt, allowed_special="all") or [tokenizer.eot_token]
+        if len(prompt) > config.model.context_length:
+            print(f"note: the prompt has {len(prompt)} tokens; the model sees its last "
+                  f"{config.model.context_length}", file=sys.stderr)
+        tokens = stream(model, prompt, args.max_new_tokens, sampling, eos_id=tokenizer.eot_token,
+                        use_cache=not args.no_cache)
+        for text in decode_stream(tokenizer, tokens):
+            sys.stdout.write(text)
+            sys.stdout.flush()
+    except (CheckpointError, ConfigError, TokenizerError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

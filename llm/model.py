@@ -1,0 +1,322 @@
+"""The GPT model: the book's architecture with GPT-2's names, shapes and initialisation.
+
+    token ids (B, T) -> token + position embeddings -> dropout -> n_layer x Block -> LayerNorm -> head
+
+    Block:  x = x + attn(ln_1(x));  x = x + mlp(ln_2(x))      (pre-LayerNorm, residuals)
+
+Attention has two implementations behind `ModelConfig.attention`: the book's explicit one (scores,
+an upper-triangular mask buffer, softmax, dropout) and PyTorch's fused `scaled_dot_product_attention`
+(the default, faster); they agree to float32 rounding. Text generation (llm/generate.py) runs the same
+forward with a `KVCache`, a padding mask for left-padded batches, and position ids derived from it.
+
+    from llm.model import GPT, model_config
+    model = GPT(model_config("tiny"))
+    logits = model(idx)            # (B, T, vocab_size)
+    loss = model(idx, targets)     # scalar; targets of -100 are ignored
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Literal, overload
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from llm.config import ConfigError, Problem, check_positive, check_range, from_mapping
+
+IGNORE_INDEX = -100  # targets with this value add nothing to the loss (padding in fine-tuning batches)
+
+AttentionKind = Literal["sdpa", "explicit"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    context_length: int  # the most positions the model sees at once (GPT-2: n_positions)
+    n_embd: int
+    n_head: int
+    n_layer: int
+    dropout: float = 0.0
+    qkv_bias: bool = True  # GPT-2 has biases on the query, key and value projections; the book's own GPT not
+    tie_weights: bool = True  # the head shares the token embedding matrix, as in GPT-2
+    attention: AttentionKind = "sdpa"
+
+    def problems(self) -> Iterator[Problem]:
+        for key in ("vocab_size", "context_length", "n_embd", "n_head", "n_layer"):
+            yield from check_positive(key, getattr(self, key))
+        if self.n_head > 0 and self.n_embd > 0 and self.n_embd % self.n_head:
+            yield "n_embd", f"must be divisible by n_head ({self.n_head}), got {self.n_embd}"
+        yield from check_range("dropout", self.dropout, 0, 1, closed="[)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "model config") -> ModelConfig:
+        """Build and validate a config from a mapping (a config.json's "model" section)."""
+        return from_mapping(cls, data, source=source)
+
+
+_GPT2 = dict(vocab_size=50257, context_length=1024, qkv_bias=True, tie_weights=True, dropout=0.0)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # OpenAI's GPT-2 shapes; the names match Hugging Face's openai-community/<name> weights.
+    "gpt2": {**_GPT2, "n_layer": 12, "n_head": 12, "n_embd": 768},  # 124M
+    "gpt2-medium": {**_GPT2, "n_layer": 24, "n_head": 16, "n_embd": 1024},  # 355M
+    "gpt2-large": {**_GPT2, "n_layer": 36, "n_head": 20, "n_embd": 1280},  # 774M
+    "gpt2-xl": {**_GPT2, "n_layer": 48, "n_head": 25, "n_embd": 1600},  # 1558M
+    # The book's GPT_CONFIG_124M: GPT-2's shape without qkv biases or weight tying (163M parameters).
+    "gpt2-book": {**_GPT2, "n_layer": 12, "n_head": 12, "n_embd": 768, "dropout": 0.1,
+                  "qkv_bias": False, "tie_weights": False},
+    # Small enough for a CPU: `tiny` for tests, `cpu-small` to pretrain on a laptop in minutes.
+    "tiny": {**_GPT2, "context_length": 64, "n_layer": 2, "n_head": 2, "n_embd": 64},
+    "cpu-small": {**_GPT2, "context_length": 256, "n_layer": 4, "n_head": 4, "n_embd": 256, "dropout": 0.1},
+}
+
+
+def model_config(preset: str | None = None, **overrides: Any) -> ModelConfig:
+    """The config of `preset` with `overrides` applied, validated (errors name the key)."""
+    if preset is None:
+        base: dict[str, Any] = {}
+    elif preset in PRESETS:
+        base = PRESETS[preset]
+    else:
+        known = ", ".join(PRESETS)
+        raise ConfigError([("preset", f"unknown preset {preset!r}; known presets: {known}")], "model config")
+    return ModelConfig.from_dict({**base, **overrides})
+
+
+# ---------------------------------------------------------------------------------------------------
+# The KV cache
+
+
+class KVCache:
+    """Every layer's keys and values for the positions processed so far, preallocated to the context.
+
+    A forward pass with a cache attends over the cached positions plus its own, stores its keys and
+    values behind them, and advances `length`. Used by llm/generate.py; training never needs one.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, device: torch.device, dtype: torch.dtype):
+        shape = (config.n_layer, batch_size, config.n_head, config.context_length, config.head_dim)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0  # positions stored, the same for every layer
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.size(3)
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store the new positions' k, v (B, nh, T, hs); return all positions' (B, nh, length + T, hs)."""
+        end = self.length + k.size(2)
+        self.keys[layer, :, :, self.length : end] = k
+        self.values[layer, :, :, self.length : end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The model
+
+
+def future_mask(context_length: int, device: torch.device | str | None = None) -> Tensor:
+    """The book's causal mask (T, T): True above the diagonal, where a query would see a later key."""
+    return torch.ones(context_length, context_length, dtype=torch.bool, device=device).triu(1)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.n_head = config.n_head
+        self.layer = layer  # which slice of a KVCache is this layer's
+        self.dropout = config.dropout
+        self.explicit = config.attention == "explicit"
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.qkv_bias)  # q, k, v in one
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.attn_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        if self.explicit:
+            self.register_buffer("mask", future_mask(config.context_length), persistent=False)
+
+    def forward(self, x: Tensor, allowed: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
+        """x (B, T, C). `allowed` (B, 1, T, S) says which keys each query may see; None: causal, with the
+        T queries the last of the S positions (all of them without a cache)."""
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)  # each (B, T, C)
+        hs = C // self.n_head
+        q, k, v = (t.view(B, T, self.n_head, hs).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # (B, nh, S, hs), S = cached + T
+        y = self._attend(q, k, v, allowed)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
+        return self.resid_dropout(self.c_proj(y))
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None) -> Tensor:
+        T, S = q.size(2), k.size(2)
+        if not self.explicit:
+            # SDPA's is_causal aligns the mask top-left, right only when T == S; one new token sees
+            # every key; a chunk after cached positions needs the mask spelled out.
+            if allowed is None and 1 < T < S:
+                allowed = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+            dropout_p = self.dropout if self.training else 0.0
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p,
+                                                  is_causal=allowed is None and T == S)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(k.size(-1))  # (B, nh, T, S)
+        blocked = self.mask[S - T : S, :S] if allowed is None else ~allowed  # the queries' rows
+        weights = torch.softmax(scores.masked_fill(blocked, float("-inf")), dim=-1)
+        return self.attn_dropout(weights) @ v  # (B, nh, T, hs)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's (and the book's) tanh approximation
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config, layer)
+        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor, allowed: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), allowed, cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.context_length, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.h = nn.ModuleList(Block(config, layer) for layer in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_weights:
+            self.lm_head.weight = self.wte.weight
+        self.apply(self._init_weights)
+        # GPT-2 scales the layers that write into the residual stream by 1/sqrt(its 2 * n_layer writes),
+        # so the residual's variance does not grow with depth.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @classmethod
+    def empty(cls, config: ModelConfig, device: torch.device | str = "cpu") -> GPT:
+        """A GPT whose weights are uninitialised memory on `device`, to load weights into: skips the
+        random initialisation, which takes seconds for the GPT-2 sizes on a CPU."""
+        with torch.device("meta"):
+            model = cls(config)
+        model.to_empty(device=device)  # fresh storage per parameter: re-tie, and rebuild the masks
+        if config.tie_weights:
+            model.lm_head.weight = model.wte.weight
+        for block in model.h:
+            if block.attn.explicit:
+                block.attn.mask = future_mask(config.context_length, device)
+        return model
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    @overload
+    def forward(self, idx: Tensor, targets: None = None) -> Tensor: ...
+    @overload
+    def forward(self, idx: Tensor, targets: Tensor) -> Tensor: ...
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None) -> Tensor:
+        """Logits (B, T, vocab_size) for token ids `idx` (B, T); with `targets` (B, T), the mean
+        next-token cross-entropy instead (positions whose target is IGNORE_INDEX count for nothing)."""
+        logits = self.lm_head(self.forward_hidden(idx))  # (B, T, vocab_size)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+
+    def forward_hidden(
+        self, idx: Tensor, *, padding_mask: Tensor | None = None, cache: KVCache | None = None
+    ) -> Tensor:
+        """The final hidden states (B, T, n_embd), before the head.
+
+        Training passes only `idx`. Generation may pass a `cache` (these tokens follow its cached
+        positions) and, for left-padded batches, a `padding_mask` (B, cached + T), True at real tokens:
+        padding is never attended to, and each row's positions count from its first real token.
+        """
+        B, T = idx.shape
+        past = 0 if cache is None else cache.length
+        if past + T > self.config.context_length:
+            raise ValueError(f"{past + T} positions exceed context_length {self.config.context_length}: "
+                             "crop the input to the last context_length tokens")
+        if padding_mask is None:
+            allowed, pos = None, torch.arange(past, past + T, device=idx.device)  # causal
+        else:
+            allowed, pos = self._padding_attention(B, T, past, padding_mask)
+        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
+        for block in self.h:
+            x = block(x, allowed, cache)
+        if cache is not None:
+            cache.length += T
+        return self.ln_f(x)
+
+    @staticmethod
+    def _padding_attention(B: int, T: int, past: int, padding_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Which keys each query may see (B, 1, T, past + T), and the queries' positions (B, T)."""
+        S = past + T
+        if padding_mask.shape != (B, S):
+            raise ValueError(f"padding_mask must be (batch, cached + new positions) = {(B, S)}, "
+                             f"got {tuple(padding_mask.shape)}")
+        query = torch.arange(past, S, device=padding_mask.device)[:, None]  # (T, 1)
+        key = torch.arange(S, device=padding_mask.device)[None, :]  # (1, S)
+        # A padding query sees itself only: a row with nothing to attend to would make softmax NaN.
+        allowed = (key <= query) & (padding_mask[:, None, None, :] | (key == query))  # (B, 1, T, S)
+        pos = (padding_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
+        return allowed, pos
+
+    def new_cache(self, batch_size: int) -> KVCache:
+        """An empty KV cache on this model's device, in its dtype."""
+        weight = self.wte.weight
+        return KVCache(self.config, batch_size, device=weight.device, dtype=weight.dtype)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameters; `non_embedding` leaves out the lookup tables: the position embeddings, and the
+        token embeddings unless tied to the head (then they are the head's matmul, and count)."""
+        n = sum(p.numel() for p in self.parameters())  # a tied matrix is one parameter, counted once
+        if non_embedding:
+            n -= self.wpe.weight.numel()
+            if not self.config.tie_weights:
+                n -= self.wte.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs per token, forward and backward: 6N + 12 * n_layer * n_embd * seq_len.
+
+        6N: each non-embedding parameter does a multiply and an add (2 FLOPs) per token forward, and
+        twice that backward. The second term is attention's two matmuls (q @ k^T, weights @ v), which
+        have no parameters: 2 * 2 * n_embd * seq_len per layer forward, 3x that with backward. The
+        estimate of the PaLM paper (appendix B); MFU = tokens/s * flops_per_token / peak FLOP/s.
+        `seq_len` defaults to context_length.
+        """
+        cfg = self.config
+        seq_len = cfg.context_length if seq_len is None else seq_len
+        return 6 * self.num_params(non_embedding=True) + 12 * cfg.n_layer * cfg.n_embd * seq_len

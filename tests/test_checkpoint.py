@@ -1,0 +1,94 @@
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from llm.checkpoint import CheckpointError, load_model, read_config, save_model
+from llm.config import ConfigError
+from llm.model import GPT, model_config
+
+
+def tiny(**overrides) -> GPT:
+    return GPT(model_config("tiny", vocab_size=300, **overrides)).eval()
+
+
+@pytest.mark.parametrize("overrides", [{}, {"tie_weights": False, "qkv_bias": False}, {"attention": "explicit"}])
+def test_save_load_round_trip_gives_identical_logits(tmp_path, overrides):
+    model = tiny(**overrides)
+    save_model(model, tmp_path / "ckpt")
+    loaded = load_model(tmp_path / "ckpt")
+    assert loaded.config == model.config and not loaded.training
+    assert (loaded.lm_head.weight is loaded.wte.weight) == model.config.tie_weights
+    idx = torch.randint(0, 300, (2, 30))
+    torch.testing.assert_close(loaded(idx), model(idx), rtol=0, atol=0)
+
+
+def test_config_json_holds_model_tokenizer_and_extra(tmp_path):
+    model = tiny()
+    save_model(model, tmp_path / "ckpt", tokenizer="r50k_base", extra={"step": 12, "source": "test"})
+    data = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert data == {"model": model.config.to_dict(), "tokenizer": "r50k_base", "step": 12, "source": "test"}
+    config = read_config(tmp_path / "ckpt")
+    assert (config.model, config.tokenizer, config.extra) == (model.config, "r50k_base", {"step": 12, "source": "test"})
+    with pytest.raises(ValueError, match="extra must not set model"):
+        save_model(model, tmp_path / "other", extra={"model": {}})
+
+
+def test_saving_over_a_checkpoint_replaces_it_whole(tmp_path):
+    out = tmp_path / "ckpt"
+    save_model(tiny(), out)
+    (out / "stale.txt").write_text("from the old run")
+    newer = tiny(n_layer=1)
+    save_model(newer, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporaries left
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert load_model(out).config.n_layer == 1
+
+
+def test_wrapped_models_are_saved_as_the_gpt_inside(tmp_path):
+    class Wrapper(nn.Module):  # what DDP looks like from outside: the model under .module
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    model = tiny()
+    save_model(Wrapper(model), tmp_path / "ckpt")
+    torch.testing.assert_close(load_model(tmp_path / "ckpt").wte.weight, model.wte.weight)
+    with pytest.raises(TypeError, match="expected a GPT"):
+        save_model(nn.Linear(2, 2), tmp_path / "bad")
+
+
+def test_missing_files_name_the_folder_and_the_file(tmp_path):
+    with pytest.raises(CheckpointError, match=f"{tmp_path / 'nowhere'} is not a checkpoint: config.json is missing"):
+        load_model(tmp_path / "nowhere")
+    save_model(tiny(), tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="has config.json but model.safetensors is missing"):
+        load_model(tmp_path / "ckpt")
+
+
+def test_weights_that_do_not_fit_the_config_are_named(tmp_path):
+    save_model(tiny(), tmp_path / "ckpt")
+    config_path = tmp_path / "ckpt" / "config.json"
+    data = json.loads(config_path.read_text())
+    data["model"]["n_embd"] = 32
+    config_path.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError) as info:
+        load_model(tmp_path / "ckpt")
+    assert str(info.value).splitlines()[:2] == [
+        f"{tmp_path / 'ckpt' / 'model.safetensors'} does not fit the model in config.json:",
+        "  wpe.weight: [64, 64] in the file, [64, 32] in the model",
+    ]
+    assert str(info.value).endswith("and 23 more")  # all 28 tensors but the first 5
+    data["model"]["n_embd"], data["model"]["n_layer"] = 64, 1
+    config_path.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match="h.1.attn.c_attn.bias: in the file but not in the model"):
+        load_model(tmp_path / "ckpt")
+    data["model"]["n_embd"] = 33
+    config_path.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match=r"n_embd: must be divisible by n_head \(2\), got 33"):
+        load_model(tmp_path / "ckpt")
+    config_path.write_text("{not json")
+    with pytest.raises(CheckpointError, match="config.json is not valid JSON"):
+        load_model(tmp_path / "ckpt")

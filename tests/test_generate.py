@@ -1,0 +1,155 @@
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from llm.checkpoint import save_model
+from llm.config import ConfigError
+from llm.generate import Sampling, decode_stream, generate, generate_steps, sample_next, stream
+from llm.model import GPT, model_config
+from llm.tokenizer import get_tokenizer
+from tests.conftest import ROOT
+
+VOCAB = 256
+
+
+@pytest.fixture
+def model() -> GPT:
+    torch.manual_seed(0)
+    return GPT(model_config("tiny", vocab_size=VOCAB, context_length=16)).eval()
+
+
+def prompt(length: int) -> list[int]:
+    return torch.randint(0, VOCAB, (length,)).tolist()
+
+
+def reference_greedy(model: GPT, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """The book's loop: the plain training forward on the last context_length tokens, argmax."""
+    idx = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            logits = model(idx[:, -model.config.context_length :])
+            idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return idx[0, len(prompt) :].tolist()
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+@pytest.mark.parametrize("attention", ["sdpa", "explicit"])
+def test_greedy_decoding_equals_the_plain_loop_also_past_the_context(use_cache, attention):
+    torch.manual_seed(1)
+    model = GPT(model_config("tiny", vocab_size=VOCAB, context_length=16, attention=attention)).eval()
+    for length in (1, 5, 16):
+        p = prompt(length)
+        [out] = generate(model, [p], 30, use_cache=use_cache)  # 30 new tokens: well past context 16
+        assert out == reference_greedy(model, p, 30)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_batched_prompts_of_different_lengths_decode_as_they_would_alone(model, use_cache):
+    prompts = [prompt(3), prompt(11), prompt(1), prompt(16)]
+    batched = generate(model, prompts, 20, use_cache=use_cache)
+    assert batched == [generate(model, [p], 20)[0] for p in prompts]
+
+
+def test_a_prompt_longer_than_the_context_is_cropped_to_its_end(model):
+    p = prompt(40)
+    assert generate(model, [p], 8) == generate(model, [p[-16:]], 8)
+
+
+def test_generation_stops_at_end_of_text(model):
+    prompts = [prompt(4), prompt(7)]
+    free = generate(model, prompts, 12)
+    eos = free[0][5]  # whatever the first row says sixth is our end-of-text
+    stopped = generate(model, prompts, 12, eos_id=eos)
+    assert stopped[0] == free[0][: free[0].index(eos)]
+    assert stopped[1] == free[1][: free[1].index(eos)] if eos in free[1] else stopped[1] == free[1]
+    assert list(stream(model, prompts[0], 12, eos_id=eos)) == stopped[0]
+
+
+def test_generation_restores_training_mode(model):
+    model.train()
+    generate(model, [prompt(3)], 2)
+    assert model.training
+
+
+def test_seeded_sampling_is_reproducible(model):
+    sampling = Sampling(temperature=1.0, seed=7)
+    prompts = [prompt(5), prompt(2)]
+    first = generate(model, prompts, 20, sampling)
+    assert generate(model, prompts, 20, sampling) == first
+    assert generate(model, prompts, 20, Sampling(temperature=1.0, seed=8)) != first
+    assert list(stream(model, prompts[0], 20, sampling)) != first[0]  # one row: another draw sequence
+
+
+def known_logits(rows: int) -> torch.Tensor:
+    """Every row: token 3 at p=0.5, 7 at 0.3, 1 at 0.15, 9 at 0.05, the other 16 next to nothing."""
+    probs = torch.full((20,), 1e-9)
+    probs[[3, 7, 1, 9]] = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    return probs.log().expand(rows, 20)
+
+
+@pytest.mark.parametrize(
+    "sampling, allowed",
+    [
+        (Sampling(temperature=1.0, top_k=2), {3, 7}),
+        (Sampling(temperature=2.0, top_k=3), {3, 7, 1}),
+        (Sampling(temperature=1.0, top_p=0.7), {3, 7}),  # 0.5 < 0.7, 0.5 + 0.3 >= 0.7
+        (Sampling(temperature=1.0, top_p=0.9), {3, 7, 1}),
+        (Sampling(temperature=1.0, top_p=0.4), {3}),
+        (Sampling(temperature=1.0, top_k=3, top_p=0.7), {3, 7}),
+        (Sampling(temperature=0.0, top_k=3), {3}),
+    ],
+)
+def test_sampling_draws_only_from_the_allowed_tokens_and_from_all_of_them(sampling, allowed):
+    generator = torch.Generator().manual_seed(0)
+    drawn = set(sample_next(known_logits(4000), sampling, generator).tolist())
+    assert drawn == allowed
+
+
+def test_bad_settings_are_named():
+    model = GPT(model_config("tiny", vocab_size=VOCAB))
+    with pytest.raises(ConfigError) as info:
+        generate(model, [[1]], 3, Sampling(temperature=-1, top_k=0, top_p=1.5))
+    assert dict(info.value.problems) == {
+        "temperature": "must be in [0, inf], got -1",
+        "top_k": "must be in [1, inf], got 0",
+        "top_p": "must be in (0, 1], got 1.5",
+    }
+    with pytest.raises(ValueError, match=r"every prompt needs at least one token \(empty: \[1\]\)"):
+        generate(model, [[1], []], 3)
+
+
+def test_streamed_text_holds_back_characters_split_across_tokens():
+    tokenizer = get_tokenizer("gpt2")
+    text = "Moves you 🤗 日本語, é."
+    ids = tokenizer.encode(text)
+    assert len(ids) > len(text.split())  # the emoji and the kanji take several tokens each
+    pieces = list(decode_stream(tokenizer, ids))
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in piece for piece in pieces)
+    assert "".join(decode_stream(tokenizer, ids[:-4])).endswith("\ufffd")  # a cut character shows as U+FFFD
+
+
+@pytest.mark.slow
+def test_the_command_prints_the_continuation(tmp_path):
+    torch.manual_seed(3)
+    model = GPT(model_config("tiny")).eval()  # GPT-2's vocabulary, to match the tokenizer
+    save_model(model, tmp_path / "ckpt")
+    tokenizer = get_tokenizer("gpt2")
+    text = "Every effort moves you"
+    sampling = Sampling(temperature=0.9, top_k=40, top_p=0.95, seed=11)
+    new = generate(model, [tokenizer.encode(text)], 12, sampling, eos_id=tokenizer.eot_token)[0]
+    assert new
+    command = [sys.executable, "-m", "llm.generate", "--checkpoint", str(tmp_path / "ckpt"), "--prompt", text,
+               "--max-new-tokens", "12", "--temperature", "0.9", "--top-k", "40", "--top-p", "0.95", "--seed", "11"]
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == tokenizer.decode(new) + "\n"
+
+    result = subprocess.run(command[:4] + ["/nowhere"] + command[5:], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: /nowhere is not a checkpoint: config.json is missing")
