@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from benchmarks import median_seconds
+from benchmarks.common import median_seconds
 from llm.model import GPT, model_config
 
 BATCH = 8

@@ -8,7 +8,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 
 def run_worker(module: str, *args: str, env: dict[str, str] | None = None) -> dict:
@@ -28,16 +28,22 @@ def run_worker(module: str, *args: str, env: dict[str, str] | None = None) -> di
     return result
 
 
-def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
-    """Median wall time of `fn()` in seconds, after `warmup` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def median_seconds(
+    candidates: Mapping[str, Callable[[], object]], *, warmup: int = 1, repeats: int = 5
+) -> dict[str, float]:
+    """The median wall time of each candidate, over `repeats` rounds after `warmup` untimed ones.
+
+    Rounds run every candidate once, in turn, so that a slow spell of a shared machine (another
+    process, a busy neighbour VM) lands on all of them rather than on whichever ran then.
+    """
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    for round_ in range(warmup + repeats):
+        for name, fn in candidates.items():
+            start = time.perf_counter()
+            fn()
+            if round_ >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def emit(result: dict) -> None:

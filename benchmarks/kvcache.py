@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks import median_seconds
+from benchmarks.common import median_seconds
 from llm.generate import generate
 from llm.model import GPT, model_config
 
