@@ -118,7 +118,8 @@ def run_pretrain(params: Params, shards_dir: str | Path, out_dir: str | Path, *,
     train = TokenStream.from_manifest(shards_dir, "train")
     batches = RandomWindows(train, T, config.batch_size, config.seed, dist.rank, dist.world_size)
     val = fixed_val_batches(TokenStream.from_manifest(shards_dir, "val"), T, config.batch_size, config.eval_batches)
-    sampler = prompt_sampler(manifest["tokenizer"], config.sample_prompt, config.sample_tokens, config.seed)
+    sampler = (prompt_sampler(manifest["tokenizer"], config.sample_prompt, config.sample_tokens, config.seed)
+               if config.sample_interval else None)
     trainer = Trainer(
         model, batches, val, config, out_dir, fingerprint=fingerprint(params, shards_dir), tracker=tracker,
         tokenizer=manifest["tokenizer"], sampler=sampler, run_id=run_id, dist=dist,

@@ -149,8 +149,8 @@ class Trainer:
     # --- the loop -----------------------------------------------------------------------------------
 
     def fit(self) -> TrainResult:
+        resumed = self._resume()  # replaces self.progress: read it only after
         cfg, progress = self.config, self.progress
-        resumed = self._resume()
         if not resumed:
             self._report({"val_loss": self.evaluate()})  # the starting point of the curve
         tokens_per_step = cfg.global_batch_size * self.gpt.config.context_length

@@ -1,0 +1,181 @@
+"""The trainer: it learns, resumes exactly after a kill -9, guards against NaN, refuses mismatches."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+
+from llm.config import ConfigError, Params, from_mapping
+from llm.pretrain import CheckpointMismatch, initial_model, run_pretrain
+from llm.shards import read_manifest
+from llm.tracking import MemoryTracker
+from llm.train import TrainingDiverged, latest_checkpoint
+from tests.conftest import ROOT
+from tests.data import make_shards, patterned_tokens
+
+VOCAB = 512  # small, so the head does not dominate a test's time
+
+TRAIN = {"batch_size": 4, "global_batch_size": 8, "lr": 3e-3, "warmup_steps": 3, "log_interval": 2,
+         "eval_interval": 5, "eval_batches": 2, "sample_interval": 10, "sample_tokens": 5,
+         "sample_prompt": " the and of",  # GPT-2 ids below VOCAB
+         "checkpoint_interval": 5, "precision": "fp32", "device": "cpu"}
+
+
+def params(**pretrain) -> Params:
+    return from_mapping(Params, {"model": {"preset": "tiny", "vocab_size": VOCAB, "context_length": 32},
+                                 "pretrain": {**TRAIN, **pretrain}})
+
+
+@pytest.fixture
+def shards(tmp_path) -> Path:
+    return make_shards(tmp_path / "shards", patterned_tokens(6000), patterned_tokens(800), vocab_size=VOCAB)
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return safetensors.torch.load_file(folder / "model.safetensors")
+
+
+def test_loss_falls_and_everything_is_reported(tmp_path, shards):
+    tracker = MemoryTracker()
+    result = run_pretrain(params(max_steps=20), shards, tmp_path / "out", tracker=tracker)
+    val = tracker.series("val_loss")
+    assert val[0][0] == 0 and val[0][1] > 5.5  # about ln(512) = 6.2 at the start
+    assert val[-1] == (20, result.metrics["val_loss"]) and val[-1][1] < val[0][1] - 2
+    assert [s for s, _ in tracker.series("train_loss")] == list(range(2, 21, 2))
+    for name in ("lr", "grad_norm", "tokens_per_s", "mfu", "tokens"):
+        assert len(tracker.series(name)) == 10
+    assert tracker.series("tokens")[-1][1] == 20 * 8 * 32
+    assert set(tracker.texts) == {"samples/step-000010.txt", "samples/step-000020.txt"}
+    assert tracker.texts["samples/step-000020.txt"].startswith(" the and of")
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    assert [p.name for p in (tmp_path / "out" / "resume").iterdir()] == ["step-000020"]  # keeps the last one
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path, shards):
+    big = run_pretrain(params(max_steps=3, batch_size=8, global_batch_size=8), shards, tmp_path / "a",
+                       tracker=MemoryTracker())
+    accumulated = run_pretrain(params(max_steps=3, batch_size=2, global_batch_size=8), shards, tmp_path / "b",
+                               tracker=MemoryTracker())
+    assert accumulated.metrics["train_loss"] == pytest.approx(big.metrics["train_loss"], abs=1e-5)
+    for name, tensor in weights(tmp_path / "a").items():
+        torch.testing.assert_close(weights(tmp_path / "b")[name], tensor, atol=1e-5, rtol=1e-4)
+
+
+RUN = textwrap.dedent("""
+    import sys, torch
+    torch.set_num_threads(1)
+    from pathlib import Path
+    from llm.config import Params, from_mapping
+    from llm.pretrain import run_pretrain
+    from llm.tracking import MemoryTracker
+    import json
+    params = from_mapping(Params, json.loads(sys.argv[3]))
+    run_pretrain(params, Path(sys.argv[1]), Path(sys.argv[2]), tracker=MemoryTracker())
+""")
+
+
+def run_stage(shards: Path, out: Path, settings: dict) -> subprocess.Popen:
+    import json
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-c", RUN, str(shards), str(out), json.dumps(settings)], env=env,
+                            stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_a_run_killed_mid_way_resumes_to_the_same_weights(tmp_path, shards):
+    settings = {"model": {"preset": "tiny", "vocab_size": VOCAB, "context_length": 32, "dropout": 0.1},
+                "pretrain": {**TRAIN, "max_steps": 60, "checkpoint_interval": 10, "keep_checkpoints": 2}}
+    whole = run_stage(shards, tmp_path / "whole", settings)
+    assert whole.wait(timeout=300) == 0, whole.stderr.read()
+
+    killed = run_stage(shards, tmp_path / "killed", settings)
+    deadline = time.monotonic() + 300
+    while latest_checkpoint(tmp_path / "killed") is None or latest_checkpoint(tmp_path / "killed").name < "step-000020":
+        assert killed.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+        time.sleep(0.01)
+    killed.send_signal(signal.SIGKILL)
+    assert killed.wait() == -signal.SIGKILL
+    assert not (tmp_path / "killed" / "model.safetensors").exists()
+
+    resumed = run_stage(shards, tmp_path / "killed", settings)
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    expected, actual = weights(tmp_path / "whole"), weights(tmp_path / "killed")
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        assert torch.equal(expected[name], actual[name]), name
+
+
+def test_other_settings_start_over_instead_of_resuming(tmp_path, shards):
+    run_pretrain(params(max_steps=5), shards, tmp_path / "out", tracker=MemoryTracker())
+    tracker = MemoryTracker()
+    run_pretrain(params(max_steps=5, lr=1e-3), shards, tmp_path / "out", tracker=tracker)
+    assert tracker.series("val_loss")[0][0] == 0  # evaluated at step 0: a fresh start
+
+
+class NaNAfter:
+    """Wraps a model's forward so that its loss turns NaN from the `after`-th call on."""
+
+    def __init__(self, model, after: int):
+        self.calls, self.after, self.forward = 0, after, model.forward
+        model.forward = self
+
+    def __call__(self, idx, targets=None):
+        self.calls += 1
+        out = self.forward(idx, targets)
+        return out * float("nan") if targets is not None and self.calls > self.after else out
+
+
+def test_nan_loss_stops_before_the_update_and_keeps_the_last_good_checkpoint(tmp_path, shards, monkeypatch):
+    import llm.pretrain
+
+    made = {}
+    real = llm.pretrain.initial_model
+
+    def poisoned(p, manifest):
+        model = made["model"] = real(p, manifest)
+        # 4 micro-batches a step, 2 val batches every 5 steps and at 0: call 50 falls in step 11
+        NaNAfter(model, after=49)
+        return model
+
+    monkeypatch.setattr(llm.pretrain, "initial_model", poisoned)
+    with pytest.raises(TrainingDiverged, match=r"loss is nan at step 11; stopped before applying it. The last "
+                                                r"good checkpoint is .*step-000010"):
+        run_pretrain(params(max_steps=20, batch_size=2), shards, tmp_path / "out", tracker=MemoryTracker())
+    assert all(torch.isfinite(p).all() for p in made["model"].parameters())
+    assert latest_checkpoint(tmp_path / "out").name == "step-000010"
+
+
+def test_a_start_checkpoint_that_does_not_fit_is_refused_naming_both(tmp_path, shards):
+    from llm.checkpoint import save_model
+    from llm.model import GPT, model_config
+
+    other = tmp_path / "other"
+    save_model(GPT(model_config("tiny", vocab_size=VOCAB, context_length=32, n_layer=3)), other)
+    with pytest.raises(CheckpointMismatch, match=rf"{other} has n_layer=3, but params.yaml's model section says "
+                                                 "n_layer=2; set the model section"):
+        initial_model(params(init_from=str(other)), read_manifest(shards))
+    save_model(GPT(model_config("tiny", vocab_size=VOCAB, context_length=32)), other, tokenizer="cl100k_base")
+    with pytest.raises(CheckpointMismatch, match="trained with tokenizer 'cl100k_base', but the shards use 'gpt2'"):
+        initial_model(params(init_from=str(other)), read_manifest(shards))
+    matching = {**read_manifest(shards), "tokenizer": "cl100k_base"}
+    assert initial_model(params(init_from=str(other)), matching).config.n_layer == 2
+
+
+def test_training_settings_are_validated():
+    with pytest.raises(ConfigError) as info:
+        from_mapping(Params, {"pretrain": {"batch_size": 3, "global_batch_size": 8, "min_lr": 1.0, "lr": 0.1},
+                              "model": {"preset": "tiny", "n_head": 3}})
+    problems = dict(info.value.problems)
+    assert problems["pretrain.global_batch_size"] == "must be a multiple of batch_size (3), got 8"
+    assert problems["pretrain.min_lr"] == "must be in [0, 0.1], got 1.0"
+    assert problems["model.n_embd"] == "must be divisible by n_head (3), got 64"
