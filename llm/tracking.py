@@ -253,6 +253,7 @@ def log_gpt_model(checkpoint_dir: str | Path, registered_name: str | None = None
     pyfunc, and register it under `registered_name`; returns the new version number."""
     import shutil
     import tempfile
+    import warnings
 
     import mlflow
     import pandas as pd
@@ -269,10 +270,14 @@ def log_gpt_model(checkpoint_dir: str | Path, registered_name: str | None = None
         checkpoint.mkdir()
         for name in (MODEL_FILE, CONFIG_FILE):
             shutil.copy2(Path(checkpoint_dir) / name, checkpoint / name)
-        info = mlflow.pyfunc.log_model(
-            name="model", python_model=str(package / "pyfunc.py"), artifacts={"checkpoint": str(checkpoint)},
-            code_paths=[str(package)], pip_requirements=_pip_requirements(), signature=signature,
-            registered_model_name=registered_name)
+        with warnings.catch_warnings():
+            # It asks for type hints and an input example, which would make it run the model at logging
+            # time: the explicit signature above already describes inputs, params and outputs.
+            warnings.filterwarnings("ignore", message=".*(type hints|input example).*", category=UserWarning)
+            info = mlflow.pyfunc.log_model(
+                name="model", python_model=str(package / "pyfunc.py"), artifacts={"checkpoint": str(checkpoint)},
+                code_paths=[str(package)], pip_requirements=_pip_requirements(), signature=signature,
+                registered_model_name=registered_name)
     if registered_name is None:
         return None
     version = str(info.registered_model_version)

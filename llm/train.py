@@ -88,6 +88,7 @@ class Progress:
 class TrainResult:
     progress: Progress
     metrics: dict[str, float]  # the final figures, for metrics/<stage>.json
+    model: nn.Module  # the trained GPT (unwrapped from compile and DDP), on the training device
 
 
 def accumulation_steps(config: TrainConfig, world_size: int) -> int:
@@ -186,7 +187,7 @@ class Trainer:
                 if progress.step % cfg.checkpoint_interval == 0 or last:
                     self.save_checkpoint()
         self.save_final()
-        return TrainResult(progress, self.final_metrics())
+        return TrainResult(progress, self.final_metrics(), self.gpt)
 
     def _optimizer_step(self) -> tuple[float, float]:
         """One optimizer step over `accum` micro-batches; returns (mean loss, gradient norm)."""
