@@ -42,7 +42,7 @@ class Sampling:
 
     temperature: float = 0.0  # 0: greedy (argmax); else logits / temperature, then sampled
     top_k: int | None = None  # sample among the k most likely tokens only
-    top_p: float | None = None  # ... among the fewest most likely tokens whose probability sums to top_p
+    top_p: float | None = None  # ... among the fewest most likely tokens whose probabilities reach top_p
     seed: int | None = None  # for reproducible sampling; None: torch's global generator
 
     def problems(self) -> Iterator[Problem]:
