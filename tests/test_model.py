@@ -108,6 +108,15 @@ def test_non_embedding_count_and_flops_per_token():
     assert tied.flops_per_token(seq_len=256) == 6 * 123_653_376 + 12 * 12 * 768 * 256
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "explicit"])
+def test_the_training_forward_compiles_to_one_graph(attention):
+    model = tiny(attention=attention)
+    idx = tokens(2, 16)
+    # fullgraph: any graph break (data-dependent Python control flow) is an error; "eager" skips codegen
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(idx, idx), model(idx, idx))
+
+
 def test_empty_model_is_tied_and_masked_like_a_built_one():
     config = model_config("tiny", vocab_size=VOCAB, attention="explicit")
     built, empty = GPT(config), GPT.empty(config)
