@@ -32,7 +32,7 @@ import tiktoken
 import torch
 from torch import Tensor
 
-from llm.config import ConfigError, Problem, check_range
+from llm.config import ConfigError, Problem, check_range, from_mapping
 from llm.model import GPT
 
 
@@ -220,8 +220,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from llm.tokenizer import TokenizerError, get_tokenizer
 
     args = _parse_args(argv)
-    sampling = Sampling(args.temperature, args.top_k or None, args.top_p, args.seed)
     try:
+        settings = {"temperature": args.temperature, "top_k": args.top_k or None, "top_p": args.top_p,
+                    "seed": args.seed}
+        sampling = from_mapping(Sampling, settings, source="the command line")  # checked before loading
         config = read_config(args.checkpoint)
         tokenizer = get_tokenizer(config.tokenizer)
         if config.model.vocab_size != tokenizer.n_vocab:

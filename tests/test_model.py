@@ -81,7 +81,8 @@ def test_a_tiny_model_overfits_one_batch():
 def test_weight_tying_and_gpt2_initialisation():
     model = GPT(model_config("tiny", n_layer=8))
     assert model.lm_head.weight is model.wte.weight
-    assert GPT(model_config("tiny", tie_weights=False)).lm_head.weight is not GPT(model_config("tiny")).wte.weight
+    untied = GPT(model_config("tiny", tie_weights=False))
+    assert untied.lm_head.weight is not untied.wte.weight
     assert math.isclose(model.h[0].mlp.c_fc.weight.std().item(), 0.02, rel_tol=0.05)
     assert math.isclose(model.h[0].mlp.c_proj.weight.std().item(), 0.02 / math.sqrt(16), rel_tol=0.05)
     assert math.isclose(model.h[0].attn.c_proj.weight.std().item(), 0.02 / math.sqrt(16), rel_tol=0.05)
@@ -91,7 +92,8 @@ def test_weight_tying_and_gpt2_initialisation():
 
 @pytest.mark.parametrize(
     "preset, params",
-    [("gpt2", 124_439_808), ("gpt2-medium", 354_823_168), ("gpt2-large", 774_030_080), ("gpt2-xl", 1_557_611_200)],
+    [("gpt2", 124_439_808), ("gpt2-medium", 354_823_168), ("gpt2-large", 774_030_080),
+     ("gpt2-xl", 1_557_611_200)],
 )
 def test_gpt2_presets_have_gpt2s_parameter_counts(preset, params):
     with torch.device("meta"):  # shapes only, no memory
