@@ -26,6 +26,17 @@ def test_save_load_round_trip_gives_identical_logits(tmp_path, overrides):
     torch.testing.assert_close(loaded(idx), model(idx), rtol=0, atol=0)
 
 
+def test_settings_that_keep_the_weights_can_be_changed_on_loading(tmp_path):
+    model = tiny()
+    save_model(model, tmp_path / "ckpt")
+    loaded = load_model(tmp_path / "ckpt", dropout=0.1, attention="explicit")
+    assert (loaded.config.dropout, loaded.config.attention) == (0.1, "explicit")
+    idx = torch.randint(0, 300, (2, 30))
+    torch.testing.assert_close(loaded(idx), model(idx), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ConfigError, match="dropout: must be in"):
+        load_model(tmp_path / "ckpt", dropout=1.5)
+
+
 def test_config_json_holds_model_tokenizer_and_extra(tmp_path):
     model = tiny()
     save_model(model, tmp_path / "ckpt", tokenizer="r50k_base", extra={"step": 12, "source": "test"})
