@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 
 def run_worker(module: str, *args: str, env: dict[str, str] | None = None) -> dict:
@@ -28,13 +29,23 @@ def run_worker(module: str, *args: str, env: dict[str, str] | None = None) -> di
     return result
 
 
-def median_seconds(
-    candidates: Mapping[str, Callable[[], object]], *, warmup: int = 1, repeats: int = 5
-) -> dict[str, float]:
-    """The median wall time of each candidate, over `repeats` rounds after `warmup` untimed ones.
+@dataclass(frozen=True)
+class Timing:
+    median: float  # seconds
+    fastest: float
+    slowest: float
 
-    Rounds run every candidate once, in turn, so that a slow spell of a shared machine (another
-    process, a busy neighbour VM) lands on all of them rather than on whichever ran then.
+    def __str__(self) -> str:
+        return f"{self.median * 1e3:8.1f} ms (repeats {self.fastest * 1e3:.1f} to {self.slowest * 1e3:.1f})"
+
+
+def time_interleaved(
+    candidates: Mapping[str, Callable[[], object]], *, warmup: int = 1, repeats: int = 5
+) -> dict[str, Timing]:
+    """Time each candidate `repeats` times after `warmup` untimed rounds.
+
+    Rounds run every candidate once, in turn, so that a slow spell of the machine lands on all of
+    them rather than on whichever happened to run then.
     """
     times: dict[str, list[float]] = {name: [] for name in candidates}
     for round_ in range(warmup + repeats):
@@ -43,7 +54,7 @@ def median_seconds(
             fn()
             if round_ >= warmup:
                 times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return {name: Timing(statistics.median(ts), min(ts), max(ts)) for name, ts in times.items()}
 
 
 def emit(result: dict) -> None:

@@ -103,13 +103,19 @@ def read_config(ckpt_dir: str | Path) -> CheckpointConfig:
     return CheckpointConfig(model=model, tokenizer=tokenizer, extra=extra)
 
 
-def load_model(ckpt_dir: str | Path, device: torch.device | str = "cpu") -> GPT:
-    """The GPT saved in checkpoint folder `ckpt_dir`, on `device`, in eval mode."""
-    config = read_config(ckpt_dir)
+def load_model(ckpt_dir: str | Path, device: torch.device | str = "cpu", **overrides: Any) -> GPT:
+    """The GPT saved in checkpoint folder `ckpt_dir`, on `device`, in eval mode.
+
+    `overrides` change settings that leave the weights as they are, e.g. `dropout=0.1` to fine-tune a
+    checkpoint saved without dropout, or `attention="explicit"`.
+    """
+    config = read_config(ckpt_dir).model
+    if overrides:
+        config = ModelConfig.from_dict({**config.to_dict(), **overrides}, source="load_model overrides")
     weights = Path(ckpt_dir) / MODEL_FILE
     if not weights.is_file():
         raise CheckpointError(f"{ckpt_dir} has {CONFIG_FILE} but {MODEL_FILE} is missing")
-    model = GPT.empty(config.model, device)
+    model = GPT.empty(config, device)
     mismatches = _mismatches(model, weights)
     if mismatches:
         raise CheckpointError(f"{weights} does not fit the model in {CONFIG_FILE}:{bulleted(mismatches)}")

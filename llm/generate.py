@@ -32,8 +32,10 @@ import tiktoken
 import torch
 from torch import Tensor
 
-from llm.config import ConfigError, Problem, check_range
+from llm.checkpoint import CheckpointError, load_model, read_config
+from llm.config import ConfigError, Problem, check_range, from_mapping
 from llm.model import GPT
+from llm.tokenizer import TokenizerError, get_tokenizer
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,7 @@ class Sampling:
 
     temperature: float = 0.0  # 0: greedy (argmax); else logits / temperature, then sampled
     top_k: int | None = None  # sample among the k most likely tokens only
-    top_p: float | None = None  # ... among the fewest most likely tokens whose probability sums to top_p
+    top_p: float | None = None  # ... among the fewest most likely tokens whose probabilities reach top_p
     seed: int | None = None  # for reproducible sampling; None: torch's global generator
 
     def problems(self) -> Iterator[Problem]:
@@ -132,7 +134,8 @@ def _steps(
                 hidden = model.forward_hidden(new, padding_mask=real if padded else None, cache=cache)
             else:
                 cache = None  # past the context every position shifts: stored keys no longer apply
-                hidden = model.forward_hidden(tokens[:, -ctx:], padding_mask=real[:, -ctx:] if padded else None)
+                window = tokens[:, -ctx:]
+                hidden = model.forward_hidden(window, padding_mask=real[:, -ctx:] if padded else None)
             next_ids = sample_next(model.lm_head(hidden[:, -1]), sampling, generator)  # (B,)
             tokens = torch.cat([tokens, next_ids[:, None]], dim=1)
             real = torch.cat([real, real.new_ones(len(prompts), 1)], dim=1)
@@ -216,12 +219,11 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from llm.checkpoint import CheckpointError, load_model, read_config
-    from llm.tokenizer import TokenizerError, get_tokenizer
-
     args = _parse_args(argv)
-    sampling = Sampling(args.temperature, args.top_k or None, args.top_p, args.seed)
     try:
+        settings = {"temperature": args.temperature, "top_k": args.top_k or None, "top_p": args.top_p,
+                    "seed": args.seed}
+        sampling = from_mapping(Sampling, settings, source="the command line")  # checked before loading
         config = read_config(args.checkpoint)
         tokenizer = get_tokenizer(config.tokenizer)
         if config.model.vocab_size != tokenizer.n_vocab:

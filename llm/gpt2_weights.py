@@ -135,7 +135,11 @@ def convert(
             if not (folder / name).is_file():
                 raise WeightsError(f"{folder} has no {name}: a Hugging Face GPT-2 folder holds config.json "
                                    "and model.safetensors")
-        config = config_from_hf(json.loads((folder / "config.json").read_text()), str(folder / "config.json"))
+        try:
+            hf_config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise WeightsError(f"{folder / 'config.json'} is not valid JSON: {exc}") from exc
+        config = config_from_hf(hf_config, str(folder / "config.json"))
         weights = folder / "model.safetensors"
         origin = str(folder.resolve())
     else:

@@ -6,7 +6,7 @@
 
 Attention has two implementations behind `ModelConfig.attention`: the book's explicit one (scores,
 an upper-triangular mask buffer, softmax, dropout) and PyTorch's fused `scaled_dot_product_attention`
-(the default, faster); they agree to float32 rounding. Text generation (llm/generate.py) runs the same
+(the default); they agree to float32 rounding. Text generation (llm/generate.py) runs the same
 forward with a `KVCache`, a padding mask for left-padded batches, and position ids derived from it.
 
     from llm.model import GPT, model_config
@@ -36,13 +36,15 @@ AttentionKind = Literal["sdpa", "explicit"]
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """The model's shape and switches; saved as the "model" object of a checkpoint's config.json."""
+
     vocab_size: int
     context_length: int  # the most positions the model sees at once (GPT-2: n_positions)
     n_embd: int
     n_head: int
     n_layer: int
     dropout: float = 0.0
-    qkv_bias: bool = True  # GPT-2 has biases on the query, key and value projections; the book's own GPT not
+    qkv_bias: bool = True  # biases on the query, key and value projections (GPT-2 has them)
     tie_weights: bool = True  # the head shares the token embedding matrix, as in GPT-2
     attention: AttentionKind = "sdpa"
 
@@ -111,10 +113,6 @@ class KVCache:
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0  # positions stored, the same for every layer
-
-    @property
-    def capacity(self) -> int:
-        return self.keys.size(3)
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store the new positions' k, v (B, nh, T, hs); return all positions' (B, nh, length + T, hs)."""
@@ -313,7 +311,8 @@ class GPT(nn.Module):
 
         6N: each non-embedding parameter does a multiply and an add (2 FLOPs) per token forward, and
         twice that backward. The second term is attention's two matmuls (q @ k^T, weights @ v), which
-        have no parameters: 2 * 2 * n_embd * seq_len per layer forward, 3x that with backward. The
+        have no parameters: 2 * 2 * n_embd * seq_len per layer forward, 3x that with backward (counted
+        over every key, as PaLM and nanoGPT do, though the causal mask skips half of them). The
         estimate of the PaLM paper (appendix B); MFU = tokens/s * flops_per_token / peak FLOP/s.
         `seq_len` defaults to context_length.
         """

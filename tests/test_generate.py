@@ -7,7 +7,7 @@ import torch
 
 from llm.checkpoint import save_model
 from llm.config import ConfigError
-from llm.generate import Sampling, decode_stream, generate, generate_steps, sample_next, stream
+from llm.generate import Sampling, decode_stream, generate, main, sample_next, stream
 from llm.model import GPT, model_config
 from llm.tokenizer import get_tokenizer
 from tests.conftest import ROOT
@@ -64,7 +64,7 @@ def test_generation_stops_at_end_of_text(model):
     eos = free[0][5]  # whatever the first row says sixth is our end-of-text
     stopped = generate(model, prompts, 12, eos_id=eos)
     assert stopped[0] == free[0][: free[0].index(eos)]
-    assert stopped[1] == free[1][: free[1].index(eos)] if eos in free[1] else stopped[1] == free[1]
+    assert stopped[1] == (free[1][: free[1].index(eos)] if eos in free[1] else free[1])
     assert list(stream(model, prompts[0], 12, eos_id=eos)) == stopped[0]
 
 
@@ -80,7 +80,7 @@ def test_seeded_sampling_is_reproducible(model):
     first = generate(model, prompts, 20, sampling)
     assert generate(model, prompts, 20, sampling) == first
     assert generate(model, prompts, 20, Sampling(temperature=1.0, seed=8)) != first
-    assert list(stream(model, prompts[0], 20, sampling)) != first[0]  # one row: another draw sequence
+    assert list(stream(model, prompts[0], 20, sampling)) == generate(model, prompts[:1], 20, sampling)[0]
 
 
 def known_logits(rows: int) -> torch.Tensor:
@@ -143,13 +143,24 @@ def test_the_command_prints_the_continuation(tmp_path):
     new = generate(model, [tokenizer.encode(text)], 12, sampling, eos_id=tokenizer.eot_token)[0]
     assert new
     command = [sys.executable, "-m", "llm.generate", "--checkpoint", str(tmp_path / "ckpt"), "--prompt", text,
-               "--max-new-tokens", "12", "--temperature", "0.9", "--top-k", "40", "--top-p", "0.95", "--seed", "11"]
+               "--max-new-tokens", "12", "--temperature", "0.9", "--top-k", "40", "--top-p", "0.95",
+               "--seed", "11"]
     env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout == tokenizer.decode(new) + "\n"
 
-    result = subprocess.run(command[:4] + ["/nowhere"] + command[5:], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=120)
-    assert result.returncode == 1
-    assert result.stderr.startswith("error: /nowhere is not a checkpoint: config.json is missing")
+
+
+def test_the_command_names_what_is_wrong(tmp_path, capsys):
+    assert main(["--checkpoint", str(tmp_path / "nowhere"), "--prompt", "x"]) == 1
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'nowhere'} is not a checkpoint")
+    assert main(["--checkpoint", str(tmp_path), "--prompt", "x", "--temperature", "-1", "--top-p", "2"]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        "error: the command line has 2 problems; fix them and rerun:",
+        "  temperature: must be in [0, inf], got -1.0",
+        "  top_p: must be in (0, 1], got 2.0",
+    ]
+    save_model(GPT(model_config("tiny", vocab_size=VOCAB)), tmp_path / "small-vocab")
+    assert main(["--checkpoint", str(tmp_path / "small-vocab"), "--prompt", "x"]) == 1
+    assert "model's vocab_size 256 does not match tokenizer 'gpt2' (50257 tokens)" in capsys.readouterr().err

@@ -81,7 +81,8 @@ def test_a_tiny_model_overfits_one_batch():
 def test_weight_tying_and_gpt2_initialisation():
     model = GPT(model_config("tiny", n_layer=8))
     assert model.lm_head.weight is model.wte.weight
-    assert GPT(model_config("tiny", tie_weights=False)).lm_head.weight is not GPT(model_config("tiny")).wte.weight
+    untied = GPT(model_config("tiny", tie_weights=False))
+    assert untied.lm_head.weight is not untied.wte.weight
     assert math.isclose(model.h[0].mlp.c_fc.weight.std().item(), 0.02, rel_tol=0.05)
     assert math.isclose(model.h[0].mlp.c_proj.weight.std().item(), 0.02 / math.sqrt(16), rel_tol=0.05)
     assert math.isclose(model.h[0].attn.c_proj.weight.std().item(), 0.02 / math.sqrt(16), rel_tol=0.05)
@@ -91,7 +92,8 @@ def test_weight_tying_and_gpt2_initialisation():
 
 @pytest.mark.parametrize(
     "preset, params",
-    [("gpt2", 124_439_808), ("gpt2-medium", 354_823_168), ("gpt2-large", 774_030_080), ("gpt2-xl", 1_557_611_200)],
+    [("gpt2", 124_439_808), ("gpt2-medium", 354_823_168), ("gpt2-large", 774_030_080),
+     ("gpt2-xl", 1_557_611_200)],
 )
 def test_gpt2_presets_have_gpt2s_parameter_counts(preset, params):
     with torch.device("meta"):  # shapes only, no memory
@@ -106,6 +108,15 @@ def test_non_embedding_count_and_flops_per_token():
     assert untied.num_params() == untied.num_params(non_embedding=False) - (50257 + 1024) * 768
     assert tied.flops_per_token() == 6 * 123_653_376 + 12 * 12 * 768 * 1024
     assert tied.flops_per_token(seq_len=256) == 6 * 123_653_376 + 12 * 12 * 768 * 256
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "explicit"])
+def test_the_training_forward_compiles_to_one_graph(attention):
+    model = tiny(attention=attention)
+    idx = tokens(2, 16)
+    # fullgraph: any graph break (data-dependent Python control flow) is an error; "eager" skips codegen
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(idx, idx), model(idx, idx))
 
 
 def test_empty_model_is_tied_and_masked_like_a_built_one():
