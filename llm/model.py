@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llm.config import ConfigError, Problem, check_positive, check_range, from_mapping
+from llm.loss import IGNORE_INDEX, linear_cross_entropy  # noqa: F401 (IGNORE_INDEX: the model's users import it here)
 
-IGNORE_INDEX = -100  # targets with this value add nothing to the loss (padding in fine-tuning batches)
 
 AttentionKind = Literal["sdpa", "explicit"]
 
@@ -247,10 +247,11 @@ class GPT(nn.Module):
     def forward(self, idx: Tensor, targets: Tensor | None = None) -> Tensor:
         """Logits (B, T, vocab_size) for token ids `idx` (B, T); with `targets` (B, T), the mean
         next-token cross-entropy instead (positions whose target is IGNORE_INDEX count for nothing)."""
-        logits = self.lm_head(self.forward_hidden(idx))  # (B, T, vocab_size)
+        hidden = self.forward_hidden(idx)  # (B, T, C)
         if targets is None:
-            return logits
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+            return self.lm_head(hidden)  # (B, T, vocab_size)
+        # The head and the loss fused, chunk by chunk: the (B, T, vocab_size) logits are never stored.
+        return linear_cross_entropy(hidden, self.lm_head.weight, targets)
 
     def forward_hidden(
         self, idx: Tensor, *, padding_mask: Tensor | None = None, cache: KVCache | None = None

@@ -25,9 +25,9 @@ import pyarrow as pa
 import torch
 
 from llm.files import atomic_path, read_json
+from llm.loss import IGNORE_INDEX
 
 COLUMN = "input_ids"
-IGNORE_INDEX = -100  # targets with this value add nothing to the loss
 MAX_TOKENS_PER_SHARD = 2**31 - 1  # Arrow list offsets are int32
 
 

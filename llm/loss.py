@@ -1,0 +1,88 @@
+"""Next-token cross-entropy fused with the LM head, computed in chunks of rows.
+
+At small model sizes the head (hidden @ W^T over GPT-2's 50,257 tokens) and the cross-entropy on its
+output are most of a training step, and most of *that* is memory traffic, not arithmetic: the plain
+path writes the (N, V) logits, reads them for log-softmax, writes log-probabilities, and repeats all of
+it backward. Here each chunk of rows is turned into its loss and its gradient (softmax - one-hot) while
+it is still in cache, the gradient is kept in the compute dtype, and two matmuls at the end give the
+gradients of the hidden states and of W. Same values as `F.cross_entropy(hidden @ W.T, targets)` (to
+the rounding of the compute dtype), and never more than one chunk of fp32 logits in memory.
+
+Under autocast the matmuls run in the autocast dtype (bf16), as the plain path's would.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+IGNORE_INDEX = -100
+CHUNK_ROWS = 128  # fp32 logits of 128 rows x 50,257 tokens: 26 MB, a chunk that stays near the caches
+
+
+def _compute_dtype(hidden: Tensor) -> torch.dtype:
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return hidden.dtype
+
+
+def _chunk_loss(logits: Tensor, targets: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    """Summed loss of a chunk of fp32 logits, and its log-sum-exp per row."""
+    lse = torch.logsumexp(logits, dim=-1)  # (n,)
+    picked = logits.gather(1, targets[:, None]).squeeze(1)  # (n,)
+    return ((lse - picked) * valid).sum(), lse
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk_rows: int,
+                dtype: torch.dtype) -> Tensor:
+        # hidden (N, C), weight (V, C), targets (N,)
+        h, w = hidden.to(dtype), weight.to(dtype)
+        valid = targets != IGNORE_INDEX
+        safe = targets.clamp(min=0)
+        count = valid.sum().clamp(min=1)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_logits = torch.empty(h.shape[0], w.shape[0], dtype=dtype, device=hidden.device)  # (N, V)
+        for start in range(0, h.shape[0], chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            logits = (h[rows] @ w.T).float()  # (n, V)
+            loss, lse = _chunk_loss(logits, safe[rows], valid[rows])
+            total += loss
+            # d(sum of losses)/d logits = softmax - one-hot, on valid rows only; computed in place
+            probs = logits.sub_(lse[:, None]).exp_()
+            probs[torch.arange(probs.shape[0], device=probs.device), safe[rows]] -= 1
+            grad_logits[rows] = probs.mul_(valid[rows, None])
+        ctx.save_for_backward(grad_logits, h, w, count)
+        ctx.dtypes = (hidden.dtype, weight.dtype)
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        grad_logits, h, w, count = ctx.saved_tensors
+        scale = (grad_output / count).to(grad_logits.dtype)
+        grad_hidden = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_hidden = (grad_logits @ w * scale).to(ctx.dtypes[0])  # (N, C)
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad_logits.T @ h * scale).to(ctx.dtypes[1])  # (V, C)
+        return grad_hidden, grad_weight, None, None, None
+
+
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_rows: int = CHUNK_ROWS) -> Tensor:
+    """Mean cross-entropy of `hidden @ weight.T` against `targets`, ignoring IGNORE_INDEX targets.
+
+    hidden (..., C), weight (V, C), targets (...): the leading dimensions are flattened.
+    """
+    hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    dtype = _compute_dtype(hidden)
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_rows, dtype)
+    # No gradients wanted (evaluation): only the loss, chunk by chunk.
+    h, w = hidden.to(dtype), weight.to(dtype)
+    valid = targets != IGNORE_INDEX
+    safe = targets.clamp(min=0)
+    total = sum(_chunk_loss((h[s:s + chunk_rows] @ w.T).float(), safe[s:s + chunk_rows], valid[s:s + chunk_rows])[0]
+                for s in range(0, h.shape[0], chunk_rows))
+    return total / valid.sum().clamp(min=1)

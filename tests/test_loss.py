@@ -1,0 +1,48 @@
+"""The fused, chunked head + cross-entropy equals the plain one, values and gradients."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llm.loss import IGNORE_INDEX, linear_cross_entropy
+
+
+def plain(hidden, weight, targets):
+    return F.cross_entropy(hidden @ weight.T, targets, ignore_index=IGNORE_INDEX)
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 7, 64, 1000])
+def test_matches_plain_cross_entropy_with_gradients(chunk_rows):
+    hidden = torch.randn(50, 16, requires_grad=True)
+    weight = torch.randn(300, 16, requires_grad=True)
+    targets = torch.randint(0, 300, (50,))
+    targets[[3, 17, 40]] = IGNORE_INDEX
+    expected = plain(hidden, weight, targets)
+    expected_grads = torch.autograd.grad(expected * 3.0, (hidden, weight))
+    actual = linear_cross_entropy(hidden, weight, targets, chunk_rows=chunk_rows)
+    actual_grads = torch.autograd.grad(actual * 3.0, (hidden, weight))
+    torch.testing.assert_close(actual, expected)
+    for a, e in zip(actual_grads, expected_grads):
+        torch.testing.assert_close(a, e)
+
+
+def test_without_gradients_gives_the_same_loss_and_all_ignored_gives_zero():
+    hidden, weight = torch.randn(2, 5, 8), torch.randn(40, 8)
+    targets = torch.randint(0, 40, (2, 5))
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy(hidden, weight, targets, chunk_rows=3),
+                                   plain(hidden.reshape(10, 8), weight, targets.reshape(10)))
+        assert linear_cross_entropy(hidden, weight, torch.full((2, 5), IGNORE_INDEX)).item() == 0.0
+
+
+def test_under_bf16_autocast_it_stays_close_to_the_plain_path():
+    hidden = torch.randn(64, 32, requires_grad=True)
+    weight = (torch.randn(500, 32) * 0.1).requires_grad_()
+    targets = torch.randint(0, 500, (64,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = linear_cross_entropy(hidden, weight, targets)
+        reference = F.cross_entropy(hidden @ weight.T, targets)
+    assert fused.dtype == torch.float32
+    torch.testing.assert_close(fused, reference.float(), atol=2e-2, rtol=1e-2)
+    fused.backward()
+    assert hidden.grad.dtype == torch.float32 and weight.grad.dtype == torch.float32
