@@ -71,9 +71,10 @@ def load_records(path: str | Path, kind: Literal["json", "jsonl"] | None = None)
 def _values(path: Path, kind: str) -> Iterator[tuple[str, Any]]:
     """(where, parsed value) for each record of the file."""
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = path.read_bytes().decode("utf-8-sig")  # -sig: a byte order mark is no part of the JSON
     except FileNotFoundError:
-        raise InstructionDataError(f"{path}: not found; run the download stage first (`dvc repro download`)")
+        raise InstructionDataError(f"{path}: not found; run the download stage first "
+                                   "(`dvc repro download`)") from None
     except UnicodeDecodeError as exc:
         raise InstructionDataError(f"{path}: byte {exc.start} is not valid UTF-8 ({exc.reason})") from None
     if kind == "jsonl":
@@ -88,8 +89,9 @@ def _values(path: Path, kind: str) -> Iterator[tuple[str, Any]]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
+        hint = " (one record per line? name the file .jsonl)" if exc.msg == "Extra data" else ""
         raise InstructionDataError(f"{path}: not valid JSON at line {exc.lineno} column {exc.colno}: "
-                                   f"{exc.msg}") from None
+                                   f"{exc.msg}{hint}") from None
     if not isinstance(data, list):
         raise InstructionDataError(f"{path}: must hold a list of records, got {_kind(data)} "
                                    "(for one record per line, name the file .jsonl)")
@@ -118,6 +120,9 @@ def _kind(value: Any) -> str:
 
 # ---------------------------------------------------------------------------------------------------
 # The split
+
+
+SPLITS = ("train", "val", "test")
 
 
 @dataclass(frozen=True)
@@ -157,8 +162,7 @@ def _hash(seed: int, index: int) -> bytes:
 
 def write_split(path: str | Path, split: Split) -> None:
     """Write the split as JSON {"train": [...], "val": [...], "test": [...]}, atomically."""
-    write_json_atomic(path, {name: [dataclasses.asdict(r) for r in getattr(split, name)]
-                             for name in ("train", "val", "test")})
+    write_json_atomic(path, {name: [dataclasses.asdict(r) for r in getattr(split, name)] for name in SPLITS})
 
 
 def read_split(path: str | Path) -> Split:
@@ -170,11 +174,10 @@ def read_split(path: str | Path) -> Split:
         data = read_json(path)
     except json.JSONDecodeError as exc:
         raise InstructionDataError(f"{path}: not valid JSON at line {exc.lineno}: {exc.msg}") from None
-    names = ("train", "val", "test")
-    if not isinstance(data, dict) or any(not isinstance(data.get(name), list) for name in names):
+    if not isinstance(data, dict) or any(not isinstance(data.get(name), list) for name in SPLITS):
         raise InstructionDataError(f"{path}: must hold an object with lists 'train', 'val' and 'test'")
     return Split(**{name: [_record(value, f"{path}: {name} record {i}") for i, value in enumerate(data[name])]
-                    for name in names})
+                    for name in SPLITS})
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -63,7 +63,8 @@ GOOD = {"instruction": "Add.", "input": "1 + 1", "output": "2", "source": "ignor
 
 
 def test_json_and_json_lines_load_the_same_records(tmp_path):
-    (tmp_path / "a.json").write_text(json.dumps([GOOD, {**GOOD, "input": ""}]))
+    bom = b"\xef\xbb\xbf"  # as some editors save UTF-8
+    (tmp_path / "a.json").write_bytes(bom + json.dumps([GOOD, {**GOOD, "input": ""}]).encode())
     (tmp_path / "a.jsonl").write_text(f"{json.dumps(GOOD)}\n\n{json.dumps({**GOOD, 'input': ''})}\n")
     expected = [Record("Add.", "1 + 1", "2"), Record("Add.", "", "2")]
     assert load_records(tmp_path / "a.json") == expected
@@ -84,6 +85,8 @@ def test_json_and_json_lines_load_the_same_records(tmp_path):
     ("d.json", json.dumps(GOOD), "must hold a list of records, got an object (for one record per line, "
                                  "name the file .jsonl)"),
     ("d.json", "[]", "holds no records"),
+    ("d.json", f"{json.dumps(GOOD)}\n{json.dumps(GOOD)}\n",
+     "not valid JSON at line 2 column 1: Extra data (one record per line? name the file .jsonl)"),
     ("d.jsonl", f"{json.dumps(GOOD)}\n{{oops\n", "line 2 is not valid JSON: Expecting property name enclosed "
                                                  "in double quotes"),
     ("d.jsonl", f"{json.dumps(GOOD)}\n\n{json.dumps({'instruction': 'a', 'output': 'b'})}\n",
