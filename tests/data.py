@@ -1,12 +1,16 @@
-"""Small token shards made in a test's temporary folder."""
+"""Small data made for tests: token shards in a temporary folder, instruction examples."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from llm.files import write_json_atomic
+from llm.instructions import Example
 from llm.shards import ShardWriter
 
 
@@ -29,3 +33,26 @@ def patterned_tokens(count: int, period: int = 23, seed: int = 0) -> np.ndarray:
     """A learnable stream: a random phrase of `period` tokens repeated, so loss can fall fast."""
     phrase = np.random.default_rng(seed).integers(0, 500, size=period)
     return np.resize(phrase, count)
+
+
+def copy_examples(count: int, eot: int = 511, seed: int = 0) -> list[Example]:
+    """Instruction examples over ids below `eot` that a tiny model learns fast: the prompt is a few
+    words between markers 1 and 2, the response repeats them, then end-of-text."""
+    rng = np.random.default_rng(seed)
+    examples = []
+    for _ in range(count):
+        words = [int(w) for w in rng.integers(3, 40, size=int(rng.integers(3, 12)))]
+        examples.append(Example((1, *words, 2, *words, eot), prompt_len=len(words) + 2))
+    return examples
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run torch on one thread: a tiny model gains nothing from a second, which on a busy shared CPU
+    spins waiting for a core and makes a training test ten times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

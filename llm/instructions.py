@@ -1,0 +1,372 @@
+"""Instruction data for fine-tuning (the book's chapter 7): records, their split, prompts, token batches.
+
+    records = load_records("data/raw/instructions/instruction-data.json")
+    split = split_records(records)                  # the book's 85% train, 10% test, 5% val
+    write_split("data/finetune/split.json", split)  # evaluate reads the same test records back
+    train = encode_records(split.train, "alpaca")
+    batches = InstructionBatches(train, batch_size=8, seed=123, pad_id=50256, max_length=1024)
+    val = validation_batches(encode_records(split.val, "alpaca"), 8, pad_id=50256, max_length=1024)
+
+A record is `{"instruction", "input", "output"}` (the book's instruction-data.json, Alpaca-52k and its
+kin), in a JSON list or in JSON Lines. The model learns `training_text(record)`: the prompt, which is
+everything it is given at inference up to and including the response header, then the output, then one
+end-of-text token so that it learns to stop.
+
+Batches are the book's `custom_collate_fn`: padded to the longest example with the pad token (GPT-2's
+end-of-text, 50256), targets shifted by one, padding targets ignored (IGNORE_INDEX) but the end-of-text
+after the response kept; optionally the prompt's targets are ignored too (the book's exercise 7.2), and
+rows are cut at `max_length`. `InstructionBatches` serves them for llm.train.Trainer in epochs of a
+seeded shuffle, resumably, each DDP rank taking its slice of every global batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from llm.files import read_json, write_json_atomic
+from llm.model import IGNORE_INDEX
+from llm.tokenizer import get_tokenizer
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+FIELDS = ("instruction", "input", "output")
+
+
+class InstructionDataError(ValueError):
+    """Instruction data that cannot be read; the message names the file, the record and the field."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Records
+
+
+@dataclass(frozen=True)
+class Record:
+    instruction: str
+    input: str  # "" when the instruction needs no input
+    output: str
+
+
+def load_records(path: str | Path, kind: Literal["json", "jsonl"] | None = None) -> list[Record]:
+    """The records of a JSON list or a JSON Lines file (`kind` None: `.jsonl` files are JSON Lines).
+
+    Fields besides the three are ignored. Records are numbered from 0 in errors, as in `data[17]`.
+    """
+    path = Path(path)
+    kind = kind or ("jsonl" if path.suffix == ".jsonl" else "json")
+    records = [_record(value, f"{path}: {where}") for where, value in _values(path, kind)]
+    if not records:
+        raise InstructionDataError(f"{path}: holds no records")
+    return records
+
+
+def _values(path: Path, kind: str) -> Iterator[tuple[str, Any]]:
+    """(where, parsed value) for each record of the file."""
+    try:
+        text = path.read_bytes().decode("utf-8-sig")  # -sig: a byte order mark is no part of the JSON
+    except FileNotFoundError:
+        raise InstructionDataError(f"{path}: not found; run the download stage first "
+                                   "(`dvc repro download`)") from None
+    except UnicodeDecodeError as exc:
+        raise InstructionDataError(f"{path}: byte {exc.start} is not valid UTF-8 ({exc.reason})") from None
+    if kind == "jsonl":
+        # Split on "\n" only: str.splitlines would also cut at U+2028, which JSON strings may hold.
+        numbered = [(number, line) for number, line in enumerate(text.split("\n"), 1) if line.strip()]
+        for index, (number, line) in enumerate(numbered):
+            try:
+                yield f"record {index} (line {number})", json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InstructionDataError(f"{path}: line {number} is not valid JSON: {exc.msg}") from None
+        return
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        hint = " (one record per line? name the file .jsonl)" if exc.msg == "Extra data" else ""
+        raise InstructionDataError(f"{path}: not valid JSON at line {exc.lineno} column {exc.colno}: "
+                                   f"{exc.msg}{hint}") from None
+    if not isinstance(data, list):
+        raise InstructionDataError(f"{path}: must hold a list of records, got {_kind(data)} "
+                                   "(for one record per line, name the file .jsonl)")
+    for index, value in enumerate(data):
+        yield f"record {index}", value
+
+
+def _record(value: Any, where: str) -> Record:
+    if not isinstance(value, dict):
+        raise InstructionDataError(f"{where} is {_kind(value)}, not an object with fields "
+                                   f"{', '.join(map(repr, FIELDS))}")
+    for name in FIELDS:
+        if name not in value:
+            raise InstructionDataError(f"{where} has no field {name!r}")
+        if not isinstance(value[name], str):
+            raise InstructionDataError(f"{where} has a non-string field {name!r} ({_kind(value[name])})")
+    return Record(value["instruction"], value["input"], value["output"])
+
+
+def _kind(value: Any) -> str:
+    """What a JSON value is, in words."""
+    names = {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number",
+             bool: "a boolean", type(None): "null"}
+    return names.get(type(value), f"a {type(value).__name__}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The split
+
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Split:
+    train: list[Record]
+    val: list[Record]
+    test: list[Record]
+
+
+def split_records(records: Sequence[Record], *, train: float = 0.85, test: float = 0.10,
+                  seed: int | None = None) -> Split:
+    """Train, test and val (the rest) records, sized as the book does: int(n * train), int(n * test).
+
+    With `seed` None the records keep the file's order: train is the first 85%, test the next 10% and
+    val the last 5%, exactly the book's split of its instruction-data.json, so that the test records are
+    the book's and results compare with its published responses. A file in some order (by topic, by
+    source) needs a `seed`: records are then ordered by a hash of (seed, index), the same order for the
+    same seed on every machine and library version, unlike a random generator's stream.
+    """
+    n = len(records)
+    if not (0 < train < 1 and 0 < test < 1 and train + test < 1):
+        raise ValueError(f"train and test fractions must be in (0, 1) and leave some records for val, got "
+                         f"train {train}, test {test}")
+    n_train, n_test = int(n * train), int(n * test)
+    if min(n_train, n_test, n - n_train - n_test) == 0:
+        raise ValueError(f"{n} records split at train {train}, test {test} leave a split empty "
+                         f"(train {n_train}, test {n_test}, val {n - n_train - n_test}); use more records")
+    order = list(range(n)) if seed is None else sorted(range(n), key=lambda i: _hash(seed, i))
+    ordered = [records[i] for i in order]
+    return Split(train=ordered[:n_train], val=ordered[n_train + n_test:],
+                 test=ordered[n_train:n_train + n_test])
+
+
+def _hash(seed: int, index: int) -> bytes:
+    return hashlib.blake2b(f"{seed}/{index}".encode(), digest_size=8).digest()
+
+
+def write_split(path: str | Path, split: Split) -> None:
+    """Write the split as JSON {"train": [...], "val": [...], "test": [...]}, atomically."""
+    write_json_atomic(path, {name: [dataclasses.asdict(r) for r in getattr(split, name)] for name in SPLITS})
+
+
+def read_split(path: str | Path) -> Split:
+    """The split that `write_split` wrote, checked record by record."""
+    path = Path(path)
+    if not path.is_file():
+        raise InstructionDataError(f"{path}: not found; run the finetune stage first (`dvc repro finetune`)")
+    try:
+        data = read_json(path)
+    except json.JSONDecodeError as exc:
+        raise InstructionDataError(f"{path}: not valid JSON at line {exc.lineno}: {exc.msg}") from None
+    if not isinstance(data, dict) or any(not isinstance(data.get(name), list) for name in SPLITS):
+        raise InstructionDataError(f"{path}: must hold an object with lists 'train', 'val' and 'test'")
+    return Split(**{name: [_record(value, f"{path}: {name} record {i}") for i, value in enumerate(data[name])]
+                    for name in SPLITS})
+
+
+# ---------------------------------------------------------------------------------------------------
+# Prompts
+
+PromptStyle = Literal["alpaca", "phi3"]
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    head: str  # before the instruction
+    input: str  # between the instruction and the input, when there is an input
+    response: str  # the response header, after which the model writes
+
+
+TEMPLATES: dict[str, PromptTemplate] = {
+    # The book's format_input (ch07/01_main-chapter-code/gpt_instruction_finetuning.py) and the
+    # "\n\n### Response:\n" its InstructionDataset puts before the output.
+    "alpaca": PromptTemplate(
+        head="Below is an instruction that describes a task. Write a response that appropriately completes "
+             "the request.\n\n### Instruction:\n",
+        input="\n\n### Input:\n",
+        response="\n\n### Response:\n"),
+    # Exercise 7.1's Phi-3 template: format_input_phi and InstructionDatasetPhi in the book's
+    # ch07/01_main-chapter-code/exercise_experiments.py. Its markers are plain text to GPT-2's tokenizer.
+    "phi3": PromptTemplate(head="<|user|>\n", input="\n", response="\n<|assistant|>:\n"),
+}
+
+
+def prompt_text(record: Record, style: PromptStyle = "alpaca") -> str:
+    """What the model is given: the instruction, the input if not empty, and the response header."""
+    if style not in TEMPLATES:
+        raise ValueError(f"unknown prompt style {style!r}; known styles: {', '.join(TEMPLATES)}")
+    template = TEMPLATES[style]
+    text = template.head + record.instruction
+    if record.input:
+        text += template.input + record.input
+    return text + template.response
+
+
+def training_text(record: Record, style: PromptStyle = "alpaca") -> str:
+    """The prompt followed by the output: the text the model learns."""
+    return prompt_text(record, style) + record.output
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tokens
+
+
+@dataclass(frozen=True)
+class Example:
+    """One record's tokens: the prompt's `prompt_len` ids, then the output's, then end-of-text if asked."""
+
+    ids: tuple[int, ...]
+    prompt_len: int
+
+    def __post_init__(self):
+        if len(self.ids) < 2 or not 1 <= self.prompt_len <= len(self.ids):
+            raise ValueError(f"an example needs at least 2 ids and 1 <= prompt_len <= len(ids), got "
+                             f"{len(self.ids)} ids and prompt_len {self.prompt_len}")
+
+
+def encode_records(records: Sequence[Record], style: PromptStyle = "alpaca", tokenizer: str = "gpt2",
+                   *, eot: bool = True) -> list[Example]:
+    """Each record's prompt and output tokens, and the end-of-text token after them when `eot`.
+
+    Prompt and output are encoded apart and joined, so an example starts with exactly the tokens that
+    generation is later prompted with; for the book's 1,100 records that equals the book's encoding of
+    the whole text. `encode_ordinary` reads "<|endoftext|>" inside a record as plain text: data cannot
+    inject the special token (the book's `encode` would raise on it).
+    """
+    enc = get_tokenizer(tokenizer)
+    prompts = enc.encode_ordinary_batch([prompt_text(r, style) for r in records])
+    outputs = enc.encode_ordinary_batch([r.output for r in records])
+    end = (enc.eot_token,) if eot else ()
+    return [Example((*prompt, *output, *end), len(prompt)) for prompt, output in zip(prompts, outputs)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Batches
+
+
+def collate(examples: Sequence[Example], pad_id: int, *, mask_prompt: bool = False,
+            max_length: int | None = None) -> Batch:
+    """Inputs and next-token targets (B, T), T the longest example's length - 1, at most `max_length`.
+
+    Inputs are padded with `pad_id`; targets past an example's last id are IGNORE_INDEX, and so are the
+    prompt's with `mask_prompt` (only the response and its end-of-text are learned). The book appends
+    the end-of-text in its collate; here `encode_records` does, which gives the same batches.
+    """
+    width = max(len(e.ids) for e in examples) - 1
+    if max_length is not None:
+        width = min(width, max_length)
+    inputs = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    targets = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    for row, example in enumerate(examples):
+        ids = torch.tensor(example.ids[:width + 1], dtype=torch.long)
+        inputs[row, :len(ids) - 1] = ids[:-1]
+        targets[row, :len(ids) - 1] = ids[1:]
+        if mask_prompt:
+            targets[row, :example.prompt_len - 1] = IGNORE_INDEX  # the targets that are prompt tokens
+    return inputs, targets
+
+
+def learnable(examples: Sequence[Example], *, mask_prompt: bool, max_length: int | None) -> list[Example]:
+    """The examples with at least one target: with `mask_prompt`, a prompt that fills `max_length`
+    leaves none, and a batch of such examples would have a loss of 0 / 0."""
+    return [e for e in examples if _targets(e, mask_prompt, max_length) > 0]
+
+
+def _targets(example: Example, mask_prompt: bool, max_length: int | None) -> int:
+    end = len(example.ids) - 1 if max_length is None else min(len(example.ids) - 1, max_length)
+    return end - (example.prompt_len - 1 if mask_prompt else 0)
+
+
+def _check_learnable(examples: Sequence[Example], mask_prompt: bool, max_length: int | None) -> None:
+    dropped = len(examples) - len(learnable(examples, mask_prompt=mask_prompt, max_length=max_length))
+    if dropped:
+        raise ValueError(f"{dropped} of {len(examples)} examples have nothing to learn: their prompt fills "
+                         f"max_length {max_length} and mask_prompt ignores the prompt's targets; drop them "
+                         f"with llm.instructions.learnable(), or raise max_length")
+
+
+def steps_per_epoch(n_examples: int, global_batch_size: int) -> int:
+    """Optimizer steps in one pass over `n_examples` (the last incomplete global batch is dropped)."""
+    steps = n_examples // global_batch_size
+    if steps == 0:
+        raise ValueError(f"{n_examples} training examples are fewer than one global batch of "
+                         f"{global_batch_size}; lower global_batch_size or use more records")
+    return steps
+
+
+class InstructionBatches:
+    """Training batches of examples in epochs of a seeded shuffle, resumable (a llm.train.BatchSource).
+
+    Each epoch is a new permutation, a function of (seed, epoch). Like the book's DataLoader
+    (drop_last=True), an epoch drops the last global batch when incomplete: every optimizer step then
+    lies within one epoch, `steps_per_epoch` is exact, and the few examples left out differ from epoch
+    to epoch. `global_batch_size` is the examples per optimizer step over all processes (default: one
+    draw, batch_size * world_size). Under DDP, rank r takes rows r, r + world_size, ... of each draw,
+    so the ranks together see what one process would with batch_size * world_size.
+    """
+
+    def __init__(self, examples: Sequence[Example], batch_size: int, seed: int, pad_id: int, *,
+                 mask_prompt: bool = False, max_length: int | None = None,
+                 global_batch_size: int | None = None, rank: int = 0, world_size: int = 1):
+        draw = batch_size * world_size
+        global_batch_size = global_batch_size or draw
+        if global_batch_size % draw:
+            raise ValueError(f"global_batch_size {global_batch_size} must be a multiple of batch_size "
+                             f"{batch_size} x {world_size} processes")
+        _check_learnable(examples, mask_prompt, max_length)
+        self.examples, self.batch_size, self.seed, self.pad_id = list(examples), batch_size, seed, pad_id
+        self.mask_prompt, self.max_length = mask_prompt, max_length
+        self.rank, self.world_size = rank, world_size
+        self.epoch_size = steps_per_epoch(len(examples), global_batch_size) * global_batch_size
+        self.epoch, self.position = 0, 0  # position: examples of this epoch already served, over all ranks
+        self._order: np.ndarray | None = None
+
+    def _epoch_order(self) -> np.ndarray:
+        if self._order is None:
+            rng = np.random.default_rng([self.seed, self.epoch])
+            self._order = rng.permutation(len(self.examples))[:self.epoch_size]
+        return self._order
+
+    def next_batch(self) -> Batch:
+        """The next (inputs, targets) of this rank, each (batch_size, T) int64."""
+        order = self._epoch_order()
+        draw = order[self.position:self.position + self.batch_size * self.world_size]
+        self.position += len(draw)
+        if self.position == len(order):  # epoch_size is a multiple of the draw: no draw spans two epochs
+            self.epoch, self.position, self._order = self.epoch + 1, 0, None
+        mine = [self.examples[i] for i in draw[self.rank::self.world_size]]
+        return collate(mine, self.pad_id, mask_prompt=self.mask_prompt, max_length=self.max_length)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position, self.seed = state["epoch"], state["position"], state["seed"]
+        self._order = None
+
+
+def validation_batches(examples: Sequence[Example], batch_size: int, pad_id: int, *,
+                       mask_prompt: bool = False, max_length: int | None = None) -> list[Batch]:
+    """Every example once, in order, `batch_size` to a batch (the last may be smaller): the same batches
+    at every evaluation. Slice the list to evaluate on fewer."""
+    if not examples:
+        raise ValueError("no validation examples: the val split is empty")
+    _check_learnable(examples, mask_prompt, max_length)
+    return [collate(examples[i:i + batch_size], pad_id, mask_prompt=mask_prompt, max_length=max_length)
+            for i in range(0, len(examples), batch_size)]
