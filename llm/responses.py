@@ -63,7 +63,8 @@ def generate_responses(
     responses = [""] * len(ids)
     for start in range(0, len(by_length), batch_size):
         rows = by_length[start:start + batch_size]
-        outputs = generate(model, [ids[i] for i in rows], max_new_tokens, sampling, eos_id=tokenizer.eot_token)
+        outputs = generate(model, [ids[i] for i in rows], max_new_tokens, sampling,
+                           eos_id=tokenizer.eot_token)
         for i, new_ids in zip(rows, outputs):
             responses[i] = clean_response(tokenizer.decode(new_ids))
     return [{**record, key: response} for record, response in zip(records, responses)]
