@@ -198,7 +198,7 @@ def judge_responses(
     scores: list[int | None] = []
     for i, (prompt, reference, response) in enumerate(zip(prompts, references, responses)):
         if not response.strip():
-            scores.append(0)
+            scores.append(0)  # as the book's ollama_evaluate.py: nothing to judge, nothing right
             continue
         try:
             answer = ask(settings, judge_prompt(prompt, reference, response))
@@ -212,5 +212,6 @@ def judge_responses(
 
 
 def _skipped(settings: JudgeSettings, reason: str) -> JudgeResult:
+    reason = " ".join(reason.split())  # one line, whatever a server's error message holds
     log.warning("LLM judge skipped: %s", reason)
     return JudgeResult("skipped", settings.model, reason=reason)

@@ -161,7 +161,7 @@ def test_bad_settings_are_named():
 
 
 def test_an_error_inside_the_answer_stream_skips_the_judge():
-    with OllamaServer(error=(200, "model runner has unexpectedly stopped")) as server:
+    with OllamaServer(error=(200, "model runner has\nunexpectedly stopped")) as server:
         result = judge_responses(settings(server.url), PROMPTS, REFERENCES, RESPONSES)
     assert result.reason == (f"{server.url}/api/chat answered with an error: model runner has unexpectedly "
                              "stopped (stopped at record 1 of 3)")
