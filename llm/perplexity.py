@@ -6,8 +6,9 @@
 
 The split is cut into consecutive, non-overlapping windows of `context_length` tokens
 (`llm.shards.sequential_batches`), so each of its len(stream) - 1 next-token targets is predicted once,
-from the tokens before it in its window (as the book's `calc_loss_loader` does; a sliding window would
-give every target more context and a lower perplexity, at context_length times the cost).
+from the tokens before it in its window: the book's loaders cut text the same way (stride =
+context_length). A sliding window would give every target more context, and a lower perplexity, at up to
+context_length times the cost.
 
 The loss is the sum of the per-target losses over the number of targets, a token-weighted mean. The
 mean of per-batch means (what `model(idx, targets)` returns) would weigh the padded last window's few
