@@ -1,0 +1,89 @@
+"""Perplexity: a model's next-token loss over a whole token split, every target counted exactly once.
+
+    stream = TokenStream.from_manifest("data/shards", "val")
+    result = perplexity(model, stream, context_length=model.config.context_length, batch_size=8)
+    result.loss, result.perplexity          # mean cross-entropy per target (nats), and exp(loss)
+
+The split is cut into consecutive, non-overlapping windows of `context_length` tokens
+(`llm.shards.sequential_batches`), so each of its len(stream) - 1 next-token targets is predicted once,
+from the tokens before it in its window: the book's loaders cut text the same way (stride =
+context_length). A sliding window would give every target more context, and a lower perplexity, at up to
+context_length times the cost.
+
+The loss is the sum of the per-target losses over the number of targets, a token-weighted mean. The
+mean of per-batch means (what `model(idx, targets)` returns) would weigh the padded last window's few
+targets as much as a full batch's, so the sums are taken here from the logits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llm.shards import IGNORE_INDEX, TokenStream, sequential_batches
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    loss: float  # mean cross-entropy per target token, in nats
+    perplexity: float  # exp(loss)
+    tokens: int  # targets scored: every token of the split but the first
+    tokens_per_s: float
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Dropout off while measuring; the model's mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def perplexity(
+    model: nn.Module,
+    stream: TokenStream,
+    context_length: int,
+    batch_size: int,
+    device: torch.device | str = "cpu",
+    autocast_dtype: torch.dtype | None = None,
+) -> PerplexityResult:
+    """Loss and perplexity of `model` (token ids (B, T) -> logits (B, T, vocab)) over all of `stream`.
+
+    `model` must already be on `device`. `autocast_dtype` (e.g. torch.bfloat16 on a GPU) runs the
+    forward under autocast; the cross-entropy is always summed in float32 and accumulated in float64.
+    """
+    if len(stream) < 2:
+        raise ValueError(f"the split holds {len(stream)} token(s): perplexity needs at least 2 (one "
+                         "next-token target); tokenize more text into it")
+    device = torch.device(device)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    tokens = 0
+    start = time.perf_counter()
+    autocast = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
+    with _eval_mode(model), torch.inference_mode(), autocast:
+        for inputs, targets in sequential_batches(stream, context_length, batch_size):
+            logits = model(inputs.to(device))
+            total += F.cross_entropy(logits.flatten(0, 1).float(), targets.to(device).flatten(),
+                                     ignore_index=IGNORE_INDEX, reduction="sum")
+            tokens += int((targets != IGNORE_INDEX).sum())
+    loss = total.item()  # waits for the device: the timing below covers all of the work
+    elapsed = time.perf_counter() - start
+    mean = loss / tokens
+    return PerplexityResult(loss=mean, perplexity=_exp(mean), tokens=tokens, tokens_per_s=tokens / elapsed)
+
+
+def _exp(loss: float) -> float:
+    try:
+        return math.exp(loss)
+    except OverflowError:  # a diverged model's loss over ~709 nats
+        return math.inf

@@ -1,0 +1,134 @@
+"""The evaluation report: one Markdown file with the numbers, the loss curves and examples side by side.
+
+    write_report("data/eval", Evaluation(
+        base_model="gpt-base v3", finetuned_model="gpt-instruct v2", promoted=True,
+        base_loss=base_ppl, finetuned_loss=finetuned_ppl, scores=scores, judge=judge_result,
+        histories={"pretrain": pretrain_history, "finetune": finetune_history},
+        examples=[Example(prompt, expected, base_response, finetuned_response), ...]))
+
+writes `report.md` and the `losses.png` it links to by a relative path, so the folder reads the same as a
+DVC output, an MLflow artifact or a checkout on GitHub.
+
+Model output is untrusted text. Prompts go into fenced code blocks, whose fence is longer than any run
+of backticks in them. In table cells, each character that Markdown or HTML could read as markup
+(\\ ` * _ [ ] < > & | ~) is backslash-escaped, which CommonMark defines to mean the character itself, and
+line breaks become <br>: a response can neither break a table nor inject HTML.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llm.files import write_text_atomic
+from llm.judge import JudgeResult
+from llm.perplexity import PerplexityResult
+from llm.plots import History, plot_losses
+from llm.scores import Scores
+
+REPORT_FILE = "report.md"
+LOSS_PLOT_FILE = "losses.png"
+_MARKUP = re.compile(r"([\\`*_\[\]<>&|~])")
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str  # what both models were given (shown as is, in a code block)
+    expected: str  # the reference answer
+    base: str  # the base model's response
+    finetuned: str  # the fine-tuned model's response
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What the evaluate stage found, as the report shows it."""
+
+    base_model: str  # e.g. "gpt-base version 3"
+    finetuned_model: str
+    promoted: bool  # whether the fine-tuned model was promoted in the registry
+    base_loss: PerplexityResult  # on the val split
+    finetuned_loss: PerplexityResult
+    scores: Scores  # the fine-tuned model's test responses against the references
+    judge: JudgeResult
+    histories: Mapping[str, History] = field(default_factory=dict)  # {"pretrain": ..., "finetune": ...}
+    examples: Sequence[Example] = ()
+
+
+def cell(text: str) -> str:
+    """`text` as the content of one Markdown table cell: markup escaped, line breaks as <br>."""
+    escaped = _MARKUP.sub(r"\\\1", text.strip())
+    return "<br>".join(escaped.splitlines()) if escaped else "*(empty)*"
+
+
+def code_block(text: str) -> str:
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}text\n{text}\n{fence}"
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]], align: Sequence[str] | None = None) -> str:
+    """A Markdown table of already-escaped cells; `align` holds "---" or "---:" per column."""
+    lines = [header, align or ["---"] * len(header), *rows]
+    return "\n".join(f"| {' | '.join(line)} |" for line in lines)
+
+
+def write_report(folder: str | Path, evaluation: Evaluation, title: str = "Evaluation report") -> Path:
+    """Write `report.md` (and `losses.png` when there are loss histories) into `folder`; the report's path."""
+    folder = Path(folder)
+    curves = {label: history for label, history in evaluation.histories.items() if any(history.values())}
+    if curves:
+        plot_losses(folder / LOSS_PLOT_FILE, curves)
+    sections = [
+        f"# {cell(title)}",
+        _models(evaluation),
+        "## Metrics\n\n" + _metrics(evaluation),
+        "## Loss curves\n\n" + (f"![{' and '.join(curves)} loss curves]({LOSS_PLOT_FILE})" if curves
+                                else "No loss history was recorded."),
+        "## Examples\n\n" + _examples(evaluation.examples),
+    ]
+    path = folder / REPORT_FILE
+    write_text_atomic(path, "\n\n".join(sections) + "\n")
+    return path
+
+
+def _models(e: Evaluation) -> str:
+    return "\n".join([
+        f"- **Base model:** {cell(e.base_model)}",
+        f"- **Fine-tuned model:** {cell(e.finetuned_model)}",
+        f"- **Fine-tuned model promoted:** {'yes' if e.promoted else 'no'}",
+    ])
+
+
+def _metrics(e: Evaluation) -> str:
+    none = "–"
+    scores, judge = e.scores, e.judge
+    matched = round(scores.exact_match * scores.count)
+    rows = [
+        ["val loss", f"{e.base_loss.loss:.4f}", f"{e.finetuned_loss.loss:.4f}"],
+        ["val perplexity", _number(e.base_loss.perplexity), _number(e.finetuned_loss.perplexity)],
+        ["exact match", none, f"{scores.exact_match:.3f} ({matched} of {scores.count})"],
+        ["ROUGE-L F1", none, f"{scores.rouge_l_f1:.3f}"],
+        [cell(f"LLM judge ({judge.model}), 0-100"), none, cell(judge.summary())],
+    ]
+    notes = (f"Val loss: mean cross-entropy over all {e.finetuned_loss.tokens:,} next-token targets of the "
+             f"val split. Exact match (ignoring case and whitespace) and ROUGE-L F1 (stemmed) over the "
+             f"{scores.count:,} test responses.")
+    return table(["metric", "base", "fine-tuned"], rows, ["---", "---:", "---:"]) + "\n\n" + notes
+
+
+def _number(value: float) -> str:
+    return f"{value:,.2f}" if math.isfinite(value) else str(value)
+
+
+def _examples(examples: Sequence[Example]) -> str:
+    if not examples:
+        return "No examples were given."
+    parts = []
+    for i, example in enumerate(examples, 1):
+        row = [cell(example.expected), cell(example.base), cell(example.finetuned)]
+        parts.append(f"### Example {i}\n\n{code_block(example.prompt)}\n\n"
+                     + table(["expected", "base", "fine-tuned"], [row]))
+    return "\n\n".join(parts)

@@ -1,0 +1,81 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from llm.model import GPT, model_config
+from llm.perplexity import perplexity
+from llm.shards import TokenStream
+from tests.data import make_shards
+
+
+def val_stream(tmp_path, tokens, vocab_size: int) -> TokenStream:
+    make_shards(tmp_path / "shards", train=np.arange(4) % vocab_size, val=np.asarray(tokens),
+                vocab_size=vocab_size)
+    return TokenStream.from_manifest(tmp_path / "shards", "val")
+
+
+class Bigram(nn.Module):
+    """Logits that depend on the current token only: row `a` of a fixed table for input token `a`."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.register_buffer("table", table)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.table[idx]
+
+
+def test_loss_is_the_token_weighted_mean_over_every_target_including_the_padded_last_window(tmp_path):
+    # Each token a predicts a + 1 (mod 4) with probability 3 / (3 + 1 + 1 + 1) = 1/2, any other with 1/6.
+    table = torch.zeros(4, 4)
+    table[torch.arange(4), (torch.arange(4) + 1) % 4] = math.log(3)
+    # Targets: 0>1 1>2 2>3 3>0 0>2 2>2 2>3 3>1 1>2: six hits (ln 2 each) and three misses (ln 6 each).
+    stream = val_stream(tmp_path, [0, 1, 2, 3, 0, 2, 2, 3, 1, 2], vocab_size=4)
+
+    # Windows of 4 targets in batches of 2: the second batch is one window with one target, 3 padded.
+    result = perplexity(Bigram(table), stream, context_length=4, batch_size=2)
+
+    expected = (6 * math.log(2) + 3 * math.log(6)) / 9  # = ln(24) / 3
+    assert result.tokens == 9
+    assert result.loss == pytest.approx(expected, rel=1e-6)
+    assert result.perplexity == pytest.approx(24 ** (1 / 3), rel=1e-6)
+    assert result.tokens_per_s > 0
+
+
+def naive_loss(model: GPT, tokens: list[int], context_length: int) -> tuple[float, int]:
+    """One window at a time, one target at a time: the mean of -log p(target) over every target."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(tokens) - 1, context_length):
+            window = torch.tensor(tokens[start:start + context_length + 1])
+            logits = model(window[None, :-1])[0]
+            for t in range(len(window) - 1):
+                total -= logits[t].log_softmax(-1)[window[t + 1]].item()
+                count += 1
+    return total / count, count
+
+
+def test_a_gpt_scores_what_a_naive_loop_over_every_position_scores_with_dropout_off(tmp_path):
+    torch.manual_seed(0)
+    model = GPT(model_config("tiny", vocab_size=256, context_length=16, dropout=0.5))
+    tokens = torch.randint(0, 256, (150,)).tolist()  # 149 targets: 9 full windows and one of 5
+    stream = val_stream(tmp_path, tokens, vocab_size=256)
+
+    model.train()
+    result = perplexity(model, stream, context_length=16, batch_size=4)
+
+    assert model.training  # restored
+    expected, count = naive_loss(model.eval(), tokens, 16)
+    assert result.tokens == count == 149
+    assert result.loss == pytest.approx(expected, rel=1e-5)
+    assert result.perplexity == pytest.approx(math.exp(expected), rel=1e-5)
+
+
+def test_a_split_without_a_target_is_refused_with_the_fix(tmp_path):
+    stream = val_stream(tmp_path, [3], vocab_size=4)
+    with pytest.raises(ValueError, match=r"^the split holds 1 token\(s\): perplexity needs at least 2 "
+                                         r"\(one next-token target\); tokenize more text into it$"):
+        perplexity(Bigram(torch.zeros(4, 4)), stream, context_length=4, batch_size=2)
