@@ -108,20 +108,23 @@ def ours_runner(shards: Path, work: Path, dtype: torch.dtype, compile_: bool):
     T = model.config.context_length
     windows = RandomWindows(TokenStream.from_manifest(shards, "train"), T, BATCH, seed=0)
     val = [windows.next_batch()]
-    work = Path(tempfile.mkdtemp(dir=work))  # a folder of its own: a fit must never resume another's
-    rounds = iter(range(10_000))
+    trainer: Trainer | None = None
 
     def steps(n: int) -> float:
-        # One fit() per round, continuing the same model: its reported tokens/s covers the optimizer
-        # steps only, not the evaluation and checkpoint at the end of each fit.
-        config = TrainConfig(device="cpu", precision=precision, compile=compile_, batch_size=BATCH,
-                             global_batch_size=BATCH, max_steps=n, warmup_steps=1, log_interval=n,
-                             eval_interval=n, eval_batches=1, sample_interval=0, checkpoint_interval=n)
-        tracker = MemoryTracker()
-        trainer = Trainer(model, windows, val, config, work / f"round-{next(rounds)}", fingerprint="bench",
-                          tracker=tracker)
-        trainer.fit()
-        return tracker.series("tokens_per_s")[-1][1]
+        # One Trainer (compiled once), its step budget raised by n for each round: every fit() resumes
+        # its own last checkpoint, trains n steps and reports their tokens/s in one window, which covers
+        # the optimizer steps only (not the evaluation and checkpoint that end each fit).
+        nonlocal trainer
+        if trainer is None:
+            config = TrainConfig(device="cpu", precision=precision, compile=compile_, batch_size=BATCH,
+                                 global_batch_size=BATCH, max_steps=n, warmup_steps=1, log_interval=10**9,
+                                 eval_interval=10_000, eval_batches=1, sample_interval=0, checkpoint_interval=10_000)
+            trainer = Trainer(model, windows, val, config, tempfile.mkdtemp(dir=work), fingerprint="bench",
+                              tracker=MemoryTracker())
+        else:
+            trainer.max_steps += n
+        trainer.fit()  # reports once, at its last step: one window over the n steps
+        return trainer.progress.history["tokens_per_s"][-1][1]
 
     return steps
 

@@ -21,6 +21,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
+from urllib.parse import urlparse
 
 T = TypeVar("T")
 
@@ -352,6 +353,111 @@ class PretrainConfig(TrainConfig):
 
 
 @dataclass(frozen=True)
+class FinetuneConfig(TrainConfig):
+    """Instruction fine-tuning (the book's chapter 7): TrainConfig's settings, with fine-tuning defaults."""
+
+    init_from: str = "pretrain"  # the pretrain stage's model, a GPT-2 size (gpt2 ... gpt2-xl), or a folder
+    instructions: str = "instruction-data"  # the download source (role: instructions) to learn from
+    prompt_style: Literal["alpaca", "phi3"] = "alpaca"
+    mask_prompt: bool = False  # learn the response only, not the prompt's tokens
+    max_length: int | None = None  # truncate examples to this many tokens; None: the model's context
+    train_fraction: float = 0.85  # the book's split: 85% train, 10% test, the rest (5%) val
+    test_fraction: float = 0.10
+    split_seed: int | None = None  # None: keep the file's order, as the book does; else shuffle by seed
+    epochs: float | None = 1.0  # passes over the train split; sets max_steps (None: use max_steps)
+    dropout: float | None = None  # the starting model's dropout, changed for fine-tuning; None: keep it
+    lora_rank: int = 0  # 0: full fine-tuning; else LoRA adapters of this rank, merged into the result
+    lora_alpha: float = 16.0
+    lora_targets: list[str] = field(default_factory=lambda: ["attn.c_attn", "attn.c_proj", "mlp.c_fc",
+                                                             "mlp.c_proj"])
+    registered_model: str = "gpt-instruct"
+    # Fine-tuning defaults: a lower, constant learning rate and no warmup, as the book trains.
+    seed: int = 123
+    lr: float = 3e-4
+    min_lr: float = 3e-4
+    warmup_steps: int = 0
+    eval_interval: int = 25
+    checkpoint_interval: int = 25
+    sample_interval: int = 50
+    sample_tokens: int = 48
+
+    def problems(self) -> Iterator[Problem]:
+        yield from super().problems()
+        yield from check_range("train_fraction", self.train_fraction, 0, 1, closed="()")
+        yield from check_range("test_fraction", self.test_fraction, 0, 1, closed="()")
+        if self.train_fraction + self.test_fraction >= 1:
+            yield "test_fraction", (f"train_fraction + test_fraction must leave some records for val, got "
+                                    f"{self.train_fraction} + {self.test_fraction}")
+        if self.epochs is not None:
+            yield from check_positive("epochs", self.epochs)
+        if self.max_length is not None:
+            yield from check_range("max_length", self.max_length, 2)
+        if self.dropout is not None:
+            yield from check_range("dropout", self.dropout, 0, 1, closed="[)")
+        yield from check_range("lora_rank", self.lora_rank, 0)
+        yield from check_positive("lora_alpha", self.lora_alpha)
+        if self.lora_rank and not self.lora_targets:
+            yield "lora_targets", "must name at least one linear layer kind when lora_rank > 0"
+
+
+@dataclass(frozen=True)
+class JudgeConfig:
+    """An optional LLM judge (llm/judge.py): an Ollama-compatible server and the model that scores."""
+
+    url: str | None = None  # an Ollama server, e.g. http://127.0.0.1:11434 (or its /api/chat); None: no judge
+    model: str = "llama3"  # a model the server has pulled
+    timeout_s: float = 120.0  # per request: to connect, for each line of the answer, and for the whole answer
+    seed: int = 123  # seed, temperature 0 and num_ctx as in the book, for repeatable scores
+    temperature: float = 0.0
+    num_ctx: int = 2048  # the judge's context window, in its tokens
+
+    def problems(self) -> Iterator[Problem]:
+        if self.url is not None:
+            parts = urlparse(self.url)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                yield "url", (f"must be an http(s) URL of an Ollama server, e.g. http://127.0.0.1:11434, "
+                              f"got {self.url!r}")
+        if not self.model.strip():
+            yield "model", "must name a model the judge server has, e.g. llama3"
+        yield from check_positive("timeout_s", self.timeout_s)
+        yield from check_range("temperature", self.temperature, 0)
+        yield from check_positive("num_ctx", self.num_ctx)
+
+    @property
+    def endpoint(self) -> str:
+        base = (self.url or "").rstrip("/")
+        return base if base.endswith("/api/chat") else f"{base}/api/chat"
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    device: Device = "auto"
+    precision: Precision = "auto"
+    batch_size: int = 8  # val windows per forward pass, for perplexity
+    generate_batch_size: int = 8  # test prompts generated together
+    max_new_tokens: int = 128  # the book generates up to 256
+    temperature: float = 0.0  # 0: greedy, as the book evaluates
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int = 123
+    examples: int = 5  # test prompts shown in the report, base and fine-tuned side by side
+    test_records: int | None = None  # evaluate the first N test records only; None: all of them
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+
+    def problems(self) -> Iterator[Problem]:
+        for key in ("batch_size", "generate_batch_size", "max_new_tokens"):
+            yield from check_positive(key, getattr(self, key))
+        yield from check_range("temperature", self.temperature, 0)
+        if self.top_k is not None:
+            yield from check_range("top_k", self.top_k, 1)
+        if self.top_p is not None:
+            yield from check_range("top_p", self.top_p, 0, 1, closed="(]")
+        yield from check_range("examples", self.examples, 0)
+        if self.test_records is not None:
+            yield from check_positive("test_records", self.test_records)
+
+
+@dataclass(frozen=True)
 class TrackingConfig:
     experiment: str = "llm-pipeline"  # the MLflow experiment every stage logs to
 
@@ -364,6 +470,8 @@ class Params:
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
     model: ModelSection = field(default_factory=ModelSection)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 

@@ -35,36 +35,11 @@ from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import urlparse
 
-from llm.config import ConfigError, Problem, check_positive, check_range
+from llm.config import ConfigError, JudgeConfig
+
+JudgeSettings = JudgeConfig  # the judge's settings: params.yaml's evaluate.judge section
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class JudgeSettings:
-    url: str | None = None  # an Ollama server, e.g. http://127.0.0.1:11434 (or its /api/chat); None: no judge
-    model: str = "llama3"  # a model the server has pulled
-    timeout_s: float = 120.0  # per request: to connect, for each line of the answer, and for the whole answer
-    seed: int = 123  # seed, temperature 0 and num_ctx as in the book, for repeatable scores
-    temperature: float = 0.0
-    num_ctx: int = 2048  # the judge's context window, in its tokens
-
-    def problems(self) -> Iterator[Problem]:
-        if self.url is not None:
-            parts = urlparse(self.url)
-            if parts.scheme not in ("http", "https") or not parts.netloc:
-                yield "url", (f"must be an http(s) URL of an Ollama server, e.g. http://127.0.0.1:11434, "
-                              f"got {self.url!r}")
-        if not self.model.strip():
-            yield "model", "must name a model the judge server has, e.g. llama3"
-        yield from check_positive("timeout_s", self.timeout_s)
-        yield from check_range("temperature", self.temperature, 0)
-        yield from check_positive("num_ctx", self.num_ctx)
-
-    @property
-    def endpoint(self) -> str:
-        base = (self.url or "").rstrip("/")
-        return base if base.endswith("/api/chat") else f"{base}/api/chat"
 
 
 @dataclass(frozen=True)

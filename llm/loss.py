@@ -8,6 +8,11 @@ it is still in cache, the gradient is kept in the compute dtype, and two matmuls
 gradients of the hidden states and of W. Same values as `F.cross_entropy(hidden @ W.T, targets)` (to
 the rounding of the compute dtype), and never more than one chunk of fp32 logits in memory.
 
+Under torch.compile it runs as one chunk: Inductor fuses the elementwise passes into the matmuls'
+neighbours itself, and the full-size matmuls run faster than chunked ones. Even so it beats compiling
+the plain head + cross-entropy (0.60 vs 0.66 s for 2,048 rows on 2 CPU cores), by its faster layout for
+the weight gradient.
+
 Under autocast the matmuls run in the autocast dtype (bf16), as the plain path's would.
 """
 
@@ -34,6 +39,18 @@ def _chunk_loss(logits: Tensor, targets: Tensor, valid: Tensor) -> tuple[Tensor,
     return ((lse - picked) * valid).sum(), lse
 
 
+def _softmax_minus_one_hot(logits: Tensor, lse: Tensor, targets: Tensor, valid: Tensor) -> Tensor:
+    """d(summed loss)/d(logits) of a chunk: softmax - one-hot on valid rows, zero on ignored ones."""
+    if torch.compiler.is_compiling():
+        # Pointwise only (the one-hot is a comparison, not an indexed write): Inductor makes it one pass.
+        one_hot = torch.arange(logits.shape[1], device=logits.device)[None, :] == targets[:, None]
+        return (torch.exp(logits - lse[:, None]) - one_hot.float()) * valid[:, None]
+    # Eager: in place, so that no temporary of the chunk's size is allocated.
+    probs = logits.sub_(lse[:, None]).exp_()
+    probs[torch.arange(probs.shape[0], device=probs.device), targets] -= 1
+    return probs.mul_(valid[:, None])
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk_rows: int,
@@ -50,10 +67,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             logits = (h[rows] @ w.T).float()  # (n, V)
             loss, lse = _chunk_loss(logits, safe[rows], valid[rows])
             total += loss
-            # d(sum of losses)/d logits = softmax - one-hot, on valid rows only; computed in place
-            probs = logits.sub_(lse[:, None]).exp_()
-            probs[torch.arange(probs.shape[0], device=probs.device), safe[rows]] -= 1
-            grad_logits[rows] = probs.mul_(valid[rows, None])
+            grad_logits[rows] = _softmax_minus_one_hot(logits, lse, safe[rows], valid[rows])
         ctx.save_for_backward(grad_logits, h, w, count)
         ctx.dtypes = (hidden.dtype, weight.dtype)
         return total / count
@@ -66,7 +80,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_hidden = (grad_logits @ w * scale).to(ctx.dtypes[0])  # (N, C)
         if ctx.needs_input_grad[1]:
-            grad_weight = (grad_logits.T @ h * scale).to(ctx.dtypes[1])  # (V, C)
+            # (h^T G)^T rather than G^T h: the same product, about 20% faster in this memory layout
+            grad_weight = ((h.T @ grad_logits) * scale).T.to(ctx.dtypes[1])  # (V, C)
         return grad_hidden, grad_weight, None, None, None
 
 
@@ -77,6 +92,8 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_
     """
     hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     dtype = _compute_dtype(hidden)
+    if torch.compiler.is_compiling():
+        chunk_rows = hidden.shape[0]  # a compiler fuses the passes itself: one chunk, full-size matmuls
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_rows, dtype)
     # No gradients wanted (evaluation): only the loss, chunk by chunk.

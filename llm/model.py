@@ -250,7 +250,7 @@ class GPT(nn.Module):
         hidden = self.forward_hidden(idx)  # (B, T, C)
         if targets is None:
             return self.lm_head(hidden)  # (B, T, vocab_size)
-        # The head and the loss fused, chunk by chunk: the (B, T, vocab_size) logits are never stored.
+        # The head and the loss fused (llm/loss.py): the (B, T, vocab_size) logits are never stored.
         return linear_cross_entropy(hidden, self.lm_head.weight, targets)
 
     def forward_hidden(

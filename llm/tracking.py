@@ -15,6 +15,7 @@ created under a file lock: processes starting at once would otherwise race its s
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 from collections.abc import Mapping
@@ -292,3 +293,59 @@ def load_logged_gpt(model_uri: str, device: str = "cpu"):
     import mlflow
 
     return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().model.to(device)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The registry: which version a stage registered, and the champion alias
+
+REGISTRY_FILE = "registry.json"  # written beside a checkpoint: the registered model version it became
+CHAMPION = "champion"
+
+
+def write_registration(checkpoint_dir: str | Path, name: str, version: str, run_id: str) -> None:
+    from llm.files import write_json_atomic
+
+    write_json_atomic(Path(checkpoint_dir) / REGISTRY_FILE,
+                      {"registered_model": name, "version": version, "run_id": run_id})
+
+
+def registered_version(checkpoint_dir: str | Path, name: str, stage: str) -> str:
+    """The registry version of the checkpoint in `checkpoint_dir`, as its stage recorded it. Where this
+    store does not have it (a checkpoint pulled with `dvc pull` into a clone with a fresh store), the
+    checkpoint is logged from the active run and registered now."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    path = Path(checkpoint_dir) / REGISTRY_FILE
+    if path.is_file():
+        recorded = json.loads(path.read_text())
+        try:
+            found = mlflow.MlflowClient().get_model_version(name, recorded["version"])
+            if recorded["registered_model"] == name and found.run_id == recorded["run_id"]:
+                return str(found.version)
+        except MlflowException:
+            pass
+    return str(log_gpt_model(checkpoint_dir, name, {"stage": stage, "registered_by": "evaluate"}))
+
+
+def promote_if_better(name: str, version: str, scores: Mapping[str, float],
+                      alias: str = CHAMPION) -> tuple[bool, str | None]:
+    """Record `scores` on the version (tags `eval.<name>`), and move `alias` to it when every score it
+    shares with the alias holder is at least as high, or when no version holds the alias.
+    Returns (promoted, the version that held the alias before, if any)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient()
+    for key, value in scores.items():
+        client.set_model_version_tag(name, version, f"eval.{key}", repr(float(value)))
+    try:
+        holder = client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        holder = None
+    if holder is not None and str(holder.version) != str(version):
+        theirs = {k.removeprefix("eval."): float(v) for k, v in holder.tags.items() if k.startswith("eval.")}
+        if any(scores[key] < theirs[key] for key in scores if key in theirs):
+            return False, str(holder.version)
+    client.set_registered_model_alias(name, alias, version)
+    return True, None if holder is None else str(holder.version)

@@ -53,6 +53,8 @@ TRAINER_FILE = "trainer.json"
 
 Batch = tuple[Tensor, Tensor]
 Sampler = Callable[[nn.Module, int], dict[str, str]]  # (model, step) -> {artifact name: text}
+Export = Callable[[nn.Module], nn.Module]  # the trained model -> the model to save (e.g. LoRA merged)
+HISTORY_FILE = "history.json"
 
 
 class BatchSource(Protocol):
@@ -125,7 +127,7 @@ class Trainer:
     def __init__(self, model: nn.Module, train_batches: BatchSource, val_batches: list[Batch],
                  config: TrainConfig, out_dir: str | Path, *, fingerprint: str, tracker: Tracker,
                  tokenizer: str = "gpt2", sampler: Sampler | None = None, run_id: str | None = None,
-                 dist: Dist = Dist(), checkpoint_extra: dict | None = None):
+                 dist: Dist = Dist(), checkpoint_extra: dict | None = None, export: Export | None = None):
         self.config, self.out_dir, self.tracker, self.dist = config, Path(out_dir), tracker, dist
         self.device = distributed.init(dist, resolve_device(config.device))
         self.dtype = train_dtype(self.device, config.precision)
@@ -137,7 +139,7 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         self.train_batches, self.val_batches, self.sampler = train_batches, val_batches, sampler
-        self.tokenizer, self.checkpoint_extra = tokenizer, checkpoint_extra or {}
+        self.tokenizer, self.checkpoint_extra, self.export = tokenizer, checkpoint_extra or {}, export
         self.accum = accumulation_steps(config, dist.world_size)
         self.max_steps = total_steps(config, self.gpt.config.context_length)
         self.optimizer = adamw(self.gpt, config.lr, config.weight_decay, (config.beta1, config.beta2),
@@ -154,23 +156,23 @@ class Trainer:
         cfg, progress = self.config, self.progress
         if not resumed:
             self._report({"val_loss": self.evaluate()})  # the starting point of the curve
-        tokens_per_step = cfg.global_batch_size * self.gpt.config.context_length
         window_losses: list[float] = []
-        window_time = 0.0
+        window_time, window_tokens = 0.0, 0
         bar = tqdm(total=self.max_steps, initial=progress.step, desc="train", unit="step",
                    disable=None if self.dist.is_main else True)
         with bar:
             while progress.step < self.max_steps:
                 started = time.perf_counter()
-                loss, grad_norm = self._optimizer_step()
+                loss, grad_norm, tokens = self._optimizer_step()
                 window_time += time.perf_counter() - started
                 window_losses.append(loss)
+                window_tokens += tokens
                 progress.step += 1
-                progress.tokens += tokens_per_step
+                progress.tokens += tokens
                 bar.update(1)
                 last = progress.step == self.max_steps
                 if progress.step % cfg.log_interval == 0 or last:
-                    rate = len(window_losses) * tokens_per_step / window_time
+                    rate = window_tokens / window_time
                     metrics = {"train_loss": sum(window_losses) / len(window_losses),
                                "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                                "tokens_per_s": rate, "tokens": float(progress.tokens)}
@@ -179,7 +181,7 @@ class Trainer:
                     self._report(metrics)
                     bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", lr=f"{metrics['lr']:.1e}",
                                     tok_s=f"{rate:,.0f}")
-                    window_losses, window_time = [], 0.0
+                    window_losses, window_time, window_tokens = [], 0.0, 0
                 if progress.step % cfg.eval_interval == 0 or last:
                     self._report({"val_loss": self.evaluate()})
                 if self.sampler and cfg.sample_interval and (progress.step % cfg.sample_interval == 0 or last):
@@ -189,14 +191,15 @@ class Trainer:
         self.save_final()
         return TrainResult(progress, self.final_metrics(), self.gpt)
 
-    def _optimizer_step(self) -> tuple[float, float]:
-        """One optimizer step over `accum` micro-batches; returns (mean loss, gradient norm)."""
+    def _optimizer_step(self) -> tuple[float, float, int]:
+        """One optimizer step over `accum` micro-batches: (mean loss, gradient norm, tokens processed)."""
         cfg, progress = self.config, self.progress
         # Dropout draws from the global generator: seeding it per step makes the random stream a
         # function of the step, so a resumed run needs no saved RNG state and each rank gets its own.
         torch.manual_seed(cfg.seed + 1_000_003 * self.dist.rank + progress.step)
         self.model.train()
         total = torch.zeros((), device=self.device)
+        tokens = 0  # fine-tuning batches are padded to their own lengths: count them, do not assume
         for micro in range(self.accum):
             x, y = (t.to(self.device, non_blocking=True) for t in self.train_batches.next_batch())
             sync = micro == self.accum - 1 or not self.dist.enabled
@@ -204,8 +207,9 @@ class Trainer:
                 loss = self.model(x, y) / self.accum
             loss.backward()
             total += loss.detach()
-        total = distributed.mean(total, self.dist)
-        loss_value = total.item()
+            tokens += x.numel()
+        loss_value, tokens_value = distributed.mean(
+            torch.stack([total, torch.tensor(float(tokens), device=self.device)]), self.dist).tolist()
         if not math.isfinite(loss_value):
             self.optimizer.zero_grad(set_to_none=True)
             last = latest_checkpoint(self.out_dir)
@@ -218,7 +222,7 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_value, grad_norm
+        return loss_value, grad_norm, round(tokens_value * self.dist.world_size)
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -294,12 +298,15 @@ class Trainer:
         return True
 
     def save_final(self) -> None:
-        """The trained model at the top of `out_dir`: the folder other stages and commands read."""
+        """The trained model at the top of `out_dir` (the folder other stages and commands read), passed
+        through `export` first, with its training history beside it."""
         if self.dist.is_main:
             extra = {"step": self.progress.step, "tokens": self.progress.tokens, **self.checkpoint_extra}
+            model = self.export(self.gpt) if self.export else self.gpt
             with atomic_dir(self.out_dir / ".final") as tmp:
-                write_model_files(self.gpt, tmp, self.tokenizer, extra=extra)
-            for name in (MODEL_FILE, "config.json"):
+                write_model_files(model, tmp, self.tokenizer, extra=extra)
+                write_json_atomic(tmp / HISTORY_FILE, self.progress.history)
+            for name in (MODEL_FILE, HISTORY_FILE, "config.json"):
                 (self.out_dir / ".final" / name).replace(self.out_dir / name)
             shutil.rmtree(self.out_dir / ".final")
         distributed.barrier(self.dist)

@@ -48,3 +48,15 @@ def shared_file(name: str) -> Path:
     if not path.is_file():
         pytest.skip(f"{path} not found: the tests need the shared data mirror beside the project")
     return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    """Tests use tiny models, which gain nothing from a second thread; on a busy shared CPU that thread
+    spins waiting for a core and makes a training test many times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

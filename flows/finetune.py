@@ -1,0 +1,42 @@
+"""The finetune stage: instruction fine-tuning of the pretrained model, tracked in MLflow.
+
+    python -m flows.finetune                                      (what `dvc repro finetune` runs)
+    torchrun --standalone --nproc_per_node=N -m flows.finetune    (DDP; rank 0 logs and writes)
+
+Reads the pretrain stage's model (or `finetune.init_from`) and the instruction data from `data/raw/`,
+writes the fine-tuned model (LoRA merged) with `split.json` to `data/checkpoints/finetune/`, metrics to
+`metrics/finetune.json` and loss curves to `plots/finetune/`; registers `finetune.registered_model`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from prefect import flow
+
+from flows.common import tracked_training
+from llm import distributed
+from llm.config import load_params
+from llm.finetune import fingerprint, run_finetune
+
+
+@flow(name="finetune")
+def finetune(params_file: str = "params.yaml", raw_dir: str = "data/raw",
+             pretrain_dir: str = "data/checkpoints/pretrain", out_dir: str = "data/checkpoints/finetune",
+             metrics_file: str = "metrics/finetune.json", plots_dir: str = "plots/finetune") -> dict:
+    params = load_params(params_file)
+    return tracked_training(
+        "finetune", experiment=params.tracking.experiment, params_file=params_file,
+        params_to_log={"finetune": dataclasses.asdict(params.finetune)},
+        fingerprint=fingerprint(params, raw_dir, pretrain_dir), out_dir=out_dir, metrics_file=metrics_file,
+        plots_dir=plots_dir, registered_model=params.finetune.registered_model,
+        train=lambda tracker, dist, run_id: run_finetune(params, raw_dir, pretrain_dir, out_dir, tracker=tracker,
+                                                         dist=dist, run_id=run_id))
+
+
+if __name__ == "__main__":
+    # Under torchrun only rank 0 runs as a Prefect flow run; the other ranks run the same code bare.
+    if distributed.from_env().is_main:
+        finetune()
+    else:
+        finetune.fn()

@@ -1,0 +1,121 @@
+"""The finetune stage: teach a pretrained GPT to follow instructions (the book's chapter 7).
+
+    python -m flows.finetune                                       (what `dvc repro finetune` runs)
+
+Starts from the pretrain stage's model (or OpenAI's GPT-2 weights, or any checkpoint folder), splits
+the instruction records into train / val / test (written to `split.json` beside the model, so that the
+evaluate stage answers exactly the held-out test records), and trains with the same Trainer as
+pretraining: full fine-tuning, or LoRA adapters (merged into the saved model, so that generation needs
+nothing special). The book's recipe, GPT-2 medium for 2 epochs at lr 5e-5, is `init_from: gpt2-medium`,
+`epochs: 2`, `lr: 5e-5`, `min_lr: 5e-5` (see the README's GPU recipes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from llm.checkpoint import MODEL_FILE, load_model, read_config
+from llm.config import FinetuneConfig, Params
+from llm.distributed import Dist
+from llm.download import read_manifest as read_raw_manifest
+from llm.instructions import (InstructionBatches, Split, encode_records, learnable, load_records, prompt_text,
+                              split_records, steps_per_epoch, validation_batches, write_split)
+from llm.lora import apply_lora, merge_lora, trainable_parameters
+from llm.model import GPT
+from llm.pretrain import prompt_sampler
+from llm.tokenizer import get_tokenizer
+from llm.tracking import Tracker, file_sha256
+from llm.train import Trainer, TrainResult
+
+SPLIT_FILE = "split.json"
+
+
+def instruction_file(raw_dir: str | Path, source: str) -> Path:
+    """The downloaded file of instruction source `source`."""
+    entries = read_raw_manifest(raw_dir, "instructions")
+    for entry in entries:
+        if entry["name"] == source:
+            return Path(raw_dir) / entry["file"]
+    names = ", ".join(e["name"] for e in entries) or "none"
+    raise FileNotFoundError(f"finetune.instructions: no downloaded source {source!r} with role instructions "
+                            f"(downloaded: {names}); add it to download.sources or fix the name")
+
+
+def _start_folder(config: FinetuneConfig, pretrain_dir: str | Path) -> Path:
+    folder = Path(pretrain_dir if config.init_from == "pretrain" else config.init_from)
+    if not folder.is_dir():
+        hint = "run the pretrain stage first (`dvc repro pretrain`)" if config.init_from == "pretrain" else "fix the path"
+        raise FileNotFoundError(f"finetune.init_from: {folder} is not a checkpoint folder; {hint}")
+    return folder
+
+
+def starting_point(config: FinetuneConfig, pretrain_dir: str | Path) -> tuple[GPT, str]:
+    """The model `finetune.init_from` names, with the fine-tuning dropout, and its tokenizer."""
+    from llm import gpt2_weights
+
+    overrides = {} if config.dropout is None else {"dropout": config.dropout}
+    if config.init_from in gpt2_weights.SIZES:
+        weights = gpt2_weights.download_gpt2(config.init_from)
+        return gpt2_weights.gpt2_from_files(weights, gpt2_weights.model_config(config.init_from, **overrides)), "gpt2"
+    folder = _start_folder(config, pretrain_dir)
+    return load_model(folder, **overrides), read_config(folder).tokenizer
+
+
+def fingerprint(params: Params, raw_dir: str | Path, pretrain_dir: str | Path) -> str:
+    """A hash of the settings, the starting weights and the data: what a resumable checkpoint must match."""
+    from llm.gpt2_weights import SIZES
+
+    config = params.finetune
+    start = config.init_from if config.init_from in SIZES else file_sha256(_start_folder(config, pretrain_dir) / MODEL_FILE)
+    shape = {"finetune": dataclasses.asdict(config), "start": start,
+             "data": file_sha256(instruction_file(raw_dir, config.instructions))}
+    return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()
+
+
+def prepare_split(path: Path, config: FinetuneConfig, out_dir: Path) -> Split:
+    split = split_records(load_records(path), train=config.train_fraction, test=config.test_fraction,
+                          seed=config.split_seed)
+    for name in ("train", "val", "test"):
+        if not getattr(split, name):
+            raise ValueError(f"{path}: the {name} split is empty; add records or change finetune.*_fraction")
+    write_split(out_dir / SPLIT_FILE, split)
+    return split
+
+
+def run_finetune(params: Params, raw_dir: str | Path, pretrain_dir: str | Path, out_dir: str | Path, *,
+                 tracker: Tracker, dist: Dist = Dist(), run_id: str | None = None) -> TrainResult:
+    """Fine-tune and leave the model (LoRA merged), its history and `split.json` in `out_dir`."""
+    config, out_dir = params.finetune, Path(out_dir)
+    data = instruction_file(raw_dir, config.instructions)
+    model, tokenizer = starting_point(config, pretrain_dir)
+    split = prepare_split(data, config, out_dir)
+    pad_id = get_tokenizer(tokenizer).eot_token
+    max_length = min(config.max_length or model.config.context_length, model.config.context_length)
+    shape = {"mask_prompt": config.mask_prompt, "max_length": max_length}
+    train = learnable(encode_records(split.train, config.prompt_style, tokenizer), **shape)
+    val = learnable(encode_records(split.val, config.prompt_style, tokenizer), **shape)
+    if config.epochs is not None:  # epochs decide the length of the run
+        steps = math.ceil(config.epochs * steps_per_epoch(len(train), config.global_batch_size))
+        config = dataclasses.replace(config, max_steps=max(1, steps), max_tokens=None)
+    if config.lora_rank:
+        torch.manual_seed(config.seed)  # the adapters' initialisation
+        apply_lora(model, config.lora_rank, config.lora_alpha, config.lora_targets)
+    batches = InstructionBatches(train, config.batch_size, config.seed, pad_id, **shape,
+                                 global_batch_size=config.global_batch_size, rank=dist.rank,
+                                 world_size=dist.world_size)
+    val_batches = validation_batches(val, config.batch_size, pad_id, **shape)[:config.eval_batches]
+    sampler = (prompt_sampler(tokenizer, prompt_text(split.val[0], config.prompt_style), config.sample_tokens,
+                              config.seed) if config.sample_interval else None)
+    extra = {"stage": "finetune", "init_from": config.init_from, "prompt_style": config.prompt_style,
+             "lora_rank": config.lora_rank, "trainable_parameters": trainable_parameters(model)}
+    trainer = Trainer(model, batches, val_batches, config, out_dir,
+                      fingerprint=fingerprint(params, raw_dir, pretrain_dir), tracker=tracker,
+                      tokenizer=tokenizer, sampler=sampler, run_id=run_id, dist=dist, checkpoint_extra=extra,
+                      export=merge_lora if config.lora_rank else None)
+    return trainer.fit()

@@ -1,0 +1,80 @@
+"""The evaluate stage: promotion against the champion in a real MLflow registry, and the whole flow."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import pytest
+import torch
+
+from llm.checkpoint import save_model
+from llm.finetune import SPLIT_FILE
+from llm.instructions import Record, Split, write_split
+from llm.model import GPT, model_config
+from llm.tracking import configure, promote_if_better
+from tests.conftest import shared_file
+from tests.data import make_shards, patterned_tokens
+
+
+@pytest.fixture
+def registry(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    configure(uri)
+    client = mlflow.MlflowClient()
+    client.create_registered_model("m")
+    return client
+
+
+def version(client) -> str:
+    return str(client.create_model_version("m", source="file:///nowhere").version)
+
+
+def test_promotion_only_when_every_score_is_at_least_the_champions(registry):
+    first, worse, equal, mixed = (version(registry) for _ in range(4))
+    assert promote_if_better("m", first, {"rouge_l_f1": 0.5, "exact_match": 0.1}) == (True, None)
+    assert promote_if_better("m", worse, {"rouge_l_f1": 0.4, "exact_match": 0.2}) == (False, first)
+    assert str(registry.get_model_version_by_alias("m", "champion").version) == first
+    assert promote_if_better("m", equal, {"rouge_l_f1": 0.5, "exact_match": 0.1}) == (True, first)
+    assert promote_if_better("m", mixed, {"rouge_l_f1": 0.9, "exact_match": 0.0}) == (False, equal)
+    assert str(registry.get_model_version_by_alias("m", "champion").version) == equal
+    assert registry.get_model_version("m", worse).tags["eval.rouge_l_f1"] == "0.4"
+
+
+@pytest.mark.slow
+def test_evaluate_flow_measures_reports_and_promotes(tmp_path, monkeypatch, prefect_server):
+    from flows.evaluate import evaluate
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    make_shards(tmp_path / "data/shards", patterned_tokens(3000), patterned_tokens(700))
+    torch.manual_seed(0)
+    model = GPT(model_config("tiny"))
+    for stage in ("pretrain", "finetune"):
+        save_model(model, tmp_path / f"data/checkpoints/{stage}", extra={"prompt_style": "alpaca"})
+    records = [Record(**r) for r in json.loads(shared_file("instruction-data.json").read_text())[:12]]
+    write_split(tmp_path / "data/checkpoints/finetune" / SPLIT_FILE, Split(records[:6], records[6:8], records[8:]))
+    (tmp_path / "params.yaml").write_text(
+        "evaluate: {max_new_tokens: 6, examples: 2, batch_size: 4, judge: {url: null}}\n"
+        "tracking: {experiment: test-evaluate}\n")
+
+    metrics = evaluate()
+
+    responses = json.loads((tmp_path / "data/eval/responses.json").read_text())
+    assert [r["instruction"] for r in responses] == [r.instruction for r in records[8:]]
+    assert all(set(r) == {"instruction", "input", "output", "model_response"} for r in responses)
+    assert json.loads((tmp_path / "metrics/evaluate.json").read_text()) == metrics
+    assert metrics["test_records"] == 4 and "judge_score" not in metrics
+    assert metrics["val_loss_base"] == pytest.approx(metrics["val_loss_finetuned"])  # the same weights
+    report = (tmp_path / "data/eval/report.md").read_text()
+    assert "gpt-instruct version 1" in report and "skipped: no judge configured" in report
+    assert (tmp_path / "data/eval/losses.png").is_file() or "losses.png" not in report
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert str(client.get_model_version_by_alias("gpt-instruct", "champion").version) == "1"
+    (run,) = client.search_runs([client.get_experiment_by_name("test-evaluate").experiment_id])
+    assert run.data.metrics["rouge_l_f1"] == metrics["rouge_l_f1"] and run.data.tags["promoted"] == "True"
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "eval")} >= {"eval/report.md",
+                                                                                "eval/responses.json"}

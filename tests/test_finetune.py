@@ -1,0 +1,142 @@
+"""The finetune stage: learning from instruction records, the split it leaves, LoRA, resume, bad data."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+
+from llm.checkpoint import load_model, save_model
+from llm.config import Params, from_mapping
+from llm.download import write_manifests
+from llm.finetune import SPLIT_FILE, run_finetune
+from llm.instructions import InstructionDataError, read_split
+from llm.model import GPT, model_config
+from llm.tracking import MemoryTracker
+from llm.train import latest_checkpoint
+from tests.conftest import ROOT, shared_file
+
+FINETUNE = {"batch_size": 4, "global_batch_size": 4, "epochs": None, "max_steps": 12, "lr": 1e-3, "min_lr": 1e-3,
+            "log_interval": 2, "eval_interval": 6, "eval_batches": 2, "sample_interval": 6, "sample_tokens": 4,
+            "checkpoint_interval": 6, "precision": "fp32", "device": "cpu", "max_length": 96}
+
+
+def params(**finetune) -> Params:
+    return from_mapping(Params, {"finetune": {**FINETUNE, **finetune}})
+
+
+def make_raw(root: Path, records: list) -> Path:
+    raw = root / "raw"
+    (raw / "instructions").mkdir(parents=True)
+    (raw / "instructions" / "data.json").write_text(json.dumps(records))
+    write_manifests(raw, [{"name": "instruction-data", "role": "instructions", "kind": "json", "text_field": None,
+                           "file": "instructions/data.json", "url": "x", "sha256": "0" * 64, "bytes": 1}])
+    return raw
+
+
+@pytest.fixture
+def stage(tmp_path):
+    """A raw folder with 80 of the book's records and a tiny 'pretrained' GPT-2-vocabulary model."""
+    records = json.loads(shared_file("instruction-data.json").read_text())[:80]
+    raw = make_raw(tmp_path, records)
+    torch.manual_seed(0)
+    save_model(GPT(model_config("tiny", context_length=96)), tmp_path / "pretrain")
+    return raw, tmp_path / "pretrain", tmp_path / "finetune"
+
+
+def test_finetuning_learns_and_leaves_the_split_for_evaluation(stage):
+    raw, pretrain, out = stage
+    tracker = MemoryTracker()
+    result = run_finetune(params(), raw, pretrain, out, tracker=tracker)
+    val = tracker.series("val_loss")
+    assert val[0][0] == 0 and val[-1][1] < val[0][1] - 0.5
+    split = read_split(out / SPLIT_FILE)
+    assert (len(split.train), len(split.test), len(split.val)) == (68, 8, 4)  # the book's 85% / 10% / rest
+    assert tracker.texts["samples/step-000012.txt"].startswith("Below is an instruction that describes a task.")
+    assert load_model(out).config.n_layer == 2 and result.metrics["steps"] == 12
+    history = json.loads((out / "history.json").read_text())
+    assert [s for s, _ in history["val_loss"]] == [0, 6, 12]
+
+
+def test_epochs_set_the_number_of_steps(stage):
+    raw, pretrain, out = stage
+    result = run_finetune(params(epochs=1.0, max_steps=999, sample_interval=0), raw, pretrain, out,
+                          tracker=MemoryTracker())
+    assert result.metrics["steps"] == 68 // 4
+
+
+def test_lora_trains_adapters_only_and_saves_a_plain_merged_model(stage):
+    raw, pretrain, out = stage
+    before = safetensors.torch.load_file(pretrain / "model.safetensors")
+    result = run_finetune(params(lora_rank=4, lora_alpha=8, lr=5e-3, min_lr=5e-3), raw, pretrain, out,
+                          tracker=MemoryTracker())
+    saved = safetensors.torch.load_file(out / "model.safetensors")
+    assert not any("lora" in name for name in saved)
+    embedding = lambda weights: weights.get("wte.weight", weights.get("lm_head.weight"))  # tied: stored once
+    assert torch.equal(embedding(saved), embedding(before))  # frozen: not a target
+    assert not torch.equal(saved["h.0.attn.c_attn.weight"], before["h.0.attn.c_attn.weight"])  # merged adapter
+    merged = load_model(out)
+    idx = torch.randint(0, 50257, (1, 16))
+    torch.testing.assert_close(merged(idx), result.model.eval()(idx))
+    assert json.loads((out / "config.json").read_text())["trainable_parameters"] < 100_000
+
+
+def test_bad_records_are_refused_with_index_and_field(tmp_path):
+    raw = make_raw(tmp_path, [{"instruction": "a", "input": "", "output": "b"}, {"instruction": "c", "input": ""}])
+    save_model(GPT(model_config("tiny")), tmp_path / "pretrain")
+    with pytest.raises(InstructionDataError, match="record 1 has no field 'output'"):
+        run_finetune(params(), raw, tmp_path / "pretrain", tmp_path / "out", tracker=MemoryTracker())
+
+
+def test_missing_pretrained_model_says_to_run_pretrain(tmp_path):
+    raw = make_raw(tmp_path, [{"instruction": "a", "input": "", "output": "b"}])
+    with pytest.raises(FileNotFoundError, match=r"run the pretrain stage first \(`dvc repro pretrain`\)"):
+        run_finetune(params(), raw, tmp_path / "nothing", tmp_path / "out", tracker=MemoryTracker())
+
+
+RUN = textwrap.dedent("""
+    import json, sys, torch
+    from pathlib import Path
+    torch.set_num_threads(1)
+    from llm.config import Params, from_mapping
+    from llm.finetune import run_finetune
+    from llm.tracking import MemoryTracker
+    raw, pretrain, out = (Path(a) for a in sys.argv[1:4])
+    run_finetune(from_mapping(Params, json.loads(sys.argv[4])), raw, pretrain, out, tracker=MemoryTracker())
+""")
+
+
+@pytest.mark.slow
+def test_a_killed_finetune_resumes_to_the_same_weights(stage):
+    raw, pretrain, out = stage
+    settings = json.dumps({"finetune": {**FINETUNE, "max_steps": 40, "checkpoint_interval": 5, "dropout": 0.1,
+                                        "sample_interval": 0}})
+
+    def start(folder: Path) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", RUN, str(raw), str(pretrain), str(folder), settings],
+                                env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin",
+                                     "TIKTOKEN_CACHE_DIR": str(ROOT.parent / "shared" / "tiktoken_cache")},
+                                stderr=subprocess.PIPE, text=True)
+
+    whole = start(out.with_name("whole"))
+    assert whole.wait(timeout=300) == 0, whole.stderr.read()
+    killed = start(out)
+    deadline = time.monotonic() + 300
+    while (latest_checkpoint(out) is None or latest_checkpoint(out).name < "step-000015"):
+        assert killed.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+        time.sleep(0.01)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    resumed = start(out)
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    expected = safetensors.torch.load_file(out.with_name("whole") / "model.safetensors")
+    actual = safetensors.torch.load_file(out / "model.safetensors")
+    assert all(torch.equal(expected[name], actual[name]) for name in expected)
