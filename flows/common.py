@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,17 @@ def stage_logger() -> logging.Logger | logging.LoggerAdapter:
 def write_metrics(path: str | Path, metrics: dict) -> None:
     """A stage's metrics file for `dvc metrics show/diff`, written atomically."""
     write_json_atomic(path, metrics)
+
+
+@contextmanager
+def tracked_run(stage: str, *, experiment: str, params_file: str,
+                params_to_log: Mapping[str, Any]) -> Iterator[MLflowTracker]:
+    """One MLflow run for a stage that does not train; its lineage tags are set again at the end, for
+    a stage that writes the very data they hash (download writes data/raw/manifest.json)."""
+    with MLflowTracker(experiment, stage, tags=lineage_tags(stage, params_file)) as tracker:
+        tracker.log_params(params_to_log)
+        yield tracker
+        tracker.set_tags(lineage_tags(stage, params_file))
 
 
 def tracked_training(

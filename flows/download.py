@@ -9,6 +9,7 @@ failures only; a 404 or a sha256 mismatch fails at once. Writes the files, their
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from prefect import flow, task
@@ -16,7 +17,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
 from prefect.tasks import exponential_backoff
 
-from flows.common import stage_logger, write_metrics
+from flows.common import stage_logger, tracked_run, write_metrics
 from llm import download as dl
 from llm.config import SourceConfig, load_params
 
@@ -38,18 +39,22 @@ def fetch_source(source: SourceConfig, raw_dir: Path, timeout_s: float) -> dict:
 def download(
     params_file: str = "params.yaml", raw_dir: str = "data/raw", metrics_file: str = "metrics/download.json"
 ) -> dict:
-    config = load_params(params_file).download
-    raw = Path(raw_dir)
-    for path in dl.prune_raw(raw, config.sources):
-        stage_logger().info("removed %s: no source names it any more", path)
-    fetch = fetch_source.with_options(
-        retries=config.retries, retry_delay_seconds=exponential_backoff(config.retry_delay_s)
-    )
-    futures = [fetch.submit(source, raw, config.timeout_s) for source in config.sources]
-    wait(futures)
-    entries = [future.result() for future in futures]  # raises the first failure, after all finished
-    dl.write_manifests(raw, entries)
-    metrics = {"files": len(entries), "bytes": sum(e["bytes"] for e in entries)}
+    params = load_params(params_file)
+    config, raw = params.download, Path(raw_dir)
+    with tracked_run("download", experiment=params.tracking.experiment, params_file=params_file,
+                     params_to_log={"download": dataclasses.asdict(config)}) as tracker:
+        for path in dl.prune_raw(raw, config.sources):
+            stage_logger().info("removed %s: no source names it any more", path)
+        fetch = fetch_source.with_options(
+            retries=config.retries, retry_delay_seconds=exponential_backoff(config.retry_delay_s)
+        )
+        futures = [fetch.submit(source, raw, config.timeout_s) for source in config.sources]
+        wait(futures)
+        entries = [future.result() for future in futures]  # raises the first failure, after all finished
+        dl.write_manifests(raw, entries)
+        metrics = {"files": len(entries), "bytes": sum(e["bytes"] for e in entries)}
+        tracker.log_metrics(metrics, step=0)
+        tracker.log_artifact(raw / "manifest.json")
     write_metrics(metrics_file, metrics)
     return metrics
 

@@ -8,9 +8,12 @@ Reads `data/raw/corpus/`, writes `data/shards/{train,val}/*.arrow` with `data/sh
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
 from prefect import flow
 
-from flows.common import stage_logger, write_metrics
+from flows.common import stage_logger, tracked_run, write_metrics
 from llm.config import load_params
 from llm.tokenize import tokenize_corpus
 
@@ -22,9 +25,13 @@ def tokenize(
     shards_dir: str = "data/shards",
     metrics_file: str = "metrics/tokenize.json",
 ) -> dict:
-    config = load_params(params_file).tokenize
-    result = tokenize_corpus(raw_dir, shards_dir, config)
-    metrics = result.metrics
+    params = load_params(params_file)
+    with tracked_run("tokenize", experiment=params.tracking.experiment, params_file=params_file,
+                     params_to_log={"tokenize": dataclasses.asdict(params.tokenize)}) as tracker:
+        result = tokenize_corpus(raw_dir, shards_dir, params.tokenize)
+        metrics = result.metrics
+        tracker.log_metrics(metrics, step=0)
+        tracker.log_artifact(Path(shards_dir) / "manifest.json")
     stage_logger().info(
         "%s docs, %s tokens (train %s, val %s) at %s tokens/s",
         *(f"{metrics[k]:,}" for k in ("docs", "tokens", "train_tokens", "val_tokens", "tokens_per_s")),

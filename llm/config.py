@@ -457,6 +457,24 @@ class EvaluateConfig:
             yield from check_positive("test_records", self.test_records)
 
 
+_CRON_FIELD = re.compile(r"[0-9A-Za-z*/,?LW#-]+")
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """When Prefect reruns the pipeline (`python -m flows.schedule`): `dvc repro`, then `dvc push`."""
+
+    cron: str = "0 3 * * *"  # minute hour day-of-month month day-of-week: every day at 03:00
+    timezone: str = "UTC"
+    push: bool = False  # push data and checkpoints to the DVC remote after each run
+    deployment: str = "scheduled"  # the Prefect deployment's name: pipeline/<deployment>
+
+    def problems(self) -> Iterator[Problem]:
+        fields = self.cron.split()
+        if len(fields) not in (5, 6) or not all(_CRON_FIELD.fullmatch(f) for f in fields):
+            yield "cron", f"must be a cron expression of 5 fields, e.g. '0 3 * * *' (daily at 03:00), got {self.cron!r}"
+
+
 @dataclass(frozen=True)
 class TrackingConfig:
     experiment: str = "llm-pipeline"  # the MLflow experiment every stage logs to
@@ -473,6 +491,7 @@ class Params:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
 
 def read_yaml(path: str | Path) -> Any:

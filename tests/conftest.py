@@ -32,6 +32,19 @@ def _prefect_home(tmp_path_factory: pytest.TempPathFactory):
         os.environ["PREFECT_HOME"] = old
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _mlflow_store(tmp_path_factory: pytest.TempPathFactory):
+    """Stages log to MLflow: send it to a store of the test session's own, never the project's."""
+    store = tmp_path_factory.mktemp("mlflow")
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store / 'mlflow.db'}"
+    yield store
+    if old is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = old
+
+
 @pytest.fixture(scope="session")
 def prefect_server(_prefect_home):
     """One real local Prefect API for the whole run; yields its URL (subprocesses can use it too)."""

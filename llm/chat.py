@@ -1,0 +1,81 @@
+"""Chat with the fine-tuned model in a terminal: each line you type is an instruction, put in the
+model's prompt format (the Alpaca prompt by default, as it was fine-tuned), and the answer streams back.
+
+    python -m llm.chat                                              # data/checkpoints/finetune
+    python -m llm.chat --checkpoint DIR --temperature 0.7 --max-new-tokens 200
+
+Give an instruction an input after ` || `, as in `Translate to German || Good morning`. An empty line or
+end of input (Ctrl-D) ends the chat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TextIO
+
+import torch
+
+from llm.checkpoint import CheckpointError, load_model, read_config
+from llm.config import ConfigError, from_mapping
+from llm.generate import Sampling, decode_stream, stream
+from llm.instructions import Record, prompt_text
+from llm.tokenizer import TokenizerError, get_tokenizer
+
+INPUT_SEPARATOR = " || "
+
+
+def instruction(line: str) -> Record:
+    text, _, extra = line.partition(INPUT_SEPARATOR)
+    return Record(instruction=text.strip(), input=extra.strip(), output="")
+
+
+def chat(checkpoint: Path, sampling: Sampling, max_new_tokens: int, device: str,
+         lines: TextIO = sys.stdin, out: TextIO = sys.stdout) -> None:
+    config = read_config(checkpoint)
+    style = config.extra.get("prompt_style", "alpaca")
+    tokenizer = get_tokenizer(config.tokenizer)
+    model = load_model(checkpoint, device)
+    interactive = lines.isatty()
+    while True:
+        if interactive:
+            out.write("> ")
+            out.flush()
+        line = lines.readline()
+        if not line.strip():
+            return
+        prompt = tokenizer.encode_ordinary(prompt_text(instruction(line), style))
+        tokens = stream(model, prompt, max_new_tokens, sampling, eos_id=tokenizer.eot_token)
+        for text in decode_stream(tokenizer, tokens):
+            out.write(text)
+            out.flush()
+        out.write("\n\n")
+        out.flush()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m llm.chat", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", type=Path, default=Path("data/checkpoints/finetune"))
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 (the default): greedy decoding")
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    try:
+        sampling = from_mapping(Sampling, {"temperature": args.temperature, "top_k": args.top_k,
+                                           "top_p": args.top_p, "seed": args.seed}, source="the command line")
+        chat(args.checkpoint, sampling, args.max_new_tokens, args.device)
+    except (CheckpointError, ConfigError, TokenizerError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""The whole journey, as a new user takes it: a real `git clone`, the README's pipeline command offline
+through the mirror (on tiny settings), and everything it promises afterwards."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import mlflow
+import pytest
+from ruamel.yaml import YAML
+
+from tests.conftest import SHARED_DATA, shared_file
+from tests.project import dvc, git, make_repo, stage_env, stages_run
+
+STAGES = ["download", "tokenize", "pretrain", "finetune", "evaluate"]
+TINY = {
+    "model": {"preset": "tiny"},
+    "pretrain": {"max_steps": 6, "batch_size": 4, "global_batch_size": 4, "eval_interval": 3, "eval_batches": 2,
+                 "sample_interval": 6, "checkpoint_interval": 3, "log_interval": 2, "warmup_steps": 2},
+    "finetune": {"epochs": None, "max_steps": 4, "batch_size": 4, "global_batch_size": 4, "eval_interval": 2,
+                 "eval_batches": 2, "sample_interval": 4, "checkpoint_interval": 2, "log_interval": 2,
+                 "max_length": 64},
+    "evaluate": {"test_records": 4, "max_new_tokens": 8, "examples": 2, "batch_size": 4},
+}
+
+
+def set_params(path, changes: dict) -> None:
+    yaml = YAML()
+    params = yaml.load(path)
+    for section, values in changes.items():
+        params[section].update(values)
+    yaml.dump(params, path)
+
+
+@pytest.mark.slow
+def test_a_fresh_clone_runs_the_pipeline_and_keeps_its_promises(tmp_path, prefect_server):
+    import subprocess
+
+    shared_file("tinyshakespeare.txt")  # the mirror must be there: this runs offline
+    source = make_repo(tmp_path / "source")
+    subprocess.run(["git", "clone", "-q", str(source), str(tmp_path / "clone")], check=True)
+    clone = tmp_path / "clone"
+    set_params(clone / "params.yaml", TINY)
+    git(clone, "commit", "-qam", "tiny settings for the test")
+    env = stage_env(prefect_server, LLM_VENV=sys.prefix, LLM_MIRROR_DIR=str(SHARED_DATA))
+    env.pop("MLFLOW_TRACKING_URI", None)  # the default: a SQLite store at the clone's root
+    started = time.time()
+
+    run = subprocess.run(["scripts/pipeline"], cwd=clone, env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert stages_run(run.stdout + run.stderr) == STAGES
+
+    for path in ("data/raw/manifest.json", "data/shards/manifest.json", "data/checkpoints/pretrain/model.safetensors",
+                 "data/checkpoints/finetune/model.safetensors", "data/checkpoints/finetune/split.json",
+                 "data/eval/report.md", "data/eval/responses.json", "plots/pretrain/loss.png"):
+        assert (clone / path).is_file(), path
+    for stage in STAGES:
+        assert json.loads((clone / f"metrics/{stage}.json").read_text()), stage
+    assert len(json.loads((clone / "data/eval/responses.json").read_text())) == 4
+
+    client = mlflow.MlflowClient(f"sqlite:///{clone / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("llm-pipeline").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == sorted(STAGES)
+    commits = {r.data.tags["pipeline.commit"] for r in runs}
+    assert len(commits) == 1 and all(r.info.status == "FINISHED" and r.data.metrics for r in runs)
+    assert len({r.data.tags["pipeline.params_sha256"] for r in runs}) == 1
+    champion = client.get_model_version_by_alias("gpt-instruct", "champion")
+    assert champion.tags["stage"] == "finetune"
+    assert client.get_registered_model("gpt-base").latest_versions
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterStartTime
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from datetime import datetime, timezone
+
+    with temporary_settings(updates={PREFECT_API_URL: prefect_server}), get_client(sync_client=True) as prefect:
+        since = datetime.fromtimestamp(started, tz=timezone.utc)
+        flow_runs = prefect.read_flow_runs(flow_run_filter=FlowRunFilter(
+            start_time=FlowRunFilterStartTime(after_=since)))
+        names = {prefect.read_flow(r.flow_id).name for r in flow_runs if r.state.is_completed()}
+    assert set(STAGES) <= names
+
+    again = dvc(clone, "repro", env=env)
+    assert stages_run(again) == [] and "Data and pipelines are up to date" in again
+
+    # Share the results: the lock, metrics and plots in git, data and checkpoints in the DVC remote.
+    git(clone, "add", "-A")
+    git(clone, "commit", "-qm", "pipeline results")
+    dvc(clone, "push", env=env)
+    assert (tmp_path / "llm-pipeline-dvc-remote").is_dir()  # the default remote: a folder beside the clone
+
+    # An experiment on a fine-tuning setting reruns exactly finetune and evaluate, and compares.
+    variant = dvc(clone, "exp", "run", "-n", "faster-lr", "-S", "finetune.lr=0.0005", "-S", "finetune.min_lr=0.0005",
+                  env=env)
+    assert stages_run(variant) == ["finetune", "evaluate"]
+    assert "faster-lr" in dvc(clone, "exp", "show", "--md", env=env)
+    assert "rouge_l_f1" in dvc(clone, "metrics", "diff", "--all", env=env)
+    dvc(clone, "plots", "diff", "-o", str(tmp_path / "plots"), env=env)
+    assert (tmp_path / "plots" / "index.html").is_file()
+
+    # Another clone pulls the data and checkpoints, and has nothing to reproduce.
+    subprocess.run(["git", "clone", "-q", str(clone), str(tmp_path / "clone2")], check=True)
+    dvc(tmp_path / "clone2", "pull", env=env)
+    assert stages_run(dvc(tmp_path / "clone2", "repro", env=env)) == []
