@@ -310,7 +310,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (minutes of warm-up; pays off on long GPU runs)
     batch_size: int = 8  # sequences per micro-batch, per process
     global_batch_size: int = 8  # sequences per optimizer step, over all processes; accumulates to it
-    max_steps: int = 300  # optimizer steps
+    max_steps: int = 300  # optimizer steps; 0: no training, the starting model is the result
     max_tokens: int | None = None  # a token budget instead: sets max_steps
     lr: float = 1e-3
     min_lr: float = 1e-4  # the cosine ends here
@@ -329,9 +329,10 @@ class TrainConfig:
     keep_checkpoints: int = 1  # resumable checkpoints kept; older ones are deleted
 
     def problems(self) -> Iterator[Problem]:
-        for key in ("batch_size", "global_batch_size", "max_steps", "lr", "log_interval", "eval_interval",
+        for key in ("batch_size", "global_batch_size", "lr", "log_interval", "eval_interval",
                     "eval_batches", "checkpoint_interval", "keep_checkpoints", "sample_tokens"):
             yield from check_positive(key, getattr(self, key))
+        yield from check_range("max_steps", self.max_steps, 0)
         if self.global_batch_size % self.batch_size:
             yield "global_batch_size", (f"must be a multiple of batch_size ({self.batch_size}), "
                                         f"got {self.global_batch_size}")

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from llm.checkpoint import CheckpointError, load_model, read_config
 from llm.config import ConfigError, Problem, check_range, from_mapping
-from llm.model import GPT
+from llm.model import GPT, eval_mode
 from llm.tokenizer import TokenizerError, get_tokenizer
 
 
@@ -86,17 +86,6 @@ def _left_pad(prompts: Sequence[Sequence[int]], device: torch.device) -> tuple[T
     return tokens.to(device), real.to(device)
 
 
-@contextlib.contextmanager
-def _eval_mode(model: GPT) -> Iterator[None]:
-    """Dropout off while generating; the model's mode (training, say) is restored afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
 def generate_steps(
     model: GPT,
     prompts: Sequence[Sequence[int]],
@@ -126,7 +115,7 @@ def _steps(
     tokens, real = _left_pad([prompt[-ctx:] for prompt in prompts], device)  # (B, P)
     padded = not bool(real.all())  # without padding the model needs no mask: its fast causal path
     generator = None if sampling.seed is None else torch.Generator(device).manual_seed(sampling.seed)
-    with _eval_mode(model), torch.inference_mode():
+    with eval_mode(model), torch.inference_mode():
         cache = model.new_cache(len(prompts)) if use_cache else None
         for _ in range(max_new_tokens):
             if cache is not None and tokens.size(1) <= ctx:

@@ -17,6 +17,7 @@ forward with a `KVCache`, a padding mask for left-padded batches, and position i
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Iterator
@@ -95,6 +96,17 @@ def model_config(preset: str | None = None, **overrides: Any) -> ModelConfig:
         known = ", ".join(PRESETS)
         raise ConfigError([("preset", f"unknown preset {preset!r}; known presets: {known}")], "model config")
     return ModelConfig.from_dict({**base, **overrides})
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Dropout off (for generating, measuring); the model's mode, training say, is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -17,16 +17,15 @@ targets as much as a full batch's, so the sums are taken here from the logits.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llm.model import eval_mode
 from llm.shards import IGNORE_INDEX, TokenStream, sequential_batches
 
 
@@ -36,17 +35,6 @@ class PerplexityResult:
     perplexity: float  # exp(loss)
     tokens: int  # targets scored: every token of the split but the first
     tokens_per_s: float
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Dropout off while measuring; the model's mode is restored afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 def perplexity(
@@ -70,7 +58,7 @@ def perplexity(
     tokens = 0
     start = time.perf_counter()
     autocast = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
-    with _eval_mode(model), torch.inference_mode(), autocast:
+    with eval_mode(model), torch.inference_mode(), autocast:
         for inputs, targets in sequential_batches(stream, context_length, batch_size):
             logits = model(inputs.to(device))
             total += F.cross_entropy(logits.flatten(0, 1).float(), targets.to(device).flatten(),

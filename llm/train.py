@@ -42,6 +42,7 @@ from llm.config import TrainConfig
 from llm.distributed import Dist
 from llm.files import atomic_dir, read_json, remove_temporaries, write_json_atomic
 from llm.hardware import autocast, peak_flops, resolve_device, train_dtype
+from llm.model import eval_mode
 from llm.optim import adamw, warmup_cosine
 from llm.tracking import Tracker
 
@@ -103,7 +104,7 @@ def accumulation_steps(config: TrainConfig, world_size: int) -> int:
 
 def total_steps(config: TrainConfig, context_length: int) -> int:
     if config.max_tokens is None:
-        return config.max_steps
+        return config.max_steps  # 0 trains nothing: the starting model is evaluated and saved as is
     return max(1, math.ceil(config.max_tokens / (config.global_batch_size * context_length)))
 
 
@@ -147,7 +148,6 @@ class Trainer:
         self.scheduler = warmup_cosine(self.optimizer, config.warmup_steps, self.max_steps,
                                        config.min_lr / config.lr)
         self.progress = Progress(fingerprint=fingerprint, run_id=run_id)
-        self._peak = peak_flops(self.device, self.dtype)
 
     # --- the loop -----------------------------------------------------------------------------------
 
@@ -176,8 +176,11 @@ class Trainer:
                     metrics = {"train_loss": sum(window_losses) / len(window_losses),
                                "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                                "tokens_per_s": rate, "tokens": float(progress.tokens)}
-                    if self._peak:
-                        metrics["mfu"] = rate * self.gpt.flops_per_token() / self._peak
+                    # Measured (on a CPU) at the first report, not at start-up, when the process is
+                    # still busy starting things (Prefect's temporary server) and the peak reads low.
+                    peak = peak_flops(self.device, self.dtype)
+                    if peak:
+                        metrics["mfu"] = rate * self.gpt.flops_per_token() / peak
                     self._report(metrics)
                     bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", lr=f"{metrics['lr']:.1e}",
                                     tok_s=f"{rate:,.0f}")
@@ -227,12 +230,11 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         """The mean loss over the fixed val batches (every process computes the same)."""
-        self.model.eval()
         losses = []
-        for x, y in self.val_batches:
-            with autocast(self.device, self.dtype):
-                losses.append(self.gpt(x.to(self.device), y.to(self.device)).float())
-        self.model.train()
+        with eval_mode(self.gpt):
+            for x, y in self.val_batches:
+                with autocast(self.device, self.dtype):
+                    losses.append(self.gpt(x.to(self.device), y.to(self.device)).float())
         return torch.stack(losses).mean().item() if losses else float("nan")
 
     def _report(self, metrics: dict[str, float]) -> None:
