@@ -21,6 +21,7 @@ import torch
 from llm.checkpoint import CheckpointError, load_model, read_config
 from llm.config import ConfigError, from_mapping
 from llm.generate import Sampling, decode_stream, stream
+from llm.hardware import inference_dtype
 from llm.instructions import Record, prompt_text
 from llm.tokenizer import TokenizerError, get_tokenizer
 
@@ -32,12 +33,13 @@ def instruction(line: str) -> Record:
     return Record(instruction=text.strip(), input=extra.strip(), output="")
 
 
-def chat(checkpoint: Path, sampling: Sampling, max_new_tokens: int, device: str,
+def chat(checkpoint: Path, sampling: Sampling, max_new_tokens: int, device: str, precision: str = "auto",
          lines: TextIO = sys.stdin, out: TextIO = sys.stdout) -> None:
     config = read_config(checkpoint)
     style = config.extra.get("prompt_style", "alpaca")
     tokenizer = get_tokenizer(config.tokenizer)
     model = load_model(checkpoint, device)
+    model.to(inference_dtype(torch.device(device), precision))
     interactive = lines.isatty()
     while True:
         if interactive:
@@ -64,11 +66,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                        help="auto: bf16 weights where the hardware runs bf16 fast")
     args = parser.parse_args(argv)
     try:
         sampling = from_mapping(Sampling, {"temperature": args.temperature, "top_k": args.top_k,
                                            "top_p": args.top_p, "seed": args.seed}, source="the command line")
-        chat(args.checkpoint, sampling, args.max_new_tokens, args.device)
+        chat(args.checkpoint, sampling, args.max_new_tokens, args.device, args.precision)
     except (CheckpointError, ConfigError, TokenizerError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

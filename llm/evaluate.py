@@ -23,7 +23,7 @@ from llm.config import EvaluateConfig
 from llm.finetune import SPLIT_FILE
 from llm.files import read_json
 from llm.generate import Sampling
-from llm.hardware import resolve_device, train_dtype
+from llm.hardware import inference_dtype, resolve_device, train_dtype
 from llm.instructions import TEMPLATES, prompt_text, read_split
 from llm.judge import JudgeResult, judge_responses
 from llm.perplexity import PerplexityResult, perplexity
@@ -81,6 +81,8 @@ def evaluate_models(config: EvaluateConfig, base_dir: str | Path, finetuned_dir:
     val = TokenStream.from_manifest(shards_dir, "val")
     losses = [perplexity(model, val, model.config.context_length, config.batch_size, device, autocast_dtype)
               for model in (base, finetuned)]
+    for model in (base, finetuned):  # answers are generated with bf16 weights where that is fast
+        model.to(inference_dtype(device, config.precision))
 
     if not (finetuned_dir / SPLIT_FILE).is_file():
         raise FileNotFoundError(f"{finetuned_dir / SPLIT_FILE} not found: run the finetune stage first "

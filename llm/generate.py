@@ -34,6 +34,7 @@ from torch import Tensor
 
 from llm.checkpoint import CheckpointError, load_model, read_config
 from llm.config import ConfigError, Problem, check_range, from_mapping
+from llm.hardware import inference_dtype
 from llm.model import GPT, eval_mode
 from llm.tokenizer import TokenizerError, get_tokenizer
 
@@ -203,6 +204,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                        help="auto: bf16 weights where the hardware runs bf16 fast (about twice the tokens/s)")
     parser.add_argument("--no-cache", action="store_true", help="recompute every position at every step")
     return parser.parse_args(argv)
 
@@ -219,6 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise CheckpointError(f"{args.checkpoint}: the model's vocab_size {config.model.vocab_size} does "
                                   f"not match tokenizer {config.tokenizer!r} ({tokenizer.n_vocab} tokens)")
         model = load_model(args.checkpoint, args.device)
+        model.to(inference_dtype(torch.device(args.device), args.precision))
         prompt = tokenizer.encode(args.prompt, allowed_special="all") or [tokenizer.eot_token]
         if len(prompt) > config.model.context_length:
             print(f"note: the prompt has {len(prompt)} tokens; the model sees its last "

@@ -47,6 +47,12 @@ def train_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
     return torch.float32
 
 
+def inference_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
+    """The dtype to generate in: bf16 weights where the hardware runs bf16 fast. Decoding a token is a
+    one-row product with every weight, bound by reading them: half the bytes, about twice the tokens/s."""
+    return train_dtype(device, precision)
+
+
 def autocast(device: torch.device, dtype: torch.dtype) -> AbstractContextManager:
     """Mixed precision for the forward pass; the weights and the optimizer stay fp32."""
     if dtype == torch.float32:

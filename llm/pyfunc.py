@@ -25,11 +25,15 @@ DEFAULT_PARAMS = {"max_new_tokens": 64, "temperature": 0.0, "top_k": 0, "top_p":
 
 class TextGenerator(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
+        import torch
+
         from llm.checkpoint import load_model, read_config
+        from llm.hardware import inference_dtype
         from llm.tokenizer import get_tokenizer
 
         checkpoint = Path(context.artifacts["checkpoint"])
         self.model = load_model(checkpoint)
+        self.model.to(inference_dtype(torch.device("cpu")))  # bf16 where the CPU runs it fast
         self.tokenizer = get_tokenizer(read_config(checkpoint).tokenizer)
 
     def predict(self, context, model_input, params: dict | None = None) -> list[str]:

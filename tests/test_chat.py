@@ -11,6 +11,7 @@ import torch
 from llm.chat import chat, instruction
 from llm.checkpoint import save_model
 from llm.generate import Sampling, generate
+from llm.hardware import inference_dtype
 from llm.instructions import Record, prompt_text
 from llm.model import GPT, model_config
 from llm.tokenizer import get_tokenizer
@@ -26,6 +27,7 @@ def test_each_line_is_answered_with_the_alpaca_prompt(tmp_path):
     torch.manual_seed(0)
     model = GPT(model_config("tiny")).eval()
     save_model(model, tmp_path / "ckpt", extra={"prompt_style": "alpaca"})
+    model.to(inference_dtype(torch.device("cpu")))  # as the chat generates
     out = io.StringIO()
     chat(tmp_path / "ckpt", Sampling(), 6, "cpu", lines=io.StringIO("Name a color\nSay hi\n\nignored\n"), out=out)
     enc = get_tokenizer()

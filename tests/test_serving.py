@@ -17,6 +17,7 @@ import torch
 
 from llm.checkpoint import save_model
 from llm.generate import Sampling, generate
+from llm.hardware import inference_dtype
 from llm.model import GPT, model_config
 from llm.tokenizer import get_tokenizer
 from llm.tracking import MLflowTracker, log_gpt_model, promote_if_better
@@ -64,6 +65,7 @@ def test_the_champion_is_served_and_answers_like_the_model(tmp_path, monkeypatch
         server.terminate()
         server.wait(timeout=30)
     enc = get_tokenizer()
+    model.to(inference_dtype(torch.device("cpu")))  # as the served model generates
     expected = [enc.decode(ids) for ids in generate(
         model, [enc.encode_ordinary(p) for p in body["inputs"]["prompt"]], 8, Sampling(), eos_id=enc.eot_token)]
     assert answers == expected
