@@ -292,7 +292,11 @@ def load_logged_gpt(model_uri: str, device: str = "cpu"):
     """The project's GPT from a logged model (`runs:/<id>/model`, `models:/<name>/<version>`, ...)."""
     import mlflow
 
-    return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().model.to(device)
+    from llm.checkpoint import load_model
+
+    # The checkpoint itself, in fp32: the pyfunc would give the model it serves, in bf16 where fast.
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
+    return load_model(local / "artifacts" / "checkpoint", device)
 
 
 # ---------------------------------------------------------------------------------------------------
