@@ -31,7 +31,7 @@ from llm.model import GPT
 from llm.pretrain import prompt_sampler
 from llm.tokenizer import get_tokenizer
 from llm.tracking import Tracker, file_sha256
-from llm.train import Trainer, TrainResult
+from llm.train import Trainer, TrainResult, code_sha256
 
 SPLIT_FILE = "split.json"
 
@@ -68,13 +68,13 @@ def starting_point(config: FinetuneConfig, pretrain_dir: str | Path) -> tuple[GP
 
 
 def fingerprint(params: Params, raw_dir: str | Path, pretrain_dir: str | Path) -> str:
-    """A hash of the settings, the starting weights and the data: what a resumable checkpoint must match."""
+    """A hash of the settings, starting weights, data and code: what a resumable checkpoint must match."""
     from llm.gpt2_weights import SIZES
 
     config = params.finetune
     start = config.init_from if config.init_from in SIZES else file_sha256(_start_folder(config, pretrain_dir) / MODEL_FILE)
     shape = {"finetune": dataclasses.asdict(config), "start": start,
-             "data": file_sha256(instruction_file(raw_dir, config.instructions))}
+             "data": file_sha256(instruction_file(raw_dir, config.instructions)), "code": code_sha256()}
     return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()
 
 

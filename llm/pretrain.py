@@ -27,7 +27,7 @@ from llm.model import GPT, ModelConfig
 from llm.shards import RandomWindows, ShardError, TokenStream, to_batch, read_manifest
 from llm.tokenizer import get_tokenizer
 from llm.tracking import Tracker, file_sha256
-from llm.train import Batch, Sampler, Trainer, TrainResult
+from llm.train import Batch, Sampler, Trainer, TrainResult, code_sha256
 
 ARCHITECTURE = ("vocab_size", "context_length", "n_embd", "n_head", "n_layer", "qkv_bias", "tie_weights")
 
@@ -89,9 +89,9 @@ def initial_model(params: Params, manifest: dict) -> GPT:
 
 
 def fingerprint(params: Params, shards_dir: str | Path) -> str:
-    """A hash of everything that shapes the run: a checkpoint with another one is not resumed."""
+    """A hash of all that shapes the run (settings, data, code): a checkpoint with another is not resumed."""
     shape = {"model": params.model.build().to_dict(), "pretrain": dataclasses.asdict(params.pretrain),
-             "shards": file_sha256(Path(shards_dir) / "manifest.json")}
+             "shards": file_sha256(Path(shards_dir) / "manifest.json"), "code": code_sha256()}
     return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()
 
 

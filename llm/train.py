@@ -22,6 +22,7 @@ A NaN or infinite loss stops training before the optimizer applies it, leaving t
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import math
 import shutil
@@ -92,6 +93,15 @@ class TrainResult:
     progress: Progress
     metrics: dict[str, float]  # the final figures, for metrics/<stage>.json
     model: nn.Module  # the trained GPT (unwrapped from compile and DDP), on the training device
+
+
+def code_sha256() -> str:
+    """A hash of the library's source. Part of every run's fingerprint: DVC reruns a training stage when
+    its code changes, and the rerun must then train, not resume the finished run of the old code."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
 
 
 def accumulation_steps(config: TrainConfig, world_size: int) -> int:

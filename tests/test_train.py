@@ -122,6 +122,16 @@ def test_other_settings_start_over_instead_of_resuming(tmp_path, shards):
     assert tracker.series("val_loss")[0][0] == 0  # evaluated at step 0: a fresh start
 
 
+def test_new_code_starts_over_instead_of_resuming_a_finished_run(tmp_path, shards, monkeypatch):
+    import llm.pretrain
+
+    run_pretrain(params(max_steps=5), shards, tmp_path / "out", tracker=MemoryTracker())
+    monkeypatch.setattr(llm.pretrain, "code_sha256", lambda: "the code after an edit")
+    tracker = MemoryTracker()
+    run_pretrain(params(max_steps=5), shards, tmp_path / "out", tracker=tracker)
+    assert [step for step, _ in tracker.series("train_loss")] == [2, 4, 5]  # trained again, from the start
+
+
 class NaNAfter:
     """Wraps a model's forward so that its loss turns NaN from the `after`-th call on."""
 
