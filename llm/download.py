@@ -213,7 +213,8 @@ def _stream(response: BinaryIO, out: BinaryIO, digest, offset: int, total: int |
                 chunk = response.read(_CHUNK_BYTES)
             except (TimeoutError, ConnectionError, HTTPException) as exc:
                 out.flush()  # keep what arrived: the next attempt resumes from it
-                raise TransientDownloadError(f"{label}: download of {url} broke off at {received} bytes: {exc}") from exc
+                broke = f"{label}: download of {url} broke off at {received} bytes: {exc}"
+                raise TransientDownloadError(broke) from exc
             if not chunk:
                 return received
             out.write(chunk)

@@ -50,7 +50,8 @@ def instruction_file(raw_dir: str | Path, source: str) -> Path:
 def _start_folder(config: FinetuneConfig, pretrain_dir: str | Path) -> Path:
     folder = Path(pretrain_dir if config.init_from == "pretrain" else config.init_from)
     if not folder.is_dir():
-        hint = "run the pretrain stage first (`dvc repro pretrain`)" if config.init_from == "pretrain" else "fix the path"
+        hint = ("run the pretrain stage first (`dvc repro pretrain`)" if config.init_from == "pretrain"
+                else "fix the path")
         raise FileNotFoundError(f"finetune.init_from: {folder} is not a checkpoint folder; {hint}")
     return folder
 
@@ -72,7 +73,10 @@ def fingerprint(params: Params, raw_dir: str | Path, pretrain_dir: str | Path) -
     from llm.gpt2_weights import SIZES
 
     config = params.finetune
-    start = config.init_from if config.init_from in SIZES else file_sha256(_start_folder(config, pretrain_dir) / MODEL_FILE)
+    if config.init_from in SIZES:
+        start = config.init_from
+    else:
+        start = file_sha256(_start_folder(config, pretrain_dir) / MODEL_FILE)
     shape = {"finetune": dataclasses.asdict(config), "start": start,
              "data": file_sha256(instruction_file(raw_dir, config.instructions)), "code": code_sha256()}
     return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()

@@ -30,10 +30,9 @@ import re
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
-from urllib.parse import urlparse
 
 from llm.config import ConfigError, JudgeConfig
 

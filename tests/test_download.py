@@ -76,7 +76,8 @@ def test_503_is_retried_then_succeeds(tmp_path, body):
 def test_404_fails_at_once_naming_the_source(tmp_path):
     with FileServer() as server:
         with pytest.raises(dl.DownloadError) as info:
-            dl.fetch_with_retries(server.url("/gone.txt"), tmp_path / "gone.txt", None, label="corpus-x", retry_delay_s=0)
+            dl.fetch_with_retries(server.url("/gone.txt"), tmp_path / "gone.txt", None, label="corpus-x",
+                                  retry_delay_s=0)
     assert not isinstance(info.value, dl.TransientDownloadError)
     assert str(info.value).startswith(f"corpus-x: HTTP 404 Not Found from {server.url('/gone.txt')}")
     assert len(server.requests) == 1

@@ -1,7 +1,6 @@
 import math
 
 import pytest
-import torch
 
 from llm.model import GPT, model_config
 from llm.optim import adamw, lr_factor, warmup_cosine

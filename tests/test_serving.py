@@ -11,7 +11,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-import mlflow
 import pytest
 import torch
 
