@@ -25,13 +25,14 @@ def finetune(params_file: str = "params.yaml", raw_dir: str = "data/raw",
              pretrain_dir: str = "data/checkpoints/pretrain", out_dir: str = "data/checkpoints/finetune",
              metrics_file: str = "metrics/finetune.json", plots_dir: str = "plots/finetune") -> dict:
     params = load_params(params_file)
+    run_fingerprint = fingerprint(params, raw_dir, pretrain_dir)  # hashes the starting weights: once
     return tracked_training(
         "finetune", experiment=params.tracking.experiment, params_file=params_file,
         params_to_log={"finetune": dataclasses.asdict(params.finetune)},
-        fingerprint=fingerprint(params, raw_dir, pretrain_dir), out_dir=out_dir, metrics_file=metrics_file,
+        fingerprint=run_fingerprint, out_dir=out_dir, metrics_file=metrics_file,
         plots_dir=plots_dir, registered_model=params.finetune.registered_model,
         train=lambda tracker, dist, run_id: run_finetune(params, raw_dir, pretrain_dir, out_dir, tracker=tracker,
-                                                         dist=dist, run_id=run_id))
+                                                         dist=dist, run_id=run_id, run_fingerprint=run_fingerprint))
 
 
 if __name__ == "__main__":

@@ -259,7 +259,7 @@ class TokenizeConfig:
 
     def problems(self) -> Iterator[Problem]:
         yield from check_range("val_fraction", self.val_fraction, 0, 1, closed="()")
-        yield from check_range("tokens_per_shard", self.tokens_per_shard, 1024)
+        yield from check_range("tokens_per_shard", self.tokens_per_shard, 1024, 2**31 - 1)  # int32 Arrow offsets
         yield from check_range("num_threads", self.num_threads, 0)
         if self.doc_separator == "":
             yield "doc_separator", "must be a non-empty string, or null for one document per text file"

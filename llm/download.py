@@ -48,6 +48,14 @@ class TransientDownloadError(DownloadError):
     """A download that failed for a passing reason: retrying may succeed."""
 
 
+class ChecksumMismatch(DownloadError):
+    """The bytes are not the pinned ones (permanent); `actual` is their sha256."""
+
+    def __init__(self, message: str, actual: str):
+        super().__init__(message)
+        self.actual = actual
+
+
 @dataclass(frozen=True)
 class FetchResult:
     path: Path
@@ -80,21 +88,19 @@ def fetch(
     mirror = mirror_folder(mirror_dir)
     if mirror is not None and (mirror / dest.name).is_file():
         candidate = mirror / dest.name
-        actual = sha256_file(candidate)
-        if sha256 is None or actual == sha256:
-            _copy_verified(candidate, dest, sha256, label, url)
-            return _result(dest, "mirror", sha256, label)
-        log.warning("%s: mirror file %s has sha256 %s, not %s; ignoring it", label, candidate, actual, sha256)
+        try:  # verified as it is copied: the mirror file is read once
+            return _result(dest, "mirror", _copy_verified(candidate, dest, sha256, label, url), sha256, label)
+        except ChecksumMismatch as exc:
+            log.warning("%s: mirror file %s has sha256 %s, not %s; ignoring it", label, candidate, exc.actual, sha256)
 
     local = _local_path(url)
     if local is not None:
         if not local.is_file():
             raise DownloadError(f"{label}: {local} does not exist; fix the source's url in params.yaml")
-        _copy_verified(local, dest, sha256, label, url)
-        return _result(dest, "local", sha256, label)
+        return _result(dest, "local", _copy_verified(local, dest, sha256, label, url), sha256, label)
 
-    _http_fetch(url, dest, sha256, timeout_s=timeout_s, label=label)
-    return _result(dest, "network", sha256, label)
+    actual = _http_fetch(url, dest, sha256, timeout_s=timeout_s, label=label)
+    return _result(dest, "network", actual, sha256, label)
 
 
 def fetch_with_retries(
@@ -124,8 +130,7 @@ def fetch_with_retries(
 # ---------------------------------------------------------------------------------------------------
 
 
-def _result(dest: Path, origin: str, sha256: str | None, label: str) -> FetchResult:
-    actual = sha256 or sha256_file(dest)
+def _result(dest: Path, origin: str, actual: str, sha256: str | None, label: str) -> FetchResult:
     if sha256 is None:
         log.warning("%s: no sha256 pinned; the file fetched has sha256 %s: add it to params.yaml", label, actual)
     return FetchResult(dest, actual, dest.stat().st_size, origin)  # type: ignore[arg-type]
@@ -140,14 +145,15 @@ def _local_path(url: str) -> Path | None:
     return Path(url).expanduser()
 
 
-def _mismatch(label: str, url: str, expected: str, actual: str) -> DownloadError:
-    return DownloadError(
+def _mismatch(label: str, url: str, expected: str, actual: str) -> ChecksumMismatch:
+    return ChecksumMismatch(
         f"{label}: sha256 mismatch for {url}: expected {expected}, got {actual}. The file was not kept; "
-        f"if the source changed on purpose, update its sha256 in params.yaml"
+        f"if the source changed on purpose, update its sha256 in params.yaml", actual
     )
 
 
-def _copy_verified(src: Path, dest: Path, sha256: str | None, label: str, url: str) -> None:
+def _copy_verified(src: Path, dest: Path, sha256: str | None, label: str, url: str) -> str:
+    """Copy `src` to `dest` atomically, hashing as it goes; returns the sha256."""
     with atomic_path(dest) as tmp:
         digest = hashlib.sha256()
         with open(src, "rb") as fin, open(tmp, "wb") as fout:
@@ -156,6 +162,7 @@ def _copy_verified(src: Path, dest: Path, sha256: str | None, label: str, url: s
                 fout.write(chunk)
         if sha256 is not None and digest.hexdigest() != sha256:
             raise _mismatch(label, url, sha256, digest.hexdigest())
+    return digest.hexdigest()
 
 
 def _open_url(url: str, offset: int, timeout_s: float, label: str):
@@ -174,7 +181,7 @@ def _open_url(url: str, offset: int, timeout_s: float, label: str):
         raise TransientDownloadError(f"{label}: could not reach {url}: {reason}") from exc
 
 
-def _http_fetch(url: str, dest: Path, sha256: str | None, *, timeout_s: float, label: str) -> None:
+def _http_fetch(url: str, dest: Path, sha256: str | None, *, timeout_s: float, label: str) -> str:
     # A stable part name (not a random one) so that the next attempt finds it and resumes.
     part = dest.with_name(f"{TMP_PREFIX}{dest.name}.part")
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -203,6 +210,7 @@ def _http_fetch(url: str, dest: Path, sha256: str | None, *, timeout_s: float, l
     with open(part, "rb") as f:
         os.fsync(f.fileno())
     os.replace(part, dest)
+    return actual
 
 
 def _stream(response: BinaryIO, out: BinaryIO, digest, offset: int, total: int | None, label: str, url: str) -> int:

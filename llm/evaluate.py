@@ -75,8 +75,9 @@ def evaluate_models(config: EvaluateConfig, base_dir: str | Path, finetuned_dir:
     dtype = train_dtype(device, config.precision)
     autocast_dtype = None if dtype == torch.float32 else dtype
     base, finetuned = load_model(base_dir, device), load_model(finetuned_dir, device)
-    tokenizer = get_tokenizer(read_config(finetuned_dir).tokenizer)
-    style = read_config(finetuned_dir).extra.get("prompt_style", "alpaca")
+    tuned = read_config(finetuned_dir)
+    tokenizer = get_tokenizer(tuned.tokenizer)
+    style = tuned.extra.get("prompt_style", "alpaca")
 
     val = TokenStream.from_manifest(shards_dir, "val")
     losses = [perplexity(model, val, model.config.context_length, config.batch_size, device, autocast_dtype)

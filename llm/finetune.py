@@ -93,7 +93,8 @@ def prepare_split(path: Path, config: FinetuneConfig, out_dir: Path) -> Split:
 
 
 def run_finetune(params: Params, raw_dir: str | Path, pretrain_dir: str | Path, out_dir: str | Path, *,
-                 tracker: Tracker, dist: Dist = Dist(), run_id: str | None = None) -> TrainResult:
+                 tracker: Tracker, dist: Dist = Dist(), run_id: str | None = None,
+                 run_fingerprint: str | None = None) -> TrainResult:
     """Fine-tune and leave the model (LoRA merged), its history and `split.json` in `out_dir`."""
     config, out_dir = params.finetune, Path(out_dir)
     data = instruction_file(raw_dir, config.instructions)
@@ -119,7 +120,7 @@ def run_finetune(params: Params, raw_dir: str | Path, pretrain_dir: str | Path, 
     extra = {"stage": "finetune", "init_from": config.init_from, "prompt_style": config.prompt_style,
              "lora_rank": config.lora_rank, "trainable_parameters": trainable_parameters(model)}
     trainer = Trainer(model, batches, val_batches, config, out_dir,
-                      fingerprint=fingerprint(params, raw_dir, pretrain_dir), tracker=tracker,
+                      fingerprint=run_fingerprint or fingerprint(params, raw_dir, pretrain_dir), tracker=tracker,
                       tokenizer=tokenizer, sampler=sampler, run_id=run_id, dist=dist, checkpoint_extra=extra,
                       export=merge_lora if config.lora_rank else None)
     return trainer.fit()

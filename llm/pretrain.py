@@ -109,7 +109,7 @@ def prompt_sampler(tokenizer: str, prompt: str, max_new_tokens: int, seed: int) 
 
 
 def run_pretrain(params: Params, shards_dir: str | Path, out_dir: str | Path, *, tracker: Tracker,
-                 dist: Dist = Dist(), run_id: str | None = None) -> TrainResult:
+                 dist: Dist = Dist(), run_id: str | None = None, run_fingerprint: str | None = None) -> TrainResult:
     """Train on `shards_dir`, resuming from `out_dir`'s latest matching checkpoint; the model ends there."""
     manifest = read_manifest(shards_dir)
     config = params.pretrain
@@ -121,8 +121,8 @@ def run_pretrain(params: Params, shards_dir: str | Path, out_dir: str | Path, *,
     sampler = (prompt_sampler(manifest["tokenizer"], config.sample_prompt, config.sample_tokens, config.seed)
                if config.sample_interval else None)
     trainer = Trainer(
-        model, batches, val, config, out_dir, fingerprint=fingerprint(params, shards_dir), tracker=tracker,
-        tokenizer=manifest["tokenizer"], sampler=sampler, run_id=run_id, dist=dist,
+        model, batches, val, config, out_dir, fingerprint=run_fingerprint or fingerprint(params, shards_dir),
+        tracker=tracker, tokenizer=manifest["tokenizer"], sampler=sampler, run_id=run_id, dist=dist,
         checkpoint_extra={"stage": "pretrain", "init_from": config.init_from,
                           "shards_manifest_sha256": file_sha256(Path(shards_dir) / "manifest.json")})
     return trainer.fit()

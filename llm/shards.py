@@ -28,7 +28,6 @@ from llm.files import atomic_path, read_json
 from llm.loss import IGNORE_INDEX
 
 COLUMN = "input_ids"
-MAX_TOKENS_PER_SHARD = 2**31 - 1  # Arrow list offsets are int32
 
 
 class ShardError(ValueError):

@@ -30,7 +30,7 @@ from llm.config import TokenizeConfig
 from llm.documents import CorpusError, Piece, in_validation, read_records, read_text
 from llm.download import read_manifest as read_raw_manifest
 from llm.files import atomic_dir, write_json_atomic
-from llm.shards import MAX_TOKENS_PER_SHARD, ShardWriter
+from llm.shards import ShardWriter
 from llm.tokenizer import get_tokenizer, token_dtype
 
 SPLITS = ("train", "val")
@@ -73,7 +73,7 @@ def _bounded_map(pool: ThreadPoolExecutor, fn, items, in_flight: int) -> Iterato
     """(item, fn(item)) in order, with at most `in_flight` calls pending: memory stays flat."""
     pending: collections.deque[tuple[object, Future]] = collections.deque()
     for item in items:
-        pending.append((item, pool.submit(fn, item[1].text)))
+        pending.append((item, pool.submit(fn, item)))
         if len(pending) >= in_flight:
             done, future = pending.popleft()
             yield done, future.result()
@@ -90,14 +90,12 @@ def tokenize_corpus(raw_dir: str | Path, shards_dir: str | Path, config: Tokeniz
     for path in paths:
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: run the download stage first (`dvc repro download`)")
-    if config.tokens_per_shard > MAX_TOKENS_PER_SHARD:
-        raise ValueError(f"tokenize.tokens_per_shard must be at most {MAX_TOKENS_PER_SHARD}")
     enc = get_tokenizer(config.tokenizer)
     dtype = token_dtype(enc.n_vocab)
     threads = config.num_threads or os.cpu_count() or 1
 
-    def encode(text: str) -> np.ndarray:
-        return np.array(enc.encode_ordinary(text), dtype=dtype)
+    def encode(item: tuple[str, Piece]) -> np.ndarray:
+        return np.array(enc.encode_ordinary(item[1].text), dtype=dtype)
 
     started = time.perf_counter()
     sources = []

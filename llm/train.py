@@ -38,10 +38,10 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from llm import distributed
-from llm.checkpoint import MODEL_FILE, unwrap, write_model_files
+from llm.checkpoint import CONFIG_FILE, MODEL_FILE, unwrap, write_model_files
 from llm.config import TrainConfig
 from llm.distributed import Dist
-from llm.files import atomic_dir, read_json, remove_temporaries, write_json_atomic
+from llm.files import atomic_dir, read_json, remove_temporaries, temporary_sibling, write_json_atomic
 from llm.hardware import autocast, peak_flops, resolve_device, train_dtype
 from llm.model import eval_mode
 from llm.optim import adamw, warmup_cosine
@@ -287,6 +287,7 @@ class Trainer:
         return folder
 
     def _resume(self) -> bool:
+        remove_temporaries(self.out_dir)
         remove_temporaries(self.out_dir / RESUME_DIR)
         checkpoint = latest_checkpoint(self.out_dir)
         if checkpoint is None:
@@ -315,11 +316,14 @@ class Trainer:
         if self.dist.is_main:
             extra = {"step": self.progress.step, "tokens": self.progress.tokens, **self.checkpoint_extra}
             model = self.export(self.gpt) if self.export else self.gpt
-            with atomic_dir(self.out_dir / ".final") as tmp:
+            tmp = temporary_sibling(self.out_dir / "final")  # a .tmp- name: a killed run's leftover is cleaned
+            tmp.mkdir(parents=True)
+            try:
                 write_model_files(model, tmp, self.tokenizer, extra=extra)
                 write_json_atomic(tmp / HISTORY_FILE, self.progress.history)
-            for name in (MODEL_FILE, HISTORY_FILE, "config.json"):
-                (self.out_dir / ".final" / name).replace(self.out_dir / name)
-            shutil.rmtree(self.out_dir / ".final")
+                for name in (MODEL_FILE, HISTORY_FILE, CONFIG_FILE):  # config.json last: it names the model
+                    (tmp / name).replace(self.out_dir / name)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
         distributed.barrier(self.dist)
 
