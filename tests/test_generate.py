@@ -108,6 +108,17 @@ def test_sampling_draws_only_from_the_allowed_tokens_and_from_all_of_them(sampli
     assert drawn == allowed
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_picks_the_first_of_tied_maxima_as_argmax_does(dtype):
+    logits = torch.randn(6, 50257).to(dtype)
+    logits[0, [5, 9, 40000]] = 100  # a tie of three
+    logits[1] = 0  # a row that is all ties
+    logits[2, -1] = 100  # the last token
+    picked = sample_next(logits, Sampling())
+    assert picked.tolist() == logits.argmax(dim=-1).tolist()
+    assert picked[:3].tolist() == [5, 0, 50256]
+
+
 def test_bad_settings_are_named():
     model = GPT(model_config("tiny", vocab_size=VOCAB))
     with pytest.raises(ConfigError) as info:
