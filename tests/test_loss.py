@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import llm.loss
 from llm.loss import IGNORE_INDEX, linear_cross_entropy
 
 
@@ -46,3 +47,31 @@ def test_under_bf16_autocast_it_stays_close_to_the_plain_path():
     torch.testing.assert_close(fused, reference.float(), atol=2e-2, rtol=1e-2)
     fused.backward()
     assert hidden.grad.dtype == torch.float32 and weight.grad.dtype == torch.float32
+
+
+def test_steps_reuse_the_gradient_buffer_and_overlapping_graphs_stay_correct():
+    hidden = torch.randn(40, 8, requires_grad=True)
+    weight = torch.randn(90, 8, requires_grad=True)
+    targets = torch.randint(0, 90, (40,))
+    expected = torch.autograd.grad(plain(hidden, weight, targets) + plain(2 * hidden, weight, targets), hidden)[0]
+    # Two forwards before their backwards: the second may not take the first's buffer.
+    first = linear_cross_entropy(hidden, weight, targets, chunk_rows=16)
+    second = linear_cross_entropy(2 * hidden, weight, targets, chunk_rows=16)
+    torch.testing.assert_close(torch.autograd.grad(first + second, hidden)[0], expected)
+    # Step after step, the buffer given back by one backward is the one the next forward writes into.
+    given_back = []
+    for _ in range(2):
+        linear_cross_entropy(hidden, weight, targets, chunk_rows=16).backward()
+        (spare,) = [b for b in llm.loss._spare.buffers.values() if b.shape == (40, 90)]
+        given_back.append(spare.data_ptr())
+    assert given_back[0] == given_back[1]
+
+
+def test_a_retained_graph_whose_buffer_was_reused_refuses_a_second_backward():
+    hidden = torch.randn(40, 8, requires_grad=True)
+    weight, targets = torch.randn(90, 8), torch.randint(0, 90, (40,))
+    loss = linear_cross_entropy(hidden, weight, targets)
+    loss.backward(retain_graph=True)
+    linear_cross_entropy(hidden, weight, targets)  # takes and rewrites the buffer `loss` still holds
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
