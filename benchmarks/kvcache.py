@@ -8,9 +8,9 @@ on them). The 1 + 255 tokens fed in fill the context exactly, so the cached run 
 recomputation. Both paths produce the same tokens (checked first), and both run the head on the last
 position only, so the ratio is the cache's own gain. Median of 5 interleaved repeats after a warm-up,
 in fp32 and, where the CPU runs bf16 fast, in bf16, the dtype the project generates in there (about two
-minutes on 2 cores, with the batch below). Also printed: the head's time per token, a floor no cache removes, and the speed-up at
-the batch of 8 prompts the evaluate stage decodes with (`evaluate.generate_batch_size`): there the head's
-weights are read once for 8 rows. The last line is the single prompt's cached tokens/s over uncached
+minutes on 2 cores, with the batch below). Also printed: the head's time per token, a floor no cache
+removes, and the speed-up at the batch of 8 prompts the evaluate stage decodes with
+(`evaluate.generate_batch_size`): there the head's weights are read once for 8 rows. The last line is the single prompt's cached tokens/s over uncached
 tokens/s in the dtype the project generates in: `kvcache_speedup=...`.
 """
 
@@ -59,14 +59,13 @@ def main() -> None:
         raise SystemExit("cached and uncached decoding disagree: fix that before timing them")
     speedups = {"fp32": measure(model, "fp32")}
     fast = inference_dtype(torch.device("cpu"))
-    if fast != torch.float32:  # what the project generates in on this machine
+    project = "fp32" if fast == torch.float32 else "bf16"  # what the project generates in on this machine
+    if project == "bf16":
         speedups["bf16"] = measure(model.to(fast), "bf16")
-    headline = speedups.get("bf16", speedups["fp32"])
-    dtype = str(fast).removeprefix("torch.").replace("bfloat16", "bf16").replace("float32", "fp32")
-    batched = measure(model, dtype, batch_size=EVALUATE_BATCH, repeats=3)
+    batched = measure(model, project, batch_size=EVALUATE_BATCH, repeats=3)
     print("speed-up of the cache, one prompt: " + ", ".join(f"{k} {v:.2f}x" for k, v in speedups.items())
-          + f"; {EVALUATE_BATCH} prompts ({dtype}): {batched:.2f}x")
-    print(f"kvcache_speedup={headline:.1f}")
+          + f"; {EVALUATE_BATCH} prompts ({project}): {batched:.2f}x")
+    print(f"kvcache_speedup={speedups[project]:.1f}")
 
 
 if __name__ == "__main__":
