@@ -21,7 +21,7 @@ import torch
 from benchmarks.common import time_interleaved
 from llm.config import EvaluateConfig
 from llm.generate import generate
-from llm.hardware import inference_dtype
+from llm.hardware import inference_dtype, measured_matmul_flops
 from llm.model import GPT, model_config
 
 NEW_TOKENS = 256
@@ -57,9 +57,12 @@ def main() -> None:
           f"cpu-small, {NEW_TOKENS} new tokens, greedy")
     if generate(model, [[EOT]], NEW_TOKENS) != generate(model, [[EOT]], NEW_TOKENS, use_cache=False):
         raise SystemExit("cached and uncached decoding disagree: fix that before timing them")
-    speedups = {"fp32": measure(model, "fp32")}
     fast = inference_dtype(torch.device("cpu"))
     project = "fp32" if fast == torch.float32 else "bf16"  # what the project generates in on this machine
+    print(f"matmul fp32 {measured_matmul_flops(torch.float32) / 1e9:.0f} GFLOP/s, "
+          f"bf16 {measured_matmul_flops(torch.bfloat16) / 1e9:.0f} GFLOP/s: the project generates in {project} "
+          f"here (bf16 where the CPU computes it natively)")
+    speedups = {"fp32": measure(model, "fp32")}
     if project == "bf16":
         speedups["bf16"] = measure(model.to(fast), "bf16")
     batched = measure(model, project, batch_size=EVALUATE_BATCH, repeats=3)
