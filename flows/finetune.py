@@ -14,7 +14,7 @@ import dataclasses
 
 from prefect import flow
 
-from flows.common import tracked_training
+from flows.training import tracked_training
 from llm import distributed
 from llm.config import load_params
 from llm.finetune import fingerprint, run_finetune

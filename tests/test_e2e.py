@@ -4,6 +4,7 @@ through the mirror (on tiny settings), and everything it promises afterwards."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 
@@ -84,6 +85,13 @@ def test_a_fresh_clone_runs_the_pipeline_and_keeps_its_promises(tmp_path, prefec
 
     again = dvc(clone, "repro", env=env)
     assert stages_run(again) == [] and "Data and pipelines are up to date" in again
+
+    # Code is a dep too: an edit to the module that picks the training dtype makes the stages that run it stale.
+    with (clone / "llm/hardware.py").open("a") as module:
+        module.write("# edited\n")
+    stale = re.findall(r"^(\w+):\s*$", dvc(clone, "status", env=env), flags=re.MULTILINE)
+    assert set(stale) == {"pretrain", "finetune", "evaluate"}
+    git(clone, "checkout", "llm/hardware.py")
 
     # Share the results: the lock, metrics and plots in git, data and checkpoints in the DVC remote.
     git(clone, "add", "-A")
