@@ -38,4 +38,3 @@ def test_an_explicit_precision_overrides_the_hardware(monkeypatch):
     assert train_dtype(CPU, "bf16") == torch.bfloat16
     pretend_cpu(monkeypatch, **{**AVX512, "amx_bf16": True})
     assert train_dtype(CPU, "fp32") == torch.float32
-

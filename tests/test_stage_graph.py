@@ -22,18 +22,20 @@ def module_path(module: str) -> str | None:
     return path.relative_to(ROOT).as_posix() if path.is_file() else None
 
 
+def _run_on_import(tree: ast.Module) -> Iterator[ast.stmt]:
+    """The statements a module's import runs: all but those inside functions and classes."""
+    todo = list(tree.body)
+    while todo:
+        node = todo.pop()
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            yield node
+            todo += [child for child in ast.iter_child_nodes(node) if isinstance(child, ast.stmt)]
+
+
 def _imports(tree: ast.Module, *, at_import_time: bool) -> Iterator[str]:
-    """The project module names a module imports: all of them, or only those its import itself runs
-    (not the imports inside functions and classes, which run only if they are called)."""
-    nodes = ast.walk(tree)
-    if at_import_time:
-        nodes, todo = [], list(tree.body)
-        while todo:
-            node = todo.pop()
-            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-                nodes.append(node)
-                todo += [child for child in ast.iter_child_nodes(node) if isinstance(child, ast.stmt)]
-    for node in nodes:
+    """The module names a module imports: all of them, or only those its import itself runs (the
+    imports inside functions and classes run only if they are called)."""
+    for node in _run_on_import(tree) if at_import_time else ast.walk(tree):
         if isinstance(node, ast.Import):
             yield from (alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module:
