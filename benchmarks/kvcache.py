@@ -7,11 +7,20 @@ Greedy decoding of 256 new tokens from a one-token prompt (end-of-text) with the
 on them). The 1 + 255 tokens fed in fill the context exactly, so the cached run never falls back to
 recomputation. Both paths produce the same tokens (checked first), and both run the head on the last
 position only, so the ratio is the cache's own gain. Median of 5 interleaved repeats after a warm-up,
-in fp32 and, where the CPU runs bf16 fast, in bf16, the dtype the project generates in there (about two
-minutes on 2 cores, with the batch below). Also printed: the head's time per token, a floor no cache
+in fp32 and, where the CPU runs bf16 fast, in bf16, the dtype the project generates in there (about four
+minutes on 2 cores, with the batch and the book's loop below). Also printed: the head's time per token, a floor no cache
 removes, and the speed-up at the batch of 8 prompts the evaluate stage decodes with
-(`evaluate.generate_batch_size`): there the head's weights are read once for 8 rows. The last line is the single prompt's cached tokens/s over uncached
-tokens/s in the dtype the project generates in: `kvcache_speedup=...`.
+(`evaluate.generate_batch_size`): there the head's weights are read once for 8 rows.
+
+Two more figures put the headline in context, both from this run:
+- the book's loop (`generate_text_simple`: the whole window through the model and the head at every
+  position, each step), the reference the book's own cache speed-up is measured against;
+- the most any cache can gain here: a cached step for one prompt reads every weight once (64 MB in
+  fp32), so it takes at least those bytes over the rate this machine reads memory at (timed as a sum
+  over the head's weights); the uncached step over that floor bounds the speed-up, overheads aside.
+
+The last line is the single prompt's cached tokens/s over uncached tokens/s in the dtype the project
+generates in: `kvcache_speedup=...`.
 """
 
 from __future__ import annotations
@@ -29,25 +38,54 @@ EOT = 50256
 EVALUATE_BATCH = EvaluateConfig().generate_batch_size  # how the evaluate stage decodes
 
 
-def measure(model: GPT, label: str, batch_size: int = 1, repeats: int = 5) -> float:
-    """Print cached vs uncached tokens/s for `model` on `batch_size` prompts; return the speed-up."""
+def book_generate(model: GPT, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """The book's `generate_text_simple`: each step runs the last context_length tokens through the
+    model and the head at every position, then takes the last position's argmax."""
+    ctx = model.config.context_length
+    idx = torch.tensor([prompt])
+    for _ in range(max_new_tokens):
+        logits = model(idx[:, -ctx:])[:, -1]  # (1, vocab_size), from (1, T, vocab_size)
+        idx = torch.cat([idx, logits.argmax(dim=-1, keepdim=True)], dim=1)
+    return idx[0, len(prompt) :].tolist()
+
+
+def measure(model: GPT, label: str, batch_size: int = 1, repeats: int = 5) -> dict[str, float]:
+    """Print cached vs uncached tokens/s for `model` on `batch_size` prompts; return seconds per step
+    of each (and, for one prompt, of the book's loop and of the head alone)."""
     prompts = [[EOT]] * batch_size
     hidden = torch.randn(batch_size, model.config.n_embd, dtype=model.wte.weight.dtype)
+    candidates = {
+        "no cache": lambda: generate(model, prompts, NEW_TOKENS, use_cache=False),
+        "KV cache": lambda: generate(model, prompts, NEW_TOKENS, use_cache=True),
+        "head": lambda: [model.lm_head(hidden) for _ in range(NEW_TOKENS)],
+    }
+    if batch_size == 1:
+        candidates["book loop"] = lambda: book_generate(model, prompts[0], NEW_TOKENS)
     with torch.inference_mode():
-        times = time_interleaved({
-            "no cache": lambda: generate(model, prompts, NEW_TOKENS, use_cache=False),
-            "KV cache": lambda: generate(model, prompts, NEW_TOKENS, use_cache=True),
-            "head": lambda: [model.lm_head(hidden) for _ in range(NEW_TOKENS)],
-        }, repeats=repeats)
+        times = time_interleaved(candidates, repeats=repeats)
     label = f"{label} batch {batch_size}"
     tokens = NEW_TOKENS * batch_size
-    for name in ("no cache", "KV cache"):
+    for name in ("book loop", "no cache", "KV cache") if batch_size == 1 else ("no cache", "KV cache"):
         print(f"{label} {name:9s} {tokens / times[name].median:7.1f} tokens/s   "
               f"{times[name].median / NEW_TOKENS * 1e3:6.2f} ms/step   {NEW_TOKENS} steps: {times[name]}")
     print(f"{label} the head alone, {batch_size} x {model.config.n_embd} @ {model.config.n_embd} x "
           f"{model.config.vocab_size}: {times['head'].median / NEW_TOKENS * 1e3:.2f} ms/step, "
           f"{times['head'].median / times['KV cache'].median:.0%} of a cached step")
-    return times["no cache"].median / times["KV cache"].median
+    return {name: timing.median / NEW_TOKENS for name, timing in times.items()}
+
+
+def cached_step_floor(model: GPT) -> float:
+    """Seconds a cached step for one prompt takes at least: every weight it uses read once (all but
+    the position table, of which it reads one row), at the rate this machine sums the head's weights."""
+    head = model.lm_head.weight
+    with torch.inference_mode():
+        seconds = time_interleaved({"read": lambda: head.sum()}, warmup=5, repeats=21)["read"].median
+    used = [p for name, p in model.named_parameters() if name != "wpe.weight"]  # tied head: counted once
+    weight_bytes = sum(p.numel() * p.element_size() for p in used)
+    rate = head.numel() * head.element_size() / seconds
+    print(f"a cached step reads {weight_bytes / 1e6:.1f} MB of weights; at this machine's {rate / 1e9:.0f} GB/s "
+          f"(a sum over the head's) that takes {weight_bytes / rate * 1e3:.2f} ms, whatever the code")
+    return weight_bytes / rate
 
 
 def main() -> None:
@@ -62,13 +100,22 @@ def main() -> None:
     print(f"matmul fp32 {measured_matmul_flops(torch.float32) / 1e9:.0f} GFLOP/s, "
           f"bf16 {measured_matmul_flops(torch.bfloat16) / 1e9:.0f} GFLOP/s: the project generates in {project} "
           f"here (bf16 where the CPU computes it natively)")
-    speedups = {"fp32": measure(model, "fp32")}
+    if book_generate(model, [EOT], NEW_TOKENS) != generate(model, [[EOT]], NEW_TOKENS)[0]:
+        raise SystemExit("the book's loop and ours disagree: fix that before timing them")
+    steps = {"fp32": measure(model, "fp32")}
+    floor = {"fp32": cached_step_floor(model)}
     if project == "bf16":
-        speedups["bf16"] = measure(model.to(fast), "bf16")
+        model.to(fast)
+        steps["bf16"] = measure(model, "bf16")
+        floor["bf16"] = cached_step_floor(model)
     batched = measure(model, project, batch_size=EVALUATE_BATCH, repeats=3)
-    print("speed-up of the cache, one prompt: " + ", ".join(f"{k} {v:.2f}x" for k, v in speedups.items())
-          + f"; {EVALUATE_BATCH} prompts ({project}): {batched:.2f}x")
-    print(f"kvcache_speedup={speedups[project]:.1f}")
+    for dtype, step in steps.items():
+        print(f"{dtype}, one prompt: the cache is {step['no cache'] / step['KV cache']:.2f}x faster than our "
+              f"uncached decoding (at most {step['no cache'] / floor[dtype]:.1f}x on this machine) and "
+              f"{step['book loop'] / step['KV cache']:.2f}x faster than the book's loop")
+    print(f"{project}, {EVALUATE_BATCH} prompts: the cache is {batched['no cache'] / batched['KV cache']:.2f}x "
+          "faster than our uncached decoding")
+    print(f"kvcache_speedup={steps[project]['no cache'] / steps[project]['KV cache']:.1f}")
 
 
 if __name__ == "__main__":
