@@ -56,21 +56,28 @@ class _Spare:
 
     A new buffer that size (200 MB for 8 x 256 rows in bf16) is memory the C allocator maps afresh, and
     the first write to each of its pages faults: 5-10% of an eager cpu-small step on 2 cores.
-    Backward gives its buffer back once it has read it. Should a graph kept with `retain_graph` run
-    backward again after another forward rewrote that buffer, autograd's version check raises instead
-    of using it. Under torch.compile Inductor plans the buffers, and this stays out of its way.
+    Backward gives its buffer back once it has read it. One buffer is kept, the largest N seen, and a
+    smaller N uses its front: fine-tuning batches are padded to their own lengths, so N changes from
+    step to step, and a buffer kept per shape grew by hundreds of MB a step. Should a graph kept with
+    `retain_graph` run backward again after another forward rewrote that buffer, autograd's version
+    check raises instead of using it. Under torch.compile Inductor plans the buffers, and this stays out
+    of its way.
     """
 
     def __init__(self) -> None:
-        self.buffers: dict[tuple, Tensor] = {}
+        self.flat: Tensor | None = None  # 1-D; what take() hands out are views of its front
 
     def take(self, shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> Tensor:
-        spare = None if torch.compiler.is_compiling() else self.buffers.pop((shape, dtype, device), None)
-        return spare if spare is not None else torch.empty(shape, dtype=dtype, device=device)
+        size = shape[0] * shape[1]
+        flat, self.flat = self.flat, None  # lent out: a second forward before backward gets its own
+        fits = flat is not None and flat.numel() >= size and flat.dtype == dtype and flat.device == device
+        if torch.compiler.is_compiling() or not fits:
+            flat = torch.empty(size, dtype=dtype, device=device)  # a spare that does not fit is freed
+        return flat[:size].view(shape)
 
     def give_back(self, buffer: Tensor) -> None:
         if not torch.compiler.is_compiling():
-            self.buffers[(tuple(buffer.shape), buffer.dtype, buffer.device)] = buffer
+            self.flat = buffer._base  # the whole 1-D buffer that take() cut `buffer` from
 
 
 _spare = _Spare()

@@ -62,9 +62,24 @@ def test_steps_reuse_the_gradient_buffer_and_overlapping_graphs_stay_correct():
     given_back = []
     for _ in range(2):
         linear_cross_entropy(hidden, weight, targets, chunk_rows=16).backward()
-        (spare,) = [b for b in llm.loss._spare.buffers.values() if b.shape == (40, 90)]
-        given_back.append(spare.data_ptr())
+        given_back.append(llm.loss._spare.flat.data_ptr())
     assert given_back[0] == given_back[1]
+
+
+def test_batches_of_varying_length_share_one_gradient_buffer_the_largest(monkeypatch):
+    # Fine-tuning batches are padded to their own lengths: N changes every step. One buffer, grown to
+    # the largest N, serves them all; a smaller N still gets exact gradients from its front.
+    monkeypatch.setattr(llm.loss, "_spare", llm.loss._Spare())
+    weight = torch.randn(90, 8, requires_grad=True)
+    kept = []  # (address, elements) of the buffer given back after each step
+    for rows in (30, 50, 20, 50, 35):
+        hidden = torch.randn(rows, 8, requires_grad=True)
+        targets = torch.randint(0, 90, (rows,))
+        (grad,) = torch.autograd.grad(linear_cross_entropy(hidden, weight, targets, chunk_rows=16), hidden)
+        torch.testing.assert_close(grad, torch.autograd.grad(plain(hidden, weight, targets), hidden)[0])
+        kept.append((llm.loss._spare.flat.data_ptr(), llm.loss._spare.flat.numel()))
+    assert kept[0][1] == 30 * 90
+    assert kept[1][1] == 50 * 90 and kept[1:] == [kept[1]] * 4
 
 
 def test_a_retained_graph_whose_buffer_was_reused_refuses_a_second_backward():
