@@ -5,7 +5,7 @@
     result.loss, result.perplexity          # mean cross-entropy per target (nats), and exp(loss)
 
 The split is cut into consecutive, non-overlapping windows of `context_length` tokens
-(`llm.shards.sequential_batches`), so each of its len(stream) - 1 next-token targets is predicted once,
+(`sequential_batches`), so each of its len(stream) - 1 next-token targets is predicted once,
 from the tokens before it in its window: the book's loaders cut text the same way (stride =
 context_length). A sliding window would give every target more context, and a lower perplexity, at up to
 context_length times the cost.
@@ -19,14 +19,17 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llm.loss import IGNORE_INDEX
 from llm.model import eval_mode
-from llm.shards import IGNORE_INDEX, TokenStream, sequential_batches
+from llm.shards import TokenStream, to_batch
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,32 @@ def perplexity(
     elapsed = time.perf_counter() - start
     mean = loss / tokens
     return PerplexityResult(loss=mean, perplexity=_exp(mean), tokens=tokens, tokens_per_s=tokens / elapsed)
+
+
+def sequential_batches(stream: TokenStream, context_length: int, batch_size: int,
+                       pad_id: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Every next-token prediction of the split exactly once, in order: len(stream) - 1 targets.
+
+    The last window is padded: its inputs with `pad_id`, its targets with IGNORE_INDEX.
+    """
+    total = len(stream) - 1  # the first token is never a target
+    rows: list[np.ndarray] = []
+    for start in range(0, total, context_length):
+        length = min(context_length, total - start)
+        row = np.full(context_length + 1, IGNORE_INDEX, dtype=np.int64)
+        row[:length + 1] = stream.window(start, length + 1)
+        rows.append(row)
+        if len(rows) == batch_size:
+            yield _padded_batch(rows, pad_id)
+            rows = []
+    if rows:
+        yield _padded_batch(rows, pad_id)
+
+
+def _padded_batch(rows: list[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    inputs, targets = to_batch(rows)
+    inputs = inputs.masked_fill(inputs == IGNORE_INDEX, pad_id)
+    return inputs, targets
 
 
 def _exp(loss: float) -> float:

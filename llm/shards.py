@@ -8,7 +8,7 @@ than `tokens_per_shard` tokens and writing never needs a whole document in memor
 
 Reading: the list column's flat values buffer *is* the token stream, so `TokenStream` maps every shard
 of a split and serves windows straight from the page cache. `RandomWindows` draws training batches in a
-seeded, resumable order; `sequential_batches` covers a split exactly once for evaluation.
+seeded, resumable order; llm/perplexity.py covers a split exactly once for evaluation.
 
     python -m llm.shards data/shards        # print what the manifest says and check every shard
 """
@@ -16,7 +16,6 @@ seeded, resumable order; `sequential_batches` covers a split exactly once for ev
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +24,6 @@ import pyarrow as pa
 import torch
 
 from llm.files import atomic_path, read_json
-from llm.loss import IGNORE_INDEX
 
 COLUMN = "input_ids"
 
@@ -237,32 +235,6 @@ class RandomWindows:
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.position, self.seed, self._order = state["epoch"], state["position"], state["seed"], None
-
-
-def sequential_batches(stream: TokenStream, context_length: int, batch_size: int,
-                       pad_id: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Every next-token prediction of the split exactly once, in order: len(stream) - 1 targets.
-
-    The last window is padded: its inputs with `pad_id`, its targets with IGNORE_INDEX.
-    """
-    total = len(stream) - 1  # the first token is never a target
-    rows: list[np.ndarray] = []
-    for start in range(0, total, context_length):
-        length = min(context_length, total - start)
-        row = np.full(context_length + 1, IGNORE_INDEX, dtype=np.int64)
-        row[:length + 1] = stream.window(start, length + 1)
-        rows.append(row)
-        if len(rows) == batch_size:
-            yield _padded_batch(rows, pad_id)
-            rows = []
-    if rows:
-        yield _padded_batch(rows, pad_id)
-
-
-def _padded_batch(rows: list[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    inputs, targets = to_batch(rows)
-    inputs = inputs.masked_fill(inputs == IGNORE_INDEX, pad_id)
-    return inputs, targets
 
 
 def main(argv: list[str] | None = None) -> int:

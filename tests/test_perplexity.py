@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from llm.model import GPT, model_config
-from llm.perplexity import perplexity
+from llm.loss import IGNORE_INDEX
+from llm.perplexity import perplexity, sequential_batches
 from llm.shards import TokenStream
 from tests.data import make_shards
 
@@ -15,6 +16,15 @@ def val_stream(tmp_path, tokens, vocab_size: int) -> TokenStream:
     make_shards(tmp_path / "shards", train=np.arange(4) % vocab_size, val=np.asarray(tokens),
                 vocab_size=vocab_size)
     return TokenStream.from_manifest(tmp_path / "shards", "val")
+
+
+def test_sequential_batches_cover_every_target_once(tmp_path):
+    tokens = np.random.default_rng().integers(0, 999, size=np.random.default_rng().integers(50, 300))
+    targets = []
+    for x, y in sequential_batches(val_stream(tmp_path, tokens, vocab_size=1000), context_length=16, batch_size=3):
+        assert x.shape == y.shape and x.shape[1] == 16
+        targets.extend(y[y != IGNORE_INDEX].tolist())
+    assert targets == tokens[1:].tolist()
 
 
 class Bigram(nn.Module):

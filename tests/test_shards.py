@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from llm.files import write_json_atomic
-from llm.shards import (IGNORE_INDEX, RandomWindows, ShardError, ShardWriter, TokenStream, open_shard,
-                        sequential_batches)
+from llm.shards import RandomWindows, ShardError, ShardWriter, TokenStream, open_shard
 
 
 def write_split(root, docs: list[np.ndarray], tokens_per_shard: int, vocab_size: int = 1000):
@@ -76,16 +75,6 @@ def test_ranks_split_the_global_batch(stream):
     single = RandomWindows(tokens, 8, batch_size=6, seed=5).next_batch()[0]
     ranks = [RandomWindows(tokens, 8, batch_size=3, seed=5, rank=r, world_size=2).next_batch()[0] for r in (0, 1)]
     assert torch.equal(torch.stack([ranks[0], ranks[1]], 1).reshape(6, 8), single)
-
-
-def test_sequential_batches_cover_every_target_once(stream):
-    tokens, flat = stream
-    targets = []
-    for x, y in sequential_batches(tokens, context_length=16, batch_size=3):
-        assert x.shape == y.shape and x.shape[1] == 16
-        kept = y[y != IGNORE_INDEX]
-        targets.extend(kept.tolist())
-    assert targets == flat[1:].tolist()
 
 
 def test_truncated_and_foreign_shards_are_named(tmp_path):
