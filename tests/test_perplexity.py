@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from llm.model import GPT, model_config
 from llm.loss import IGNORE_INDEX
+from llm.model import GPT, model_config
 from llm.perplexity import perplexity, sequential_batches
 from llm.shards import TokenStream
 from tests.data import make_shards
