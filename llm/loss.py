@@ -68,10 +68,12 @@ class _Spare:
         self.flat: Tensor | None = None  # 1-D; what take() hands out are views of its front
 
     def take(self, shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> Tensor:
+        if torch.compiler.is_compiling():
+            return torch.empty(shape, dtype=dtype, device=device)
         size = shape[0] * shape[1]
         flat, self.flat = self.flat, None  # lent out: a second forward before backward gets its own
         fits = flat is not None and flat.numel() >= size and flat.dtype == dtype and flat.device == device
-        if torch.compiler.is_compiling() or not fits:
+        if not fits:
             flat = torch.empty(size, dtype=dtype, device=device)  # a spare that does not fit is freed
         return flat[:size].view(shape)
 
