@@ -7,10 +7,10 @@ Greedy decoding of 256 new tokens from a one-token prompt (end-of-text) with the
 on them). The 1 + 255 tokens fed in fill the context exactly, so the cached run never falls back to
 recomputation. Both paths produce the same tokens (checked first), and both run the head on the last
 position only, so the ratio is the cache's own gain. Median of 5 interleaved repeats after a warm-up,
-in fp32 and, where the CPU runs bf16 fast, in bf16, the dtype the project generates in there (about four
-minutes on 2 cores, with the batch and the book's loop below). Also printed: the head's time per token, a floor no cache
-removes, and the speed-up at the batch of 8 prompts the evaluate stage decodes with
-(`evaluate.generate_batch_size`): there the head's weights are read once for 8 rows.
+in fp32 and, where the CPU runs bf16 fast, in bf16, the dtype the project generates in there (about
+four minutes on 2 cores, with the batch and the book's loop below). Also printed: the head's time per
+token, a floor no cache removes, and the speed-up at the batch of 8 prompts the evaluate stage decodes
+with (`evaluate.generate_batch_size`): there the head's weights are read once for 8 rows.
 
 Two more figures put the headline in context, both from this run:
 - the book's loop (`generate_text_simple`: the whole window through the model and the head at every
