@@ -93,15 +93,16 @@ def main() -> None:
     model = GPT(model_config("cpu-small")).eval()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"cpu-small, {NEW_TOKENS} new tokens, greedy")
-    if generate(model, [[EOT]], NEW_TOKENS) != generate(model, [[EOT]], NEW_TOKENS, use_cache=False):
+    cached = generate(model, [[EOT]], NEW_TOKENS)
+    if cached != generate(model, [[EOT]], NEW_TOKENS, use_cache=False):
         raise SystemExit("cached and uncached decoding disagree: fix that before timing them")
+    if cached[0] != book_generate(model, [EOT], NEW_TOKENS):
+        raise SystemExit("the book's loop and ours disagree: fix that before timing them")
     fast = inference_dtype(torch.device("cpu"))
     project = "fp32" if fast == torch.float32 else "bf16"  # what the project generates in on this machine
     print(f"matmul fp32 {measured_matmul_flops(torch.float32) / 1e9:.0f} GFLOP/s, "
           f"bf16 {measured_matmul_flops(torch.bfloat16) / 1e9:.0f} GFLOP/s: the project generates in {project} "
           f"here (bf16 where the CPU computes it natively)")
-    if book_generate(model, [EOT], NEW_TOKENS) != generate(model, [[EOT]], NEW_TOKENS)[0]:
-        raise SystemExit("the book's loop and ours disagree: fix that before timing them")
     steps = {"fp32": measure(model, "fp32")}
     floor = {"fp32": cached_step_floor(model)}
     if project == "bf16":

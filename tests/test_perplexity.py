@@ -19,9 +19,11 @@ def val_stream(tmp_path, tokens, vocab_size: int) -> TokenStream:
 
 
 def test_sequential_batches_cover_every_target_once(tmp_path):
-    tokens = np.random.default_rng().integers(0, 999, size=np.random.default_rng().integers(50, 300))
+    rng = np.random.default_rng()
+    tokens = rng.integers(0, 999, size=rng.integers(150, 300))  # 2 or more shards of 97
+    make_shards(tmp_path, train=tokens[:4], val=tokens, tokens_per_shard=97, vocab_size=1000)
     targets = []
-    for x, y in sequential_batches(val_stream(tmp_path, tokens, vocab_size=1000), context_length=16, batch_size=3):
+    for x, y in sequential_batches(TokenStream.from_manifest(tmp_path, "val"), context_length=16, batch_size=3):
         assert x.shape == y.shape and x.shape[1] == 16
         targets.extend(y[y != IGNORE_INDEX].tolist())
     assert targets == tokens[1:].tolist()
