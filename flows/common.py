@@ -15,7 +15,8 @@ from prefect.exceptions import MissingContextError
 from prefect.logging import get_run_logger
 
 from llm.files import write_json_atomic
-from llm.tracking import MLflowTracker, lineage_tags
+from llm.lock import stage_lock
+from llm.tracking import MLflowTracker, fail_if_running, lineage_tags
 
 
 def stage_logger() -> logging.Logger | logging.LoggerAdapter:
@@ -32,12 +33,17 @@ def write_metrics(path: str | Path, metrics: dict) -> None:
 
 
 @contextmanager
-def tracked_run(stage: str, *, experiment: str, params_file: str,
+def tracked_run(stage: str, *, out_dir: str | Path, experiment: str, params_file: str,
                 params_to_log: Mapping[str, Any]) -> Iterator[MLflowTracker]:
-    """One MLflow run for a stage that does not train; its lineage tags are set again at the end, for
-    a stage that writes the very data they hash (download writes data/raw/manifest.json)."""
-    with MLflowTracker(experiment, stage, tags=lineage_tags(stage, params_file)) as tracker:
-        tracker.log_params(params_to_log)
-        yield tracker
-        tracker.set_tags(lineage_tags(stage, params_file))
+    """One MLflow run for a stage that does not train, holding the lock of its output folder; its lineage
+    tags are set again at the end, for a stage that writes the very data they hash (download writes
+    data/raw/manifest.json). The run of an earlier execution killed in the folder is marked FAILED."""
+    with stage_lock(out_dir, stage) as held:
+        if held.stale:
+            fail_if_running(held.stale.get("run_id"), "killed; the next run started over")
+        with MLflowTracker(experiment, stage, tags=lineage_tags(stage, params_file)) as tracker:
+            held.record(run_id=tracker.run_id)
+            tracker.log_params(params_to_log)
+            yield tracker
+            tracker.set_tags(lineage_tags(stage, params_file))
 

@@ -41,7 +41,7 @@ def download(
 ) -> dict:
     params = load_params(params_file)
     config, raw = params.download, Path(raw_dir)
-    with tracked_run("download", experiment=params.tracking.experiment, params_file=params_file,
+    with tracked_run("download", out_dir=raw, experiment=params.tracking.experiment, params_file=params_file,
                      params_to_log={"download": dataclasses.asdict(config)}) as tracker:
         for path in dl.prune_raw(raw, config.sources):
             stage_logger().info("removed %s: no source names it any more", path)

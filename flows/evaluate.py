@@ -14,13 +14,13 @@ from pathlib import Path
 
 from prefect import flow
 
-from flows.common import stage_logger, write_metrics
+from flows.common import stage_logger, tracked_run, write_metrics
 from llm.config import load_params
 from llm.evaluate import RESPONSES_FILE, evaluate_models
 from llm.files import atomic_dir
 from llm.report import Evaluation, write_report
 from llm.responses import write_responses
-from llm.tracking import MLflowTracker, lineage_tags, promote_if_better, registered_version
+from llm.tracking import promote_if_better, registered_version
 
 SCORES = ("exact_match", "rouge_l_f1", "judge_score")  # what promotion compares; losses are not scores
 
@@ -30,11 +30,11 @@ def evaluate(params_file: str = "params.yaml", base_dir: str = "data/checkpoints
              finetuned_dir: str = "data/checkpoints/finetune", shards_dir: str = "data/shards",
              out_dir: str = "data/eval", metrics_file: str = "metrics/evaluate.json") -> dict:
     params = load_params(params_file)
-    measured = evaluate_models(params.evaluate, base_dir, finetuned_dir, shards_dir)
-    metrics = measured.metrics()
     base_name, tuned_name = params.pretrain.registered_model, params.finetune.registered_model
-    with MLflowTracker(params.tracking.experiment, "evaluate", tags=lineage_tags("evaluate", params_file)) as t:
-        t.log_params({"evaluate": dataclasses.asdict(params.evaluate)})
+    with tracked_run("evaluate", out_dir=out_dir, experiment=params.tracking.experiment, params_file=params_file,
+                     params_to_log={"evaluate": dataclasses.asdict(params.evaluate)}) as t:
+        measured = evaluate_models(params.evaluate, base_dir, finetuned_dir, shards_dir)
+        metrics = measured.metrics()
         t.log_metrics(metrics, step=0)
         base_version = registered_version(base_dir, base_name, "pretrain")
         version = registered_version(finetuned_dir, tuned_name, "finetune")

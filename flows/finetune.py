@@ -17,7 +17,7 @@ from prefect import flow
 from flows.training import tracked_training
 from llm import distributed
 from llm.config import load_params
-from llm.finetune import fingerprint, run_finetune
+from llm.finetune import run_finetune, run_settings
 
 
 @flow(name="finetune")
@@ -25,14 +25,14 @@ def finetune(params_file: str = "params.yaml", raw_dir: str = "data/raw",
              pretrain_dir: str = "data/checkpoints/pretrain", out_dir: str = "data/checkpoints/finetune",
              metrics_file: str = "metrics/finetune.json", plots_dir: str = "plots/finetune") -> dict:
     params = load_params(params_file)
-    run_fingerprint = fingerprint(params, raw_dir, pretrain_dir)  # hashes the starting weights: once
+    settings = run_settings(params, raw_dir, pretrain_dir)  # hashes the starting weights: once
     return tracked_training(
         "finetune", experiment=params.tracking.experiment, params_file=params_file,
         params_to_log={"finetune": dataclasses.asdict(params.finetune)},
-        fingerprint=run_fingerprint, out_dir=out_dir, metrics_file=metrics_file,
+        settings=settings, out_dir=out_dir, metrics_file=metrics_file,
         plots_dir=plots_dir, registered_model=params.finetune.registered_model,
         train=lambda tracker, dist, run_id: run_finetune(params, raw_dir, pretrain_dir, out_dir, tracker=tracker,
-                                                         dist=dist, run_id=run_id, run_fingerprint=run_fingerprint))
+                                                         dist=dist, run_id=run_id, settings=settings))
 
 
 if __name__ == "__main__":

@@ -18,20 +18,20 @@ from prefect import flow
 from flows.training import tracked_training
 from llm import distributed
 from llm.config import load_params
-from llm.pretrain import fingerprint, run_pretrain
+from llm.pretrain import run_pretrain, run_settings
 
 
 def _pretrain(params_file: str, shards_dir: str, out_dir: str, metrics_file: str, plots_dir: str) -> dict:
     params = load_params(params_file)
-    run_fingerprint = fingerprint(params, shards_dir)  # hashes the shards' manifest and the code: once
+    settings = run_settings(params, shards_dir)  # hashes the shards' manifest and the code: once
     return tracked_training(
         "pretrain", experiment=params.tracking.experiment, params_file=params_file,
         params_to_log={"model": params.model.build().to_dict(), "pretrain": dataclasses.asdict(params.pretrain),
                        "tokenize": dataclasses.asdict(params.tokenize)},
-        fingerprint=run_fingerprint, out_dir=out_dir, metrics_file=metrics_file,
+        settings=settings, out_dir=out_dir, metrics_file=metrics_file,
         plots_dir=plots_dir, registered_model=params.pretrain.registered_model,
         train=lambda tracker, dist, run_id: run_pretrain(params, shards_dir, out_dir, tracker=tracker, dist=dist,
-                                                         run_id=run_id, run_fingerprint=run_fingerprint))
+                                                         run_id=run_id, settings=settings))
 
 
 @flow(name="pretrain")

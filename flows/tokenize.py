@@ -26,7 +26,7 @@ def tokenize(
     metrics_file: str = "metrics/tokenize.json",
 ) -> dict:
     params = load_params(params_file)
-    with tracked_run("tokenize", experiment=params.tracking.experiment, params_file=params_file,
+    with tracked_run("tokenize", out_dir=shards_dir, experiment=params.tracking.experiment, params_file=params_file,
                      params_to_log={"tokenize": dataclasses.asdict(params.tokenize)}) as tracker:
         result = tokenize_corpus(raw_dir, shards_dir, params.tokenize)
         metrics = result.metrics

@@ -9,37 +9,42 @@ from typing import Any
 from flows.common import stage_logger, write_metrics
 from llm import distributed
 from llm.distributed import Dist
+from llm.lock import stage_lock
 from llm.plots import write_loss_plots
-from llm.tracking import MemoryTracker, MLflowTracker, Tracker, lineage_tags, log_gpt_model, write_registration
+from llm.tracking import (MemoryTracker, MLflowTracker, Tracker, fail_if_running, lineage_tags, log_gpt_model,
+                          write_registration)
 from llm.train import TrainResult, resumable_run_id
 
 
 def tracked_training(
-    stage: str, *, experiment: str, params_file: str, params_to_log: Mapping[str, Any], fingerprint: str,
-    out_dir: str, metrics_file: str, plots_dir: str, registered_model: str,
+    stage: str, *, experiment: str, params_file: str, params_to_log: Mapping[str, Any],
+    settings: Mapping[str, Any], out_dir: str, metrics_file: str, plots_dir: str, registered_model: str,
     train: Callable[[Tracker, Dist, str | None], TrainResult],
 ) -> dict:
     """Run `train` as one MLflow run (continued after a kill), then write its metrics and loss plots,
-    log the model and register it. Under torchrun only rank 0 tracks, logs and writes."""
+    log the model and register it. Under torchrun only rank 0 locks, tracks, logs and writes."""
     dist = distributed.from_env()
-    run_id = resumable_run_id(out_dir, fingerprint)
-    tracker = (MLflowTracker(experiment, stage, tags=lineage_tags(stage, params_file), run_id=run_id)
-               if dist.is_main else nullcontext(MemoryTracker()))
-    try:
-        with tracker as t:
-            if dist.is_main:
+    with stage_lock(out_dir, stage) if dist.is_main else nullcontext() as held:
+        run_id = resumable_run_id(out_dir, settings)
+        if held is not None and held.stale and held.stale.get("run_id") != run_id:
+            fail_if_running(held.stale.get("run_id"), "killed; the next run started over")
+        tracker = (MLflowTracker(experiment, stage, tags=lineage_tags(stage, params_file), run_id=run_id)
+                   if dist.is_main else nullcontext(MemoryTracker()))
+        try:
+            with tracker as t:
+                if not dist.is_main:
+                    return train(t, dist, None).metrics
+                held.record(run_id=t.run_id)  # so that a run taking over after a kill can end it
                 t.log_params(params_to_log)
-            result = train(t, dist, getattr(t, "run_id", None))
-            if not dist.is_main:
-                return result.metrics
-            for path in write_loss_plots(plots_dir, result.progress.history, stage):
-                t.log_artifact(path, "plots")
-            version = log_gpt_model(out_dir, registered_model, {"stage": stage, "run_id": t.run_id})
-            t.set_tags({"registered_model_version": str(version)})
-            write_registration(out_dir, registered_model, str(version), t.run_id)
-    finally:
-        distributed.shutdown()
-    write_metrics(metrics_file, result.metrics)
+                result = train(t, dist, t.run_id)
+                for path in write_loss_plots(plots_dir, result.progress.history, stage):
+                    t.log_artifact(path, "plots")
+                version = log_gpt_model(out_dir, registered_model, {"stage": stage, "run_id": t.run_id})
+                t.set_tags({"registered_model_version": str(version)})
+                write_registration(out_dir, registered_model, str(version), t.run_id)
+        finally:
+            distributed.shutdown()
+        write_metrics(metrics_file, result.metrics)
     stage_logger().info("%s: %s; registered %s version %s", stage,
                         ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items()), registered_model, version)
     return result.metrics

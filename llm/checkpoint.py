@@ -1,23 +1,37 @@
-"""Checkpoint folders: a model's weights and config, written atomically, read with clear errors.
+"""The on-disk layout of checkpoints, and the one module that writes, rotates and reads them.
 
 A checkpoint is a folder, the format every stage reads and writes:
 
     model.safetensors   the weights (a tied matrix is stored once)
     config.json         {"model": {ModelConfig fields}, "tokenizer": "gpt2", ...extra keys}
 
-Other files may sit beside these (the trainer adds optimizer, RNG and data-position state). To write
-them all as one atomic folder, call `write_model_files` inside `llm.files.atomic_dir`:
+A training stage's output folder (`data/checkpoints/<stage>/`) holds its final model as such a
+checkpoint, with what other stages read beside it, and the resumable state under `resume/`:
 
-    with atomic_dir(out_dir) as tmp:
-        write_model_files(model, tmp, extra={"step": step})
-        ...write the trainer's own files into tmp...
+    model.safetensors, config.json   the trained model (the DVC-tracked output)
+    history.json                     every metric the trainer reported: {name: [[step, value], ...]}
+    split.json                       the records fine-tuning held out (llm.instructions.write_split)
+    registry.json                    the MLflow model version the model became
+    resume/step-NNNNNN/              resumable checkpoints: the model files, state.pt (optimizer and
+                                     scheduler), trainer.json (step, data position, history, settings)
+    resume/superseded-<digest>/      checkpoints of other settings, set aside rather than deleted
+    resume/unreadable-step-NNNNNN/   a checkpoint that could not be read back, set aside
+
+`ResumeStore` owns `resume/`: every checkpoint is written whole and durable before it takes its name, the
+oldest is deleted only after the newest is durable, an unreadable newest one is reported and the previous
+one used, and checkpoints of other settings are moved aside, never deleted on sight.
 
     model = load_model("data/checkpoints/pretrain")
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import os
+import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,11 +40,24 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from llm.files import atomic_dir, write_json_atomic
+from llm import faults
+from llm.files import (atomic_dir, fsync_dir, fsync_file, read_json, remove_temporaries, replace_durably,
+                       temporary_sibling, write_json_atomic)
 from llm.model import GPT, ModelConfig
+
+log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+HISTORY_FILE = "history.json"
+SPLIT_FILE = "split.json"
+REGISTRY_FILE = "registry.json"
+RESUME_DIR = "resume"
+STATE_FILE = "state.pt"
+TRAINER_FILE = "trainer.json"
+_STEP_PREFIX = "step-"
+_SUPERSEDED_PREFIX = "superseded-"
+_UNREADABLE_PREFIX = "unreadable-"
 _RESERVED_KEYS = ("model", "tokenizer")
 
 
@@ -143,3 +170,207 @@ def _mismatches(model: GPT, weights: Path) -> list[str]:
                  for name, shape in expected.items() if name in saved and saved[name] != shape]
     problems += [f"{name}: in the file but not in the model" for name in saved if name not in expected]
     return problems
+
+
+# ---------------------------------------------------------------------------------------------------
+# A training stage's final model and history
+
+
+def write_final(model: nn.Module, out_dir: str | Path, tokenizer: str, extra: dict[str, Any],
+                history: Mapping[str, list]) -> None:
+    """The trained model and its history at the top of `out_dir`, each file durable before it takes its
+    name, config.json last (it names the model). Resume state and other files there are left alone."""
+    out_dir = Path(out_dir)
+    tmp = temporary_sibling(out_dir / "final")  # a .tmp- name: a killed run's leftover is cleaned up
+    tmp.mkdir(parents=True)
+    try:
+        write_model_files(model, tmp, tokenizer, extra=extra)
+        write_json_atomic(tmp / HISTORY_FILE, history)
+        for name in (MODEL_FILE, HISTORY_FILE, CONFIG_FILE):
+            fsync_file(tmp / name)
+        for name in (MODEL_FILE, HISTORY_FILE, CONFIG_FILE):
+            faults.pause_point("final.replace")
+            replace_durably(tmp / name, out_dir / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_history(folder: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """The metrics history saved beside a trained model, or {} where there is none."""
+    path = Path(folder) / HISTORY_FILE
+    if not path.is_file():
+        return {}
+    try:
+        return {name: [tuple(p) for p in points] for name, points in read_json(path).items()}
+    except (ValueError, AttributeError, TypeError) as exc:
+        raise CheckpointError(f"{path} is damaged ({exc}); rerun the stage that wrote it") from exc
+
+
+# ---------------------------------------------------------------------------------------------------
+# Resumable checkpoints
+
+
+class CheckpointWriteError(RuntimeError):
+    """A resumable checkpoint could not be written (a full disk, say); the previous ones are intact."""
+
+
+def settings_digest(settings: Mapping[str, Any]) -> str:
+    """The fingerprint of a run's settings: equal digests, equal runs."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def changed_settings(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """What differs between two runs' settings, in words: `pretrain.lr: 0.001 -> 0.0005`."""
+    changes = []
+    for key in sorted(set(old) | set(new), key=str):
+        name = f"{prefix}{key}"
+        a, b = old.get(key, "(unset)"), new.get(key, "(unset)")
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            changes += changed_settings(a, b, f"{name}.")
+        elif a != b:
+            changes.append(f"{name}: {_short(a)} -> {_short(b)}")
+    return changes
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, default=str) if not isinstance(value, str) else value
+    return text if len(text) <= 40 else f"{text[:12]}..."
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """A checkpoint read back whole: its folder, trainer.json, and state.pt's tensors."""
+
+    folder: Path
+    state: dict[str, Any]
+    tensors: dict[str, Any]
+
+
+class ResumeStore:
+    """The resumable checkpoints of one training output folder: `out_dir/resume/step-NNNNNN/`."""
+
+    def __init__(self, out_dir: str | Path, keep: int = 2, keep_superseded: int = 2):
+        self.out_dir, self.folder = Path(out_dir), Path(out_dir) / RESUME_DIR
+        self.keep, self.keep_superseded = keep, keep_superseded
+
+    def checkpoints(self) -> list[Path]:
+        """The complete checkpoints, oldest first."""
+        if not self.folder.is_dir():
+            return []
+        return sorted(p for p in self.folder.glob(f"{_STEP_PREFIX}*") if p.is_dir())
+
+    def latest(self) -> Path | None:
+        found = self.checkpoints()
+        return found[-1] if found else None
+
+    def clean(self) -> None:
+        """Delete what killed writers left behind: temporaries are never whole checkpoints."""
+        remove_temporaries(self.out_dir)
+        remove_temporaries(self.folder)
+
+    def save(self, step: int, model: nn.Module, tokenizer: str, tensors: dict[str, Any],
+             state: dict[str, Any]) -> Path:
+        """Write checkpoint `step` whole and durable, then delete all but the newest `keep`."""
+        folder = self.folder / f"{_STEP_PREFIX}{step:06d}"
+        try:
+            with atomic_dir(folder) as tmp:
+                write_model_files(model, tmp, tokenizer, extra={"step": step})
+                torch.save(tensors, tmp / STATE_FILE)
+                write_json_atomic(tmp / TRAINER_FILE, state)
+                faults.pause_point("checkpoint.write")
+        except Exception as exc:  # OSError, or the same error wrapped by safetensors' or torch's writer
+            if not _is_write_failure(exc):
+                raise
+            previous = self.latest()
+            raise CheckpointWriteError(
+                f"could not write the checkpoint of step {step} under {self.folder}: {exc}. "
+                f"{f'The previous checkpoint {previous} is intact' if previous else 'No earlier checkpoint exists'};"
+                f" free disk space (or raise the file size limit) and rerun to continue from it") from exc
+        for old in self.checkpoints()[:-self.keep]:
+            shutil.rmtree(old)
+        return folder
+
+    def run_id(self, fingerprint: str) -> str | None:
+        """The tracking run of the checkpoint a restart would resume, so that it continues that run."""
+        for folder in reversed(self.checkpoints()):
+            try:
+                state = read_json(folder / TRAINER_FILE)
+            except (OSError, ValueError):
+                continue
+            return state.get("run_id") if state.get("fingerprint") == fingerprint else None
+        return None
+
+    def load(self, fingerprint: str, settings: Mapping[str, Any], device: torch.device | str,
+             *, set_aside: bool = True) -> Resumed | None:
+        """The newest checkpoint that reads back whole, if it belongs to a run of `fingerprint`.
+
+        An unreadable checkpoint is reported and set aside, and the one before it tried. Checkpoints of
+        other settings are moved to `resume/superseded-<digest>/`, with a log line that says what changed
+        and how to start from them. `set_aside=False` only reads (the other ranks of a DDP run)."""
+        for folder in reversed(self.checkpoints()):
+            try:
+                state = read_json(folder / TRAINER_FILE)
+            except (OSError, ValueError) as exc:
+                self._unreadable(folder, exc, set_aside)
+                continue
+            if state.get("fingerprint") != fingerprint:
+                if set_aside:
+                    self._supersede(state, settings)
+                return None
+            try:
+                tensors = torch.load(folder / STATE_FILE, map_location=device, weights_only=True)
+                with safetensors.safe_open(folder / MODEL_FILE, framework="pt"):
+                    pass  # the header and the file's length agree: not truncated
+            except Exception as exc:  # a damaged file: zip (torch) and safetensors errors alike
+                self._unreadable(folder, exc, set_aside)
+                continue
+            return Resumed(folder, state, tensors)
+        return None
+
+    def _unreadable(self, folder: Path, exc: BaseException, set_aside: bool) -> None:
+        dest = self.folder / f"{_UNREADABLE_PREFIX}{folder.name}"
+        log.warning("checkpoint %s cannot be read back (%s: %s); it is moved to %s and the one before it is "
+                    "used", folder, type(exc).__name__, exc, dest)
+        if set_aside:
+            replace_dir(folder, dest)
+
+    def _supersede(self, state: Mapping[str, Any], settings: Mapping[str, Any]) -> None:
+        old = str(state.get("fingerprint") or "unknown")
+        dest = self.folder / f"{_SUPERSEDED_PREFIX}{old[:12]}"
+        dest.mkdir(exist_ok=True)
+        for folder in self.checkpoints():
+            replace_dir(folder, dest / folder.name)
+        os.utime(dest)  # the newest set aside is the last to be pruned
+        newest = sorted(dest.glob(f"{_STEP_PREFIX}*"))[-1]
+        changes = changed_settings(state.get("settings") or {}, settings) or ["(not recorded)"]
+        log.warning("the checkpoints in %s were made with other settings:\n  %s\nThey were moved to %s. "
+                    "Training starts over; to start from them instead, set init_from: %s", self.folder,
+                    "\n  ".join(changes[:10]), dest, newest)
+        superseded = sorted(self.folder.glob(f"{_SUPERSEDED_PREFIX}*"), key=lambda p: p.stat().st_mtime)
+        for extra in superseded[:max(0, len(superseded) - self.keep_superseded)]:
+            log.warning("deleting %s: more than keep_superseded (%d) sets of superseded checkpoints",
+                        extra, self.keep_superseded)
+            shutil.rmtree(extra)
+
+
+def replace_dir(src: Path, dest: Path) -> None:
+    """Move folder `src` to `dest`, replacing a folder there, durably."""
+    if dest.exists():
+        old = temporary_sibling(dest)
+        os.replace(dest, old)
+        shutil.rmtree(old)
+    os.replace(src, dest)
+    fsync_dir(dest.parent)
+    fsync_dir(src.parent)
+
+
+def _is_write_failure(exc: BaseException) -> bool:
+    """An error from the file system (disk full, file too large, read-only) rather than from the code."""
+    while exc is not None:
+        if isinstance(exc, OSError):
+            return True
+        text = str(exc).lower()
+        if any(s in text for s in ("file too large", "no space", "write failed", "ioerror", "errno")):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False

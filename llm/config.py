@@ -326,12 +326,14 @@ class TrainConfig:
     sample_prompt: str = "Every effort moves you"
     sample_tokens: int = 40
     checkpoint_interval: int = 50  # steps between resumable checkpoints (and at the end)
-    keep_checkpoints: int = 1  # resumable checkpoints kept; older ones are deleted
+    keep_checkpoints: int = 2  # resumable checkpoints kept; the oldest is deleted once a newer one is on disk
+    keep_superseded: int = 2  # sets of checkpoints of other settings kept aside (resume/superseded-*)
 
     def problems(self) -> Iterator[Problem]:
         for key in ("batch_size", "global_batch_size", "lr", "log_interval", "eval_interval",
                     "eval_batches", "checkpoint_interval", "keep_checkpoints", "sample_tokens"):
             yield from check_positive(key, getattr(self, key))
+        yield from check_range("keep_superseded", self.keep_superseded, 0)
         yield from check_range("max_steps", self.max_steps, 0)
         if self.global_batch_size % self.batch_size:
             yield "global_batch_size", (f"must be a multiple of batch_size ({self.batch_size}), "
@@ -345,6 +347,21 @@ class TrainConfig:
         yield from check_range("beta2", self.beta2, 0, 1, closed="[)")
         yield from check_range("grad_clip", self.grad_clip, 0)
         yield from check_range("sample_interval", self.sample_interval, 0)
+
+
+# Settings a killed run may change and still resume: they decide what is reported, kept and registered,
+# and where and how fast it runs, not which weights a step computes. Any other setting is part of the
+# run's fingerprint (a new one counts by default, which sets old checkpoints aside rather than mixing runs).
+RUN_ONLY_SETTINGS = frozenset({
+    "device", "precision", "compile", "log_interval", "eval_interval", "eval_batches", "sample_interval",
+    "sample_prompt", "sample_tokens", "checkpoint_interval", "keep_checkpoints", "keep_superseded",
+    "registered_model",
+})
+
+
+def weight_settings(config: TrainConfig) -> dict[str, Any]:
+    """The settings of a training section that shape its weights (all but RUN_ONLY_SETTINGS)."""
+    return {k: v for k, v in dataclasses.asdict(config).items() if k not in RUN_ONLY_SETTINGS}
 
 
 @dataclass(frozen=True)

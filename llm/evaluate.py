@@ -18,10 +18,8 @@ from pathlib import Path
 
 import torch
 
-from llm.checkpoint import load_model, read_config
+from llm.checkpoint import SPLIT_FILE, load_model, read_config, read_history
 from llm.config import EvaluateConfig
-from llm.finetune import SPLIT_FILE
-from llm.files import read_json
 from llm.generate import Sampling
 from llm.hardware import inference_dtype, resolve_device, train_dtype
 from llm.instructions import TEMPLATES, prompt_text, read_split
@@ -32,7 +30,6 @@ from llm.responses import generate_responses
 from llm.scores import Scores, score_responses
 from llm.shards import TokenStream
 from llm.tokenizer import get_tokenizer
-from llm.train import HISTORY_FILE
 
 RESPONSES_FILE = "responses.json"
 
@@ -61,11 +58,6 @@ class Measurements:
             metrics.update(judge_score=self.judge.average, judge_scored=float(self.judge.scored),
                            judge_unscored=float(self.judge.unscored))
         return metrics
-
-
-def _history(folder: Path) -> dict:
-    path = folder / HISTORY_FILE
-    return {name: [tuple(p) for p in points] for name, points in read_json(path).items()} if path.is_file() else {}
 
 
 def evaluate_models(config: EvaluateConfig, base_dir: str | Path, finetuned_dir: str | Path,
@@ -106,5 +98,5 @@ def evaluate_models(config: EvaluateConfig, base_dir: str | Path, finetuned_dir:
         judge=judge_responses(config.judge, judge_inputs, references, answers),
         examples=[Example(prompt=p, expected=r.output, base=b["model_response"], finetuned=f["model_response"])
                   for p, r, b, f in zip(prompts, tests, shown, responses)],
-        histories={"pretrain": _history(base_dir), "finetune": _history(finetuned_dir)},
+        histories={"pretrain": read_history(base_dir), "finetune": read_history(finetuned_dir)},
     )

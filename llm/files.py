@@ -1,8 +1,10 @@
-"""Atomic file and folder writes, and hashing.
+"""Atomic, durable file and folder writes, and hashing.
 
 A stage killed at any moment must never leave a file that looks whole but is not: everything is written
-under a temporary name in the same folder, flushed, and renamed into place (a rename within one file
-system is atomic). Temporary names start with `.tmp-` so that readers and cleanup can recognise them.
+under a temporary name in the same folder, fsynced, and renamed into place (a rename within one file
+system is atomic), and the folder holding the new name is fsynced too, so that after a power cut the
+rename is there or it is not, and the bytes behind it are the ones written. Temporary names start with
+`.tmp-` so that readers and cleanup can recognise them.
 """
 
 from __future__ import annotations
@@ -24,17 +26,44 @@ def temporary_sibling(path: Path) -> Path:
     return path.with_name(f"{TMP_PREFIX}{path.name}.{uuid.uuid4().hex[:8]}")
 
 
+def fsync_file(path: str | Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make the names in folder `path` durable: a rename is only on disk once its folder is synced."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: str | Path) -> None:
+    """fsync every file and folder under `folder`, and `folder` itself."""
+    for root, dirs, files in os.walk(folder):
+        for name in files:
+            fsync_file(Path(root) / name)
+        fsync_dir(root)
+
+
+def replace_durably(src: str | Path, dest: str | Path) -> None:
+    """Rename `src` (already fsynced) to `dest` and make the rename itself durable."""
+    os.replace(src, dest)
+    fsync_dir(Path(dest).parent)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it is fsynced and renamed to `path`."""
+    """Yield a temporary path beside `path`; on success it is fsynced and renamed to `path`, durably."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_sibling(path)
     try:
         yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        fsync_file(tmp)
+        replace_durably(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -54,10 +83,11 @@ def read_json(path: str | Path) -> Any:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary folder beside `path`; on success it replaces `path` whole.
+    """Yield a temporary folder beside `path`; on success it replaces `path` whole, durably.
 
-    The old folder is moved aside before the new one is renamed in, so a crash in between leaves either
-    the old folder or the new one under a `.tmp-` name, never a mix of both.
+    Everything in the new folder is fsynced before it takes the name. The old folder is moved aside
+    before the new one is renamed in, so a crash in between leaves either the old folder or the new one
+    under a `.tmp-` name, never a mix of both; the old one is deleted only once the new name is durable.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -65,10 +95,11 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        fsync_tree(tmp)
         old = temporary_sibling(path) if path.exists() else None
         if old is not None:
             os.replace(path, old)
-        os.replace(tmp, path)
+        replace_durably(tmp, path)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     finally:

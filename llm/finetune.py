@@ -13,15 +13,14 @@ nothing special). The book's recipe, GPT-2 medium for 2 epochs at lr 5e-5, is `i
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from llm.checkpoint import MODEL_FILE, load_model, read_config
-from llm.config import FinetuneConfig, Params
+from llm.checkpoint import MODEL_FILE, SPLIT_FILE, load_model, read_config
+from llm.config import FinetuneConfig, Params, weight_settings
 from llm.distributed import Dist
 from llm.download import read_manifest as read_raw_manifest
 from llm.instructions import (InstructionBatches, Split, encode_records, learnable, load_records, prompt_text,
@@ -30,10 +29,12 @@ from llm.lora import apply_lora, merge_lora, trainable_parameters
 from llm.model import GPT
 from llm.pretrain import prompt_sampler
 from llm.tokenizer import get_tokenizer
-from llm.tracking import Tracker, file_sha256
-from llm.train import Trainer, TrainResult, code_sha256
+from llm.files import sha256_file
+from llm.imports import code_fingerprint
+from llm.train import Trainer, TrainResult
 
-SPLIT_FILE = "split.json"
+if TYPE_CHECKING:
+    from llm.tracking import Tracker
 
 
 def instruction_file(raw_dir: str | Path, source: str) -> Path:
@@ -68,18 +69,18 @@ def starting_point(config: FinetuneConfig, pretrain_dir: str | Path) -> tuple[GP
     return load_model(folder, **overrides), read_config(folder).tokenizer
 
 
-def fingerprint(params: Params, raw_dir: str | Path, pretrain_dir: str | Path) -> str:
-    """A hash of the settings, starting weights, data and code: what a resumable checkpoint must match."""
+def run_settings(params: Params, raw_dir: str | Path, pretrain_dir: str | Path) -> dict[str, Any]:
+    """The settings, starting weights, data and code that shape the weights: what a resumable
+    checkpoint must match. Logging, sampling and checkpoint settings may change."""
     from llm.gpt2_weights import SIZES
 
     config = params.finetune
     if config.init_from in SIZES:
         start = config.init_from
     else:
-        start = file_sha256(_start_folder(config, pretrain_dir) / MODEL_FILE)
-    shape = {"finetune": dataclasses.asdict(config), "start": start,
-             "data": file_sha256(instruction_file(raw_dir, config.instructions)), "code": code_sha256()}
-    return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()
+        start = sha256_file(_start_folder(config, pretrain_dir) / MODEL_FILE)
+    return {"finetune": weight_settings(config), "start": start,
+            "data": sha256_file(instruction_file(raw_dir, config.instructions)), "code": code_fingerprint(__name__)}
 
 
 def prepare_split(path: Path, config: FinetuneConfig, out_dir: Path) -> Split:
@@ -94,7 +95,7 @@ def prepare_split(path: Path, config: FinetuneConfig, out_dir: Path) -> Split:
 
 def run_finetune(params: Params, raw_dir: str | Path, pretrain_dir: str | Path, out_dir: str | Path, *,
                  tracker: Tracker, dist: Dist = Dist(), run_id: str | None = None,
-                 run_fingerprint: str | None = None) -> TrainResult:
+                 settings: dict[str, Any] | None = None) -> TrainResult:
     """Fine-tune and leave the model (LoRA merged), its history and `split.json` in `out_dir`."""
     config, out_dir = params.finetune, Path(out_dir)
     data = instruction_file(raw_dir, config.instructions)
@@ -120,7 +121,7 @@ def run_finetune(params: Params, raw_dir: str | Path, pretrain_dir: str | Path, 
     extra = {"stage": "finetune", "init_from": config.init_from, "prompt_style": config.prompt_style,
              "lora_rank": config.lora_rank, "trainable_parameters": trainable_parameters(model)}
     trainer = Trainer(model, batches, val_batches, config, out_dir,
-                      fingerprint=run_fingerprint or fingerprint(params, raw_dir, pretrain_dir), tracker=tracker,
+                      settings=settings or run_settings(params, raw_dir, pretrain_dir), tracker=tracker,
                       tokenizer=tokenizer, sampler=sampler, run_id=run_id, dist=dist, checkpoint_extra=extra,
                       export=merge_lora if config.lora_rank else None)
     return trainer.fit()

@@ -11,23 +11,25 @@ describes; dropout and the attention implementation are taken from params.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from llm.checkpoint import load_model, read_config
-from llm.config import Params
+from llm.config import Params, weight_settings
 from llm.distributed import Dist
 from llm.generate import Sampling, generate
 from llm.model import GPT, ModelConfig
 from llm.shards import RandomWindows, ShardError, TokenStream, to_batch, read_manifest
 from llm.tokenizer import get_tokenizer
-from llm.tracking import Tracker, file_sha256
-from llm.train import Batch, Sampler, Trainer, TrainResult, code_sha256
+from llm.files import sha256_file
+from llm.imports import code_fingerprint
+from llm.train import Batch, Sampler, Trainer, TrainResult
+
+if TYPE_CHECKING:
+    from llm.tracking import Tracker
 
 ARCHITECTURE = ("vocab_size", "context_length", "n_embd", "n_head", "n_layer", "qkv_bias", "tie_weights")
 
@@ -88,11 +90,22 @@ def initial_model(params: Params, manifest: dict) -> GPT:
     return model
 
 
-def fingerprint(params: Params, shards_dir: str | Path) -> str:
-    """A hash of all that shapes the run (settings, data, code): a checkpoint with another is not resumed."""
-    shape = {"model": params.model.build().to_dict(), "pretrain": dataclasses.asdict(params.pretrain),
-             "shards": file_sha256(Path(shards_dir) / "manifest.json"), "code": code_sha256()}
-    return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()
+def starting_weights(init_from: str) -> str:
+    """What the run starts from, for its fingerprint: scratch, a GPT-2 size, or a folder's weights' hash."""
+    from llm.checkpoint import MODEL_FILE
+    from llm.gpt2_weights import SIZES
+
+    if init_from == "scratch" or init_from in SIZES or not (Path(init_from) / MODEL_FILE).is_file():
+        return init_from
+    return sha256_file(Path(init_from) / MODEL_FILE)
+
+
+def run_settings(params: Params, shards_dir: str | Path) -> dict[str, Any]:
+    """Everything that shapes the weights (model, settings, data, starting weights, code): a checkpoint
+    of other settings is not resumed. Logging, sampling and checkpoint settings may change."""
+    return {"model": params.model.build().to_dict(), "pretrain": weight_settings(params.pretrain),
+            "shards": sha256_file(Path(shards_dir) / "manifest.json"),
+            "start": starting_weights(params.pretrain.init_from), "code": code_fingerprint(__name__)}
 
 
 def prompt_sampler(tokenizer: str, prompt: str, max_new_tokens: int, seed: int) -> Sampler:
@@ -109,7 +122,8 @@ def prompt_sampler(tokenizer: str, prompt: str, max_new_tokens: int, seed: int) 
 
 
 def run_pretrain(params: Params, shards_dir: str | Path, out_dir: str | Path, *, tracker: Tracker,
-                 dist: Dist = Dist(), run_id: str | None = None, run_fingerprint: str | None = None) -> TrainResult:
+                 dist: Dist = Dist(), run_id: str | None = None,
+                 settings: dict[str, Any] | None = None) -> TrainResult:
     """Train on `shards_dir`, resuming from `out_dir`'s latest matching checkpoint; the model ends there."""
     manifest = read_manifest(shards_dir)
     config = params.pretrain
@@ -121,8 +135,8 @@ def run_pretrain(params: Params, shards_dir: str | Path, out_dir: str | Path, *,
     sampler = (prompt_sampler(manifest["tokenizer"], config.sample_prompt, config.sample_tokens, config.seed)
                if config.sample_interval else None)
     trainer = Trainer(
-        model, batches, val, config, out_dir, fingerprint=run_fingerprint or fingerprint(params, shards_dir),
+        model, batches, val, config, out_dir, settings=settings or run_settings(params, shards_dir),
         tracker=tracker, tokenizer=manifest["tokenizer"], sampler=sampler, run_id=run_id, dist=dist,
         checkpoint_extra={"stage": "pretrain", "init_from": config.init_from,
-                          "shards_manifest_sha256": file_sha256(Path(shards_dir) / "manifest.json")})
+                          "shards_manifest_sha256": sha256_file(Path(shards_dir) / "manifest.json")})
     return trainer.fit()

@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from llm import faults
 from llm.files import atomic_path, read_json
 
 COLUMN = "input_ids"
@@ -87,6 +88,7 @@ class ShardWriter:
         with atomic_path(self.folder / name) as tmp:
             with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, batch.schema) as writer:
                 writer.write_batch(batch)
+            faults.pause_point("shard.write")
         self.shards.append({"file": f"{self.folder.name}/{name}", "docs": self._docs, "rows": len(self._rows),
                             "tokens": self._tokens})
         self._rows, self._tokens, self._docs = [], 0, 0

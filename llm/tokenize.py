@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from llm import faults
 from llm.config import TokenizeConfig
 from llm.documents import CorpusError, Piece, in_validation, read_records, read_text
 from llm.download import read_manifest as read_raw_manifest
@@ -135,6 +136,7 @@ def tokenize_corpus(raw_dir: str | Path, shards_dir: str | Path, config: Tokeniz
             "splits": splits,
         }
         write_json_atomic(tmp / "manifest.json", manifest)
+        faults.pause_point("shards.replace")
     return TokenizeResult(manifest, time.perf_counter() - started)
 
 

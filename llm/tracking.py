@@ -353,3 +353,23 @@ def promote_if_better(name: str, version: str, scores: Mapping[str, float],
             return False, str(holder.version)
     client.set_registered_model_alias(name, alias, version)
     return True, None if holder is None else str(holder.version)
+
+
+def fail_if_running(run_id: str | None, reason: str) -> bool:
+    """Mark run `run_id` FAILED if it is still RUNNING: its process was killed and will not end it.
+    Returns whether it was."""
+    if not run_id:
+        return False
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    configure()
+    client = mlflow.MlflowClient()
+    try:
+        if client.get_run(run_id).info.status != "RUNNING":
+            return False
+        client.set_tag(run_id, "pipeline.failure", reason)
+        client.set_terminated(run_id, status="FAILED")
+        return True
+    except MlflowException:
+        return False

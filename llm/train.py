@@ -11,10 +11,11 @@ writes sample generations, and saves resumable checkpoints.
 
 Resume is exact: a checkpoint holds the weights, the optimizer and scheduler, the data position and the
 history, and the random state needs no saving because dropout is reseeded from (seed, rank, step) at
-every step. Checkpoints go to `out_dir/resume/step-NNNNNN/`, written atomically; a run restarted on the
-same `out_dir` with the same `fingerprint` (a hash of everything that shapes the run) continues from the
-latest one, so a run killed at any moment ends with the weights of a run never interrupted. A checkpoint
-with another fingerprint belongs to other settings: it is set aside and training starts over.
+every step. Checkpoints go to `out_dir/resume/step-NNNNNN/` through `llm.checkpoint.ResumeStore`, written
+whole and durable; a run restarted on the same `out_dir` with equal `settings` (everything that shapes the
+weights: see `run_only` in llm/config.py for what may change) continues from the latest one, so a run
+killed at any moment ends with the weights of a run never interrupted. Checkpoints of other settings are
+moved aside, never deleted, and training starts over.
 
 A NaN or infinite loss stops training before the optimizer applies it, leaving the last good checkpoint.
 """
@@ -22,15 +23,13 @@ A NaN or infinite loss stops training before the optimizer applies it, leaving t
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import math
-import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import safetensors.torch
 import torch
@@ -38,25 +37,21 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from llm import distributed
-from llm.checkpoint import CONFIG_FILE, MODEL_FILE, unwrap, write_model_files
+from llm.checkpoint import MODEL_FILE, ResumeStore, settings_digest, unwrap, write_final
 from llm.config import TrainConfig
 from llm.distributed import Dist
-from llm.files import atomic_dir, read_json, remove_temporaries, temporary_sibling, write_json_atomic
 from llm.hardware import autocast, peak_flops, resolve_device, train_dtype
 from llm.model import eval_mode
 from llm.optim import adamw, warmup_cosine
-from llm.tracking import Tracker
+
+if TYPE_CHECKING:  # the protocol only: tracking code does not shape the weights, nor the fingerprint
+    from llm.tracking import Tracker
 
 log = logging.getLogger(__name__)
-
-RESUME_DIR = "resume"
-STATE_FILE = "state.pt"
-TRAINER_FILE = "trainer.json"
 
 Batch = tuple[Tensor, Tensor]
 Sampler = Callable[[nn.Module, int], dict[str, str]]  # (model, step) -> {artifact name: text}
 Export = Callable[[nn.Module], nn.Module]  # the trained model -> the model to save (e.g. LoRA merged)
-HISTORY_FILE = "history.json"
 
 
 class BatchSource(Protocol):
@@ -95,15 +90,6 @@ class TrainResult:
     model: nn.Module  # the trained GPT (unwrapped from compile and DDP), on the training device
 
 
-def code_sha256() -> str:
-    """A hash of the library's source. Part of every run's fingerprint: DVC reruns a training stage when
-    its code changes, and the rerun must then train, not resume the finished run of the old code."""
-    digest = hashlib.sha256()
-    for path in sorted(Path(__file__).parent.glob("*.py")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()
-
-
 def accumulation_steps(config: TrainConfig, world_size: int) -> int:
     per_step = config.batch_size * world_size
     if config.global_batch_size % per_step:
@@ -120,23 +106,17 @@ def total_steps(config: TrainConfig, context_length: int) -> int:
 
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
     """The newest complete resumable checkpoint under `out_dir`, if any."""
-    folder = Path(out_dir) / RESUME_DIR
-    found = sorted(folder.glob("step-*")) if folder.is_dir() else []
-    return found[-1] if found else None
+    return ResumeStore(out_dir).latest()
 
 
-def resumable_run_id(out_dir: str | Path, fingerprint: str) -> str | None:
+def resumable_run_id(out_dir: str | Path, settings: Mapping[str, Any]) -> str | None:
     """The tracking run of the checkpoint a restart would resume, so that it continues that run."""
-    checkpoint = latest_checkpoint(out_dir)
-    if checkpoint is None:
-        return None
-    state = read_json(checkpoint / TRAINER_FILE)
-    return state.get("run_id") if state.get("fingerprint") == fingerprint else None
+    return ResumeStore(out_dir).run_id(settings_digest(settings))
 
 
 class Trainer:
     def __init__(self, model: nn.Module, train_batches: BatchSource, val_batches: list[Batch],
-                 config: TrainConfig, out_dir: str | Path, *, fingerprint: str, tracker: Tracker,
+                 config: TrainConfig, out_dir: str | Path, *, settings: Mapping[str, Any], tracker: Tracker,
                  tokenizer: str = "gpt2", sampler: Sampler | None = None, run_id: str | None = None,
                  dist: Dist = Dist(), checkpoint_extra: dict | None = None, export: Export | None = None):
         self.config, self.out_dir, self.tracker, self.dist = config, Path(out_dir), tracker, dist
@@ -157,7 +137,9 @@ class Trainer:
                                self.device.type)
         self.scheduler = warmup_cosine(self.optimizer, config.warmup_steps, self.max_steps,
                                        config.min_lr / config.lr)
-        self.progress = Progress(fingerprint=fingerprint, run_id=run_id)
+        self.settings = dict(settings)
+        self.store = ResumeStore(out_dir, config.keep_checkpoints, config.keep_superseded)
+        self.progress = Progress(fingerprint=settings_digest(settings), run_id=run_id)
 
     # --- the loop -----------------------------------------------------------------------------------
 
@@ -225,7 +207,7 @@ class Trainer:
             torch.stack([total, torch.tensor(float(tokens), device=self.device)]), self.dist).tolist()
         if not math.isfinite(loss_value):
             self.optimizer.zero_grad(set_to_none=True)
-            last = latest_checkpoint(self.out_dir)
+            last = self.store.latest()
             raise TrainingDiverged(
                 f"loss is {loss_value} at step {progress.step + 1}; stopped before applying it. The last good "
                 f"checkpoint is {last or 'none yet'}. Lower the learning rate (lr {cfg.lr}), raise warmup_steps, "
@@ -269,45 +251,41 @@ class Trainer:
 
     # --- checkpoints --------------------------------------------------------------------------------
 
-    def save_checkpoint(self) -> Path | None:
+    def save_checkpoint(self) -> Path:
         """Write a resumable checkpoint (main process only) and keep the newest `keep_checkpoints`."""
-        folder = self.out_dir / RESUME_DIR / f"step-{self.progress.step:06d}"
+        progress = self.progress
+        folder = self.store.folder / f"step-{progress.step:06d}"
         if self.dist.is_main:
-            with atomic_dir(folder) as tmp:
-                write_model_files(self.gpt, tmp, self.tokenizer, extra={"step": self.progress.step})
-                torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
-                           tmp / STATE_FILE)
-                write_json_atomic(tmp / TRAINER_FILE, {
-                    "step": self.progress.step, "tokens": self.progress.tokens,
-                    "fingerprint": self.progress.fingerprint, "run_id": self.progress.run_id,
-                    "batches": self.train_batches.state_dict(), "history": self.progress.history})
-            for old in sorted((self.out_dir / RESUME_DIR).glob("step-*"))[:-self.config.keep_checkpoints]:
-                shutil.rmtree(old)
+            folder = self.store.save(
+                progress.step, self.gpt, self.tokenizer,
+                tensors={"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                state={"step": progress.step, "tokens": progress.tokens, "fingerprint": progress.fingerprint,
+                       "run_id": progress.run_id, "batches": self.train_batches.state_dict(),
+                       "history": progress.history, "settings": self.settings})
         distributed.barrier(self.dist)
         return folder
 
     def _resume(self) -> bool:
-        remove_temporaries(self.out_dir)
-        remove_temporaries(self.out_dir / RESUME_DIR)
-        checkpoint = latest_checkpoint(self.out_dir)
-        if checkpoint is None:
+        # The main process reads first: it alone sets unreadable or superseded checkpoints aside, and the
+        # other ranks then find what it kept.
+        resumed = None
+        if self.dist.is_main:
+            self.store.clean()
+            resumed = self.store.load(self.progress.fingerprint, self.settings, self.device)
+        distributed.barrier(self.dist)
+        if not self.dist.is_main:
+            resumed = self.store.load(self.progress.fingerprint, self.settings, self.device, set_aside=False)
+        if resumed is None:
             return False
-        state = read_json(checkpoint / TRAINER_FILE)
-        if state["fingerprint"] != self.progress.fingerprint:
-            log.warning("%s was made with other settings or data; starting over", checkpoint)
-            distributed.barrier(self.dist)
-            if self.dist.is_main:
-                shutil.rmtree(self.out_dir / RESUME_DIR)
-            return False
-        safetensors.torch.load_model(self.gpt, checkpoint / MODEL_FILE, device=str(self.device))
-        tensors = torch.load(checkpoint / STATE_FILE, map_location=self.device, weights_only=True)
-        self.optimizer.load_state_dict(tensors["optimizer"])
-        self.scheduler.load_state_dict(tensors["scheduler"])
+        safetensors.torch.load_model(self.gpt, resumed.folder / MODEL_FILE, device=str(self.device))
+        self.optimizer.load_state_dict(resumed.tensors["optimizer"])
+        self.scheduler.load_state_dict(resumed.tensors["scheduler"])
+        state = resumed.state
         self.train_batches.load_state_dict(state["batches"])
         self.progress = Progress(step=state["step"], tokens=state["tokens"], fingerprint=state["fingerprint"],
                                  run_id=self.progress.run_id or state.get("run_id"),
                                  history={k: [tuple(p) for p in v] for k, v in state["history"].items()})
-        log.info("resumed from %s at step %d", checkpoint, self.progress.step)
+        log.info("resumed from %s at step %d", resumed.folder, self.progress.step)
         return True
 
     def save_final(self) -> None:
@@ -316,14 +294,5 @@ class Trainer:
         if self.dist.is_main:
             extra = {"step": self.progress.step, "tokens": self.progress.tokens, **self.checkpoint_extra}
             model = self.export(self.gpt) if self.export else self.gpt
-            tmp = temporary_sibling(self.out_dir / "final")  # a .tmp- name: a killed run's leftover is cleaned
-            tmp.mkdir(parents=True)
-            try:
-                write_model_files(model, tmp, self.tokenizer, extra=extra)
-                write_json_atomic(tmp / HISTORY_FILE, self.progress.history)
-                for name in (MODEL_FILE, HISTORY_FILE, CONFIG_FILE):  # config.json last: it names the model
-                    (tmp / name).replace(self.out_dir / name)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
+            write_final(model, self.out_dir, self.tokenizer, extra, self.progress.history)
         distributed.barrier(self.dist)
-

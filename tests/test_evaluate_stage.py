@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from llm.checkpoint import save_model
-from llm.finetune import SPLIT_FILE
+from llm.checkpoint import SPLIT_FILE
 from llm.instructions import Record, Split, write_split
 from llm.model import GPT, model_config
 from llm.tracking import configure, promote_if_better

@@ -14,10 +14,10 @@ import pytest
 import safetensors.torch
 import torch
 
-from llm.checkpoint import load_model, save_model
+from llm.checkpoint import SPLIT_FILE, load_model, save_model
 from llm.config import Params, from_mapping
 from llm.download import write_manifests
-from llm.finetune import SPLIT_FILE, run_finetune
+from llm.finetune import run_finetune
 from llm.instructions import InstructionDataError, read_split
 from llm.model import GPT, model_config
 from llm.tracking import MemoryTracker

@@ -6,55 +6,10 @@ say) lets `dvc repro` call a stage up to date while its code would now give othe
 
 from __future__ import annotations
 
-import ast
-from collections.abc import Iterator
-
 from ruamel.yaml import YAML
 
+from llm.imports import code_fingerprint, imported_files
 from tests.conftest import ROOT
-
-PACKAGES = ("llm", "flows")
-
-
-def module_path(module: str) -> str | None:
-    """The project file of a module name, relative to the root; None if it is not a project module."""
-    path = ROOT.joinpath(*module.split(".")).with_suffix(".py")
-    return path.relative_to(ROOT).as_posix() if path.is_file() else None
-
-
-def _run_on_import(tree: ast.Module) -> Iterator[ast.stmt]:
-    """The statements a module's import runs: all but those inside functions and classes."""
-    todo = list(tree.body)
-    while todo:
-        node = todo.pop()
-        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            yield node
-            todo += [child for child in ast.iter_child_nodes(node) if isinstance(child, ast.stmt)]
-
-
-def _imports(tree: ast.Module, *, at_import_time: bool) -> Iterator[str]:
-    """The module names a module imports: all of them, or only those its import itself runs (the
-    imports inside functions and classes run only if they are called)."""
-    for node in _run_on_import(tree) if at_import_time else ast.walk(tree):
-        if isinstance(node, ast.Import):
-            yield from (alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            yield node.module
-            yield from (f"{node.module}.{alias.name}" for alias in node.names)  # `from llm import files`
-
-
-def imported_files(module: str, *, at_import_time: bool) -> set[str]:
-    """The files of `module` and of the project modules it imports, at any depth."""
-    files: set[str] = set()
-    todo = [module]
-    while todo:
-        name = todo.pop()
-        path = module_path(name) if name.split(".")[0] in PACKAGES else None
-        if path is None or path in files:
-            continue
-        files.add(path)
-        todo += _imports(ast.parse((ROOT / path).read_text()), at_import_time=at_import_time)
-    return files
 
 
 def test_imported_files_follow_every_kind_of_import():
@@ -64,6 +19,21 @@ def test_imported_files_follow_every_kind_of_import():
     assert "llm/chat.py" not in loaded
     assert "llm/gpt2_weights.py" not in imported_files("llm.finetune", at_import_time=True)
     assert "llm/gpt2_weights.py" in imported_files("llm.finetune", at_import_time=False)  # inside a function
+
+
+def test_type_checking_imports_are_not_followed(tmp_path):
+    (tmp_path / "llm").mkdir()
+    (tmp_path / "llm/a.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import llm.b\n"
+                                       "else:\n    import llm.c\n")
+    for name in "bc":
+        (tmp_path / f"llm/{name}.py").write_text("")
+    assert imported_files("llm.a", at_import_time=True, root=tmp_path) == {"llm/a.py", "llm/c.py"}
+
+
+def test_the_training_code_fingerprint_leaves_out_what_does_not_train():
+    pretrain = code_fingerprint("llm.pretrain")
+    assert {"llm/model.py", "llm/train.py", "llm/optim.py", "llm/gpt2_weights.py"} <= set(pretrain)
+    assert not {"llm/report.py", "llm/tracking.py", "llm/plots.py", "flows/training.py"} & set(pretrain)
 
 
 def test_each_stage_depends_on_the_code_it_runs():

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import shutil
 import textwrap
 import time
 from pathlib import Path
@@ -57,7 +58,7 @@ def test_loss_falls_and_everything_is_reported(tmp_path, shards):
     assert set(tracker.texts) == {"samples/step-000010.txt", "samples/step-000020.txt"}
     assert tracker.texts["samples/step-000020.txt"].startswith(" the and of")
     assert (tmp_path / "out" / "model.safetensors").is_file()
-    assert [p.name for p in (tmp_path / "out" / "resume").iterdir()] == ["step-000020"]  # keeps the last one
+    assert sorted(p.name for p in (tmp_path / "out" / "resume").iterdir()) == ["step-000015", "step-000020"]
 
 
 def test_gradient_accumulation_matches_one_big_batch(tmp_path, shards):
@@ -115,21 +116,67 @@ def test_a_run_killed_mid_way_resumes_to_the_same_weights(tmp_path, shards):
         assert torch.equal(expected[name], actual[name]), name
 
 
-def test_other_settings_start_over_instead_of_resuming(tmp_path, shards):
-    run_pretrain(params(max_steps=5), shards, tmp_path / "out", tracker=MemoryTracker())
+def test_other_settings_set_the_checkpoints_aside_and_start_over(tmp_path, shards, caplog):
+    out = tmp_path / "out"
+    run_pretrain(params(max_steps=5), shards, out, tracker=MemoryTracker())
+    before = weights(out / "resume" / "step-000005")
     tracker = MemoryTracker()
-    run_pretrain(params(max_steps=5, lr=1e-3), shards, tmp_path / "out", tracker=tracker)
+    with caplog.at_level("WARNING", logger="llm.checkpoint"):
+        run_pretrain(params(max_steps=5, lr=1e-3), shards, out, tracker=tracker)
     assert tracker.series("val_loss")[0][0] == 0  # evaluated at step 0: a fresh start
+    (aside,) = (out / "resume").glob("superseded-*")
+    assert [p.name for p in aside.iterdir()] == ["step-000005"]  # nothing deleted
+    assert all(torch.equal(before[k], v) for k, v in weights(aside / "step-000005").items())
+    message = caplog.text
+    assert "pretrain.lr: 0.003 -> 0.001" in message
+    assert f"moved to {aside}" in message and f"set init_from: {aside / 'step-000005'}" in message
+
+
+def test_at_most_keep_superseded_sets_are_kept_aside(tmp_path, shards):
+    out = tmp_path / "out"
+    for lr in (1e-3, 2e-3, 3e-3, 4e-3):
+        run_pretrain(params(max_steps=2, lr=lr, keep_superseded=2), shards, out, tracker=MemoryTracker())
+    assert len(list((out / "resume").glob("superseded-*"))) == 2
+
+
+def test_settings_that_leave_the_weights_alone_resume(tmp_path, shards):
+    out = tmp_path / "out"
+    run_pretrain(params(max_steps=10, checkpoint_interval=3), shards, out, tracker=MemoryTracker())
+    shutil.rmtree(out / "resume" / "step-000010")  # as if killed after step 9's checkpoint
+    tracker = MemoryTracker()
+    changed = dict(log_interval=1, eval_interval=7, eval_batches=1, sample_interval=0, checkpoint_interval=4,
+                   keep_checkpoints=3, sample_prompt=" of", registered_model="other", precision="fp32")
+    run_pretrain(params(max_steps=10, **changed), shards, out, tracker=tracker)
+    assert [step for step, _ in tracker.series("train_loss")] == [10]  # resumed at step 9: one step left
+    assert not list((out / "resume").glob("superseded-*"))
 
 
 def test_new_code_starts_over_instead_of_resuming_a_finished_run(tmp_path, shards, monkeypatch):
     import llm.pretrain
 
     run_pretrain(params(max_steps=5), shards, tmp_path / "out", tracker=MemoryTracker())
-    monkeypatch.setattr(llm.pretrain, "code_sha256", lambda: "the code after an edit")
+    monkeypatch.setattr(llm.pretrain, "code_fingerprint", lambda module: {"llm/model.py": "after an edit"})
     tracker = MemoryTracker()
     run_pretrain(params(max_steps=5), shards, tmp_path / "out", tracker=tracker)
     assert [step for step, _ in tracker.series("train_loss")] == [2, 4, 5]  # trained again, from the start
+
+
+@pytest.mark.parametrize("damage", ["model.safetensors", "state.pt", "trainer.json"])
+def test_an_unreadable_newest_checkpoint_is_reported_and_the_previous_one_used(tmp_path, shards, damage, caplog):
+    run_pretrain(params(max_steps=10), shards, tmp_path / "whole", tracker=MemoryTracker())
+    out = tmp_path / "out"
+    run_pretrain(params(max_steps=10), shards, out, tracker=MemoryTracker())
+    newest = out / "resume" / "step-000010"
+    path = newest / damage
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # a torn write
+    tracker = MemoryTracker()
+    with caplog.at_level("WARNING", logger="llm.checkpoint"):
+        run_pretrain(params(max_steps=10), shards, out, tracker=tracker)
+    assert f"checkpoint {newest} cannot be read back" in caplog.text
+    assert [step for step, _ in tracker.series("train_loss")] == [6, 8, 10]  # resumed at step 5
+    assert (out / "resume" / "unreadable-step-000010" / damage).is_file()  # set aside, not deleted
+    expected, actual = weights(tmp_path / "whole"), weights(out)
+    assert all(torch.equal(expected[k], actual[k]) for k in expected)
 
 
 class NaNAfter:
