@@ -279,16 +279,22 @@ class ResumeStore:
                 write_json_atomic(tmp / TRAINER_FILE, state)
                 faults.pause_point("checkpoint.write")
         except Exception as exc:  # OSError, or the same error wrapped by safetensors' or torch's writer
-            if not _is_write_failure(exc):
+            error = self.write_error(f"the checkpoint of step {step} under {self.folder}", exc)
+            if error is exc:
                 raise
-            previous = self.latest()
-            raise CheckpointWriteError(
-                f"could not write the checkpoint of step {step} under {self.folder}: {exc}. "
-                f"{f'The previous checkpoint {previous} is intact' if previous else 'No earlier checkpoint exists'};"
-                f" free disk space (or raise the file size limit) and rerun to continue from it") from exc
+            raise error from exc
         for old in self.checkpoints()[:-self.keep]:
             shutil.rmtree(old)
         return folder
+
+    def write_error(self, what: str, exc: Exception) -> Exception:
+        """`exc` as the error a user can act on, if the file system caused it (a full disk, say)."""
+        if not _is_write_failure(exc):
+            return exc
+        previous = self.latest()
+        kept = f"The checkpoint {previous} is intact" if previous else "No earlier checkpoint exists"
+        return CheckpointWriteError(f"could not write {what}: {exc}. {kept}; free disk space (or raise the "
+                                    f"file size limit) and rerun to continue from it")
 
     def run_id(self, fingerprint: str) -> str | None:
         """The tracking run of the checkpoint a restart would resume, so that it continues that run."""

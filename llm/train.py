@@ -294,5 +294,11 @@ class Trainer:
         if self.dist.is_main:
             extra = {"step": self.progress.step, "tokens": self.progress.tokens, **self.checkpoint_extra}
             model = self.export(self.gpt) if self.export else self.gpt
-            write_final(model, self.out_dir, self.tokenizer, extra, self.progress.history)
+            try:
+                write_final(model, self.out_dir, self.tokenizer, extra, self.progress.history)
+            except Exception as exc:
+                error = self.store.write_error(f"the trained model to {self.out_dir}", exc)
+                if error is exc:
+                    raise
+                raise error from exc
         distributed.barrier(self.dist)

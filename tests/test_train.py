@@ -236,3 +236,44 @@ def test_training_settings_are_validated():
     assert problems["pretrain.global_batch_size"] == "must be a multiple of batch_size (3), got 8"
     assert problems["pretrain.min_lr"] == "must be in [0, 0.1], got 1.0"
     assert problems["model.n_embd"] == "must be divisible by n_head (3), got 64"
+
+
+FULL_DISK = textwrap.dedent("""
+    import resource, signal, sys
+    import llm.checkpoint
+    # A real EFBIG from the kernel on the second checkpoint's first file: RLIMIT_FSIZE caps any file this
+    # process writes. Ignoring SIGXFSZ makes the write fail with the error instead of killing the process.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    real, calls = llm.checkpoint.ResumeStore.save, []
+    def save(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, resource.RLIM_INFINITY))
+        return real(self, *args, **kwargs)
+    llm.checkpoint.ResumeStore.save = save
+""")
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_a_checkpoint_fails_clearly_and_keeps_the_previous_one(tmp_path, shards):
+    settings = {"model": {"preset": "tiny", "vocab_size": VOCAB, "context_length": 32},
+                "pretrain": {**TRAIN, "max_steps": 15}}
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    import json
+
+    full = subprocess.run([sys.executable, "-c", FULL_DISK + RUN, str(shards), str(out), json.dumps(settings)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert full.returncode == 1, full.stderr
+    assert (f"llm.checkpoint.CheckpointWriteError: could not write the checkpoint of step 10 under {out / 'resume'}: "
+            f"Error while serializing: I/O error: File too large (os error 27)") in full.stderr
+    assert (f"The checkpoint {out / 'resume' / 'step-000005'} is intact; free disk space (or raise the file size "
+            f"limit) and rerun to continue from it") in full.stderr
+    assert [p.name for p in (out / "resume").iterdir()] == ["step-000005"]  # no half-written step-000010
+    assert not list(out.rglob(".tmp-*"))
+
+    again = run_stage(shards, out, settings)
+    assert again.wait(timeout=300) == 0, again.stderr.read()
+    run_pretrain(params(max_steps=15), shards, tmp_path / "whole", tracker=MemoryTracker())
+    expected, actual = weights(tmp_path / "whole"), weights(out)
+    assert all(torch.equal(expected[k], actual[k]) for k in expected)
