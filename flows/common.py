@@ -15,8 +15,8 @@ from prefect.exceptions import MissingContextError
 from prefect.logging import get_run_logger
 
 from llm.files import write_json_atomic
-from llm.lock import stage_lock
-from llm.tracking import MLflowTracker, fail_if_running, lineage_tags
+from llm.lock import StageLock, stage_lock
+from llm.tracking import LOCK_TOKEN_TAG, MLflowTracker, fail_stale_runs, lineage_tags
 
 
 def stage_logger() -> logging.Logger | logging.LoggerAdapter:
@@ -32,6 +32,12 @@ def write_metrics(path: str | Path, metrics: dict) -> None:
     write_json_atomic(path, metrics)
 
 
+def run_tags(stage: str, params_file: str, held: StageLock) -> dict[str, str]:
+    """A stage run's tags: its lineage, and the token of the lock its process holds, by which a later
+    run that takes the lock over after a kill finds the run left RUNNING and marks it FAILED."""
+    return {**lineage_tags(stage, params_file), LOCK_TOKEN_TAG: held.holder["token"]}
+
+
 @contextmanager
 def tracked_run(stage: str, *, out_dir: str | Path, experiment: str, params_file: str,
                 params_to_log: Mapping[str, Any]) -> Iterator[MLflowTracker]:
@@ -40,9 +46,8 @@ def tracked_run(stage: str, *, out_dir: str | Path, experiment: str, params_file
     data/raw/manifest.json). The run of an earlier execution killed in the folder is marked FAILED."""
     with stage_lock(out_dir, stage) as held:
         if held.stale:
-            fail_if_running(held.stale.get("run_id"), "killed; the next run started over")
-        with MLflowTracker(experiment, stage, tags=lineage_tags(stage, params_file)) as tracker:
-            held.record(run_id=tracker.run_id)
+            fail_stale_runs(experiment, held.stale.get("token"))
+        with MLflowTracker(experiment, stage, tags=run_tags(stage, params_file, held)) as tracker:
             tracker.log_params(params_to_log)
             yield tracker
             tracker.set_tags(lineage_tags(stage, params_file))

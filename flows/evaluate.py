@@ -15,6 +15,7 @@ from pathlib import Path
 from prefect import flow
 
 from flows.common import stage_logger, tracked_run, write_metrics
+from llm import faults
 from llm.config import load_params
 from llm.evaluate import RESPONSES_FILE, evaluate_models
 from llm.files import atomic_dir
@@ -47,6 +48,7 @@ def evaluate(params_file: str = "params.yaml", base_dir: str = "data/checkpoints
                 promoted=promoted, base_loss=measured.base_loss, finetuned_loss=measured.finetuned_loss,
                 scores=measured.scores, judge=measured.judge, histories=measured.histories,
                 examples=measured.examples))
+            faults.pause_point("evaluate.write")
         for path in sorted(Path(out_dir).iterdir()):
             t.log_artifact(path, "eval")
     write_metrics(metrics_file, metrics)

@@ -6,13 +6,12 @@ from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from typing import Any
 
-from flows.common import stage_logger, write_metrics
+from flows.common import run_tags, stage_logger, write_metrics
 from llm import distributed
 from llm.distributed import Dist
 from llm.lock import stage_lock
 from llm.plots import write_loss_plots
-from llm.tracking import (MemoryTracker, MLflowTracker, Tracker, fail_if_running, lineage_tags, log_gpt_model,
-                          write_registration)
+from llm.tracking import MemoryTracker, MLflowTracker, Tracker, fail_stale_runs, log_gpt_model, write_registration
 from llm.train import TrainResult, resumable_run_id
 
 
@@ -26,15 +25,14 @@ def tracked_training(
     dist = distributed.from_env()
     with stage_lock(out_dir, stage) if dist.is_main else nullcontext() as held:
         run_id = resumable_run_id(out_dir, settings)
-        if held is not None and held.stale and held.stale.get("run_id") != run_id:
-            fail_if_running(held.stale.get("run_id"), "killed; the next run started over")
-        tracker = (MLflowTracker(experiment, stage, tags=lineage_tags(stage, params_file), run_id=run_id)
+        if held is not None and held.stale:
+            fail_stale_runs(experiment, held.stale.get("token"), keep=run_id)  # a resumed run is not stale
+        tracker = (MLflowTracker(experiment, stage, tags=run_tags(stage, params_file, held), run_id=run_id)
                    if dist.is_main else nullcontext(MemoryTracker()))
         try:
             with tracker as t:
                 if not dist.is_main:
                     return train(t, dist, None).metrics
-                held.record(run_id=t.run_id)  # so that a run taking over after a kill can end it
                 t.log_params(params_to_log)
                 result = train(t, dist, t.run_id)
                 for path in write_loss_plots(plots_dir, result.progress.history, stage):

@@ -30,6 +30,7 @@ from urllib.parse import unquote, urlparse
 
 from tqdm import tqdm
 
+from llm import faults
 from llm.config import SourceConfig
 from llm.files import TMP_PREFIX, atomic_path, read_json, remove_temporaries, sha256_file, write_json_atomic
 
@@ -162,6 +163,7 @@ def _copy_verified(src: Path, dest: Path, sha256: str | None, label: str, url: s
                 fout.write(chunk)
         if sha256 is not None and digest.hexdigest() != sha256:
             raise _mismatch(label, url, sha256, digest.hexdigest())
+        faults.pause_point("download.copy")
     return digest.hexdigest()
 
 
@@ -263,6 +265,7 @@ def write_manifests(raw_dir: str | Path, entries: list[dict]) -> None:
         role_entries = [e for e in entries if e["role"] == role]
         (raw_dir / role).mkdir(parents=True, exist_ok=True)
         write_json_atomic(raw_dir / role / "manifest.json", {"sources": role_entries})
+        faults.pause_point("download.manifest")
     write_json_atomic(raw_dir / "manifest.json", {"sources": entries})
 
 

@@ -5,12 +5,12 @@ the same temporary files and rotate each other's checkpoints. So a stage takes `
 first, and a second run fails at once with a message that says who holds it and how to clear it:
 
     with stage_lock("data/checkpoints/pretrain", "pretrain") as lock:
-        ...
-        lock.record(run_id=...)     # noted in the holder file, for whoever takes over a dead holder's lock
+        ...                         # lock.holder["token"] tags what this run makes (its MLflow run)
 
 The lock is an OS file lock (`filelock`) on `.<name>.lock` beside the folder, so the kernel releases it
 when its process dies, even by SIGKILL: a dead holder's lock is taken over by the next run, which is
-told what the dead one was doing (`lock.stale`). The holder's PID, host and start time are in
+told what the dead one had recorded (`lock.stale`), its token included, so that it can end what the
+dead one left open. The holder's PID, host and start time are in
 `.<name>.lock.json` beside it, written atomically once the lock is held and removed on release.
 """
 
@@ -22,6 +22,7 @@ import json
 import os
 import socket
 import sys
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,7 +92,7 @@ def stage_lock(folder: str | Path, stage: str) -> Iterator[StageLock]:
         stale = _read_holder(holder_file)  # left by a holder that died holding the lock
         holder = {"stage": stage, "pid": os.getpid(), "host": socket.gethostname(),
                   "started": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
-                  "command": sys.argv}
+                  "command": sys.argv, "token": uuid.uuid4().hex}
         state = StageLock(Path(folder), lock_file, holder_file, holder, stale, lock)
         state.record()
         yield state

@@ -26,6 +26,7 @@ from typing import Any
 
 import tiktoken
 
+from llm import faults
 from llm.files import write_json_atomic
 from llm.generate import Sampling, generate
 from llm.model import GPT
@@ -67,6 +68,7 @@ def generate_responses(
                            eos_id=tokenizer.eot_token)
         for i, new_ids in zip(rows, outputs):
             responses[i] = clean_response(tokenizer.decode(new_ids))
+        faults.pause_point("evaluate.generate")
     return [{**record, key: response} for record, response in zip(records, responses)]
 
 

@@ -355,21 +355,25 @@ def promote_if_better(name: str, version: str, scores: Mapping[str, float],
     return True, None if holder is None else str(holder.version)
 
 
-def fail_if_running(run_id: str | None, reason: str) -> bool:
-    """Mark run `run_id` FAILED if it is still RUNNING: its process was killed and will not end it.
-    Returns whether it was."""
-    if not run_id:
-        return False
+LOCK_TOKEN_TAG = "pipeline.lock_token"  # the stage lock (llm/lock.py) the run's process held
+
+
+def fail_stale_runs(experiment: str, lock_token: str | None, keep: str | None = None) -> list[str]:
+    """Mark FAILED the runs that a killed process left RUNNING: those tagged with the token of the stage
+    lock it held (taken over now), except `keep`, the run about to be resumed. Returns their ids."""
+    if not lock_token:
+        return []
     import mlflow
-    from mlflow.exceptions import MlflowException
 
     configure()
     client = mlflow.MlflowClient()
-    try:
-        if client.get_run(run_id).info.status != "RUNNING":
-            return False
-        client.set_tag(run_id, "pipeline.failure", reason)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    runs = client.search_runs([found.experiment_id], max_results=100,
+                              filter_string=f"tags.`{LOCK_TOKEN_TAG}` = '{lock_token}' and attributes.status = 'RUNNING'")
+    failed = [run.info.run_id for run in runs if run.info.run_id != keep]
+    for run_id in failed:
+        client.set_tag(run_id, "pipeline.failure", "its process was killed; a later run took over")
         client.set_terminated(run_id, status="FAILED")
-        return True
-    except MlflowException:
-        return False
+    return failed

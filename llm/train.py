@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from llm import distributed
+from llm import distributed, faults
 from llm.checkpoint import MODEL_FILE, ResumeStore, settings_digest, unwrap, write_final
 from llm.config import TrainConfig
 from llm.distributed import Dist
@@ -183,6 +183,7 @@ class Trainer:
                     self._write_samples()
                 if progress.step % cfg.checkpoint_interval == 0 or last:
                     self.save_checkpoint()
+                faults.pause_point("train.step")
         self.save_final()
         return TrainResult(progress, self.final_metrics(), self.gpt)
 

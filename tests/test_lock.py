@@ -19,7 +19,7 @@ HOLD = """
 import sys, time
 from llm.lock import stage_lock
 with stage_lock(sys.argv[1], "pretrain") as held:
-    held.record(run_id="run-of-the-holder")
+    held.record(note="the holder")
     print("held", flush=True)
     time.sleep(600)
 """
@@ -56,7 +56,7 @@ def test_a_dead_holders_lock_is_taken_over_with_what_it_recorded(tmp_path):
     holder.send_signal(signal.SIGKILL)
     holder.wait()
     with stage_lock(folder, "pretrain") as held:
-        assert held.stale["pid"] == holder.pid and held.stale["run_id"] == "run-of-the-holder"
+        assert held.stale["pid"] == holder.pid and held.stale["note"] == "the holder" and len(held.stale["token"]) == 32
         assert json.loads(lock_paths(folder)[1].read_text())["pid"] == os.getpid()
     assert not lock_paths(folder)[1].exists()  # a clean exit leaves no holder behind
     with stage_lock(folder, "pretrain") as held:
