@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -50,20 +51,150 @@ def test_truncated_download_is_transient_and_resumes_with_range(tmp_path, body):
         dest = tmp_path / "c.txt"
         with pytest.raises(dl.TransientDownloadError, match="ended at|broke off"):
             dl.fetch(server.url("/c.txt"), dest, sha(body))
-        assert not dest.exists()  # only a .tmp- part file, never the final name
+        assert not dest.exists()  # only .tmp- files, never the final name
         part = tmp_path / ".tmp-c.txt.part"
-        assert 0 < part.stat().st_size < len(body)
+        assert part.stat().st_size == len(body) // 2
+        sidecar = json.loads((tmp_path / ".tmp-c.txt.part.json").read_text())
+        assert sidecar == {"url_sha256": sha(server.url("/c.txt").encode()), "validator": server.etag_of("/c.txt")}
         dl.fetch(server.url("/c.txt"), dest, sha(body))
     assert dest.read_bytes() == body
-    assert server.requests[-1] == ("/c.txt", f"bytes={len(body) // 2}-")
-    assert not part.exists()
+    assert server.requests == [("/c.txt", None), ("/c.txt", f"bytes={len(body) // 2}-")]
+    assert server.headers[1]["If-Range"] == server.etag_of("/c.txt")
+    assert os.listdir(tmp_path) == ["c.txt"]  # part and sidecar gone
+
+
+def test_last_modified_is_the_validator_without_an_etag(tmp_path, body):
+    with FileServer(files={"/c.txt": body}, truncate={"/c.txt": 1}, etag=False) as server:
+        with pytest.raises(dl.TransientDownloadError):
+            dl.fetch(server.url("/c.txt"), tmp_path / "c.txt", sha(body))
+        dl.fetch(server.url("/c.txt"), tmp_path / "c.txt", sha(body))
+    assert (tmp_path / "c.txt").read_bytes() == body
+    assert server.requests[1] == ("/c.txt", f"bytes={len(body) // 2}-")
+    assert server.headers[1]["If-Range"] == server.last_modified_of("/c.txt") == "Tue, 14 Nov 2023 22:13:20 GMT"
+
+
+def test_a_part_without_a_validator_is_not_resumed(tmp_path, body):
+    # Without If-Range nothing would tell the part's bytes from those of a file changed since.
+    with FileServer(files={"/c.txt": body}, truncate={"/c.txt": 1}, etag=False, last_modified=False) as server:
+        with pytest.raises(dl.TransientDownloadError):
+            dl.fetch(server.url("/c.txt"), tmp_path / "c.txt", sha(body))
+        assert os.listdir(tmp_path) == [".tmp-c.txt.part"]
+        dl.fetch(server.url("/c.txt"), tmp_path / "c.txt", sha(body))
+    assert (tmp_path / "c.txt").read_bytes() == body
+    assert server.requests == [("/c.txt", None), ("/c.txt", None)]
+    assert os.listdir(tmp_path) == ["c.txt"]
 
 
 def test_server_without_range_support_restarts_from_zero(tmp_path, body):
-    (tmp_path / ".tmp-c.txt.part").write_bytes(b"garbage that is not a prefix")
-    with FileServer(files={"/c.txt": body}, ranges=False) as server:
+    with FileServer(files={"/c.txt": body}, truncate={"/c.txt": 1}, ranges=False) as server:
+        with pytest.raises(dl.TransientDownloadError):
+            dl.fetch(server.url("/c.txt"), tmp_path / "c.txt", sha(body))
         dl.fetch(server.url("/c.txt"), tmp_path / "c.txt", sha(body))
     assert (tmp_path / "c.txt").read_bytes() == body
+    # The 200 to the ranged request is the whole file: it is used, with no third request.
+    assert server.requests == [("/c.txt", None), ("/c.txt", f"bytes={len(body) // 2}-")]
+    assert os.listdir(tmp_path) == ["c.txt"]
+
+
+def test_file_changed_since_the_part_was_begun_is_fetched_whole(tmp_path, body):
+    new = os.urandom(len(body))
+    with FileServer(files={"/c.txt": body}, truncate={"/c.txt": 1}) as server:
+        with pytest.raises(dl.TransientDownloadError):
+            dl.fetch(server.url("/c.txt"), tmp_path / "c.txt", sha(body))
+        old_etag = server.etag_of("/c.txt")
+        server.files["/c.txt"] = new
+        dl.fetch(server.url("/c.txt"), tmp_path / "c.txt", sha(new))
+    assert (tmp_path / "c.txt").read_bytes() == new
+    assert server.requests == [("/c.txt", None), ("/c.txt", f"bytes={len(body) // 2}-")]
+    assert server.headers[1]["If-Range"] == old_etag != server.etag_of("/c.txt")
+    assert os.listdir(tmp_path) == ["c.txt"]
+
+
+def test_server_ignoring_if_range_is_caught_by_the_206s_etag(tmp_path, body, caplog):
+    new = os.urandom(len(body))  # same length: only the validator tells the two files apart
+    with FileServer(files={"/c.txt": body}, truncate={"/c.txt": 1}, if_range=False) as server:
+        with pytest.raises(dl.TransientDownloadError):
+            dl.fetch(server.url("/c.txt"), tmp_path / "c.txt", sha(body))
+        old_etag = server.etag_of("/c.txt")
+        server.files["/c.txt"] = new
+        with caplog.at_level("INFO", logger="llm.download"):
+            dl.fetch(server.url("/c.txt"), tmp_path / "c.txt", sha(new), label="c")
+    assert (tmp_path / "c.txt").read_bytes() == new
+    assert server.requests == [("/c.txt", None), ("/c.txt", f"bytes={len(body) // 2}-"), ("/c.txt", None)]
+    assert (f"c: the server ignored If-Range: its 206 is of {server.etag_of('/c.txt')}, the part file of {old_etag}; "
+            "downloading from the start") in caplog.messages
+
+
+class Killed(BaseException):
+    """Stands for the process being killed: nothing in the library catches it."""
+
+
+def kill_before_rename(monkeypatch) -> None:
+    """Make the next rename of a part file into place fail as if the process died just before it."""
+    replace = os.replace
+
+    def killed(src, dst):
+        if Path(src).name.endswith(".part"):
+            raise Killed
+        replace(src, dst)
+
+    monkeypatch.setattr(dl.os, "replace", killed)
+
+
+def test_complete_part_answered_416_is_kept_without_another_request(tmp_path, body, monkeypatch):
+    with FileServer(files={"/c.txt": body}) as server:
+        with monkeypatch.context() as patch:
+            kill_before_rename(patch)
+            with pytest.raises(Killed):
+                dl.fetch(server.url("/c.txt"), tmp_path / "c.txt", sha(body))
+        assert (tmp_path / ".tmp-c.txt.part").read_bytes() == body
+        result = dl.fetch(server.url("/c.txt"), tmp_path / "c.txt", sha(body))
+    assert (result.origin, (tmp_path / "c.txt").read_bytes()) == ("network", body)
+    assert server.requests == [("/c.txt", None), ("/c.txt", f"bytes={len(body)}-")]
+    assert server.headers[1]["If-Range"] == server.etag_of("/c.txt")
+    assert os.listdir(tmp_path) == ["c.txt"]
+
+
+@pytest.mark.parametrize("case", ["unpinned", "corrupt"])
+def test_416_on_a_part_that_cannot_be_kept_restarts_from_zero_once(tmp_path, body, monkeypatch, caplog, case):
+    pinned = None if case == "unpinned" else sha(body)
+    with FileServer(files={"/c.txt": body}) as server:
+        with monkeypatch.context() as patch:
+            kill_before_rename(patch)
+            with pytest.raises(Killed):
+                dl.fetch(server.url("/c.txt"), tmp_path / "c.txt", pinned)
+        if case == "corrupt":
+            (tmp_path / ".tmp-c.txt.part").write_bytes(b"x" * len(body))
+        with caplog.at_level("INFO", logger="llm.download"):
+            dl.fetch(server.url("/c.txt"), tmp_path / "c.txt", pinned, label="c")
+    assert (tmp_path / "c.txt").read_bytes() == body
+    assert server.requests == [("/c.txt", None), ("/c.txt", f"bytes={len(body)}-"), ("/c.txt", None)]
+    what = "unpinned" if case == "unpinned" else f"sha256 {sha(b'x' * len(body))}, not the pinned one"
+    assert (f"c: the server has nothing past the part file's {len(body):,} bytes (HTTP 416), which are {what}; "
+            "downloading from the start") in caplog.messages
+    assert os.listdir(tmp_path) == ["c.txt"]
+
+
+@pytest.mark.parametrize("content_range, reason", [
+    ("bytes 0-{end}/{total}", "the server resumed at byte 0, not at the part file's end, byte {half} "
+                              "(Content-Range 'bytes 0-{end}/{total}')"),
+    ("bytes {half}-{end}/{more}", "the 206 response's Content-Range 'bytes {half}-{end}/{more}' and Content-Length "
+                                  "{rest} do not make the rest of one file"),
+    ("octets {half}-{end}", "the 206 response's Content-Range 'octets {half}-{end}' is not bytes START-END/TOTAL"),
+])
+def test_a_206_that_does_not_continue_the_part_restarts_from_zero(tmp_path, body, caplog, content_range, reason):
+    numbers = {"half": len(body) // 2, "end": len(body) - 1, "total": len(body), "more": len(body) + 1,
+               "rest": len(body) - len(body) // 2}
+    with FileServer(files={"/c.txt": body}, truncate={"/c.txt": 1}) as server:
+        with pytest.raises(dl.TransientDownloadError):
+            dl.fetch(server.url("/c.txt"), tmp_path / "c.txt", sha(body))
+        server.content_range = content_range.format(**numbers)
+        with caplog.at_level("INFO", logger="llm.download"):
+            dl.fetch(server.url("/c.txt"), tmp_path / "c.txt", sha(body), label="c")
+    assert (tmp_path / "c.txt").read_bytes() == body
+    assert server.requests == [("/c.txt", None), ("/c.txt", f"bytes={len(body) // 2}-"), ("/c.txt", None)]
+    assert f"c: {reason.format(**numbers)}; downloading from the start" in caplog.messages
+    assert os.listdir(tmp_path) == ["c.txt"]
 
 
 def test_503_is_retried_then_succeeds(tmp_path, body):
