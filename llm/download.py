@@ -29,10 +29,16 @@ discarded and the file fetched from byte 0 by a second request of the same attem
 (a 5xx, a timeout) are sorted as above and keep the part for the next attempt. With no validator known (the
 server sent neither header) a part is not resumed: without If-Range nothing tells its bytes from those of
 a file changed since.
+
+URLs may carry `user:password@`, sent as HTTP Basic credentials (and not to another host a redirect points
+at), and a query string, such as a signed URL's token. Neither ever reaches a log line, an exception
+message, the manifest or MLflow: those show `redact_url(url)`.
 """
 
 from __future__ import annotations
 
+import base64
+import dataclasses
 import hashlib
 import logging
 import os
@@ -44,11 +50,11 @@ from dataclasses import dataclass
 from http.client import HTTPException
 from pathlib import Path
 from typing import BinaryIO, Literal
-from urllib.parse import unquote, urlparse
+from urllib.parse import unquote, urlparse, urlsplit, urlunsplit
 
 from tqdm import tqdm
 
-from llm.config import SourceConfig
+from llm.config import DownloadConfig, SourceConfig
 from llm.files import TMP_PREFIX, atomic_path, read_json, remove_temporaries, sha256_file, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -86,6 +92,20 @@ def mirror_folder(mirror_dir: str | Path | None = None) -> Path | None:
     """The mirror to search: `mirror_dir`, else `$LLM_MIRROR_DIR`, else none."""
     chosen = mirror_dir if mirror_dir is not None else os.environ.get(MIRROR_ENV)
     return Path(chosen).expanduser() if chosen else None
+
+
+def redact_url(url: str) -> str:
+    """`url` fit for logs and MLflow: without credentials, query string or fragment; a local path unchanged.
+
+    https://user:tok@host/a/b.txt?sig=x -> https://host/a/b.txt
+    """
+    if not re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", url):
+        return url
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # e.g. an unclosed IPv6 bracket: show nothing that may be a secret
+        return url.split("://", 1)[0] + "://(a URL that does not parse)"
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
 
 
 def fetch(
@@ -165,7 +185,7 @@ def _local_path(url: str) -> Path | None:
 
 def _mismatch(label: str, url: str, expected: str, actual: str) -> ChecksumMismatch:
     return ChecksumMismatch(
-        f"{label}: sha256 mismatch for {url}: expected {expected}, got {actual}. The file was not kept; "
+        f"{label}: sha256 mismatch for {redact_url(url)}: expected {expected}, got {actual}. The file was not kept; "
         f"if the source changed on purpose, update its sha256 in params.yaml", actual
     )
 
@@ -183,22 +203,34 @@ def _copy_verified(src: Path, dest: Path, sha256: str | None, label: str, url: s
     return digest.hexdigest()
 
 
+def _request(url: str, headers: dict[str, str]) -> urllib.request.Request:
+    parts = urlsplit(url)
+    if parts.username is None:
+        return urllib.request.Request(url, headers=headers)
+    # urllib takes `user:password@` for part of the host name: send it as Basic credentials instead, as an
+    # unredirected header so that a redirect to another host does not carry it along.
+    bare = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    request = urllib.request.Request(bare, headers=headers)
+    token = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+    request.add_unredirected_header("Authorization", "Basic " + base64.b64encode(token).decode())
+    return request
+
+
 def _open_url(url: str, headers: dict[str, str], timeout_s: float, label: str):
     """The response to a GET of `url`; a 416 to a ranged request is returned too, for the caller to judge."""
-    request = urllib.request.Request(url, headers={"User-Agent": "llm-pipeline/0.1", "Accept-Encoding": "identity",
-                                                   **headers})
+    request = _request(url, {"User-Agent": "llm-pipeline/0.1", "Accept-Encoding": "identity", **headers})
     try:
         return urllib.request.urlopen(request, timeout=timeout_s)
     except urllib.error.HTTPError as exc:
         if exc.code == 416 and "Range" in headers:
             return exc
-        what = f"{label}: HTTP {exc.code} {exc.reason} from {url}"
+        what = f"{label}: HTTP {exc.code} {exc.reason} from {redact_url(url)}"
         if exc.code >= 500 or exc.code in _RETRYABLE_HTTP:
             raise TransientDownloadError(what) from exc
         raise DownloadError(f"{what}; check the source's url in params.yaml") from exc
     except (urllib.error.URLError, TimeoutError, ConnectionError, HTTPException) as exc:
         reason = getattr(exc, "reason", exc)
-        raise TransientDownloadError(f"{label}: could not reach {url}: {reason}") from exc
+        raise TransientDownloadError(f"{label}: could not reach {redact_url(url)}: {reason}") from exc
 
 
 class _CannotResume(Exception):
@@ -226,7 +258,8 @@ class _Part:
 
 
 def _url_key(url: str) -> str:
-    # A hash, not the URL: a part begun for another URL is not resumed, and the URL stays out of data/raw.
+    # A hash, not the URL: a part begun for another URL is not resumed, and the URL's credentials and token
+    # stay out of data/raw.
     return hashlib.sha256(url.encode()).hexdigest()
 
 
@@ -329,7 +362,7 @@ def _receive(response, url: str, part: _Part, sha256: str | None, digest, offset
     with open(part.path, "ab" if offset else "wb") as out:
         received = _stream(response, out, digest, offset, total, label, url)
     if total is not None and received != total:
-        raise TransientDownloadError(f"{label}: download of {url} ended at {received} of {total} bytes")
+        raise TransientDownloadError(f"{label}: download of {redact_url(url)} ended at {received} of {total} bytes")
     return _finish(url, part, sha256, digest.hexdigest(), label)
 
 
@@ -352,7 +385,7 @@ def _stream(response: BinaryIO, out: BinaryIO, digest, offset: int, total: int |
                 chunk = response.read(_CHUNK_BYTES)
             except (TimeoutError, ConnectionError, HTTPException) as exc:
                 out.flush()  # keep what arrived: the next attempt resumes from it
-                broke = f"{label}: download of {url} broke off at {received} bytes: {exc}"
+                broke = f"{label}: download of {redact_url(url)} broke off at {received} bytes: {exc}"
                 raise TransientDownloadError(broke) from exc
             if not chunk:
                 return received
@@ -377,10 +410,18 @@ def manifest_entry(source: SourceConfig, result: FetchResult, raw_dir: str | Pat
         "kind": source.kind,
         "text_field": source.text_field,
         "file": result.path.relative_to(raw_dir).as_posix(),
-        "url": source.url,
+        "url": redact_url(source.url),  # the manifest goes to MLflow as an artifact
         "sha256": result.sha256,
         "bytes": result.bytes,
     }
+
+
+def loggable_config(config: DownloadConfig) -> dict:
+    """`config` as the download stage logs it to MLflow: every source's url through `redact_url`."""
+    logged = dataclasses.asdict(config)
+    for source in logged["sources"]:
+        source["url"] = redact_url(source["url"])
+    return logged
 
 
 def write_manifests(raw_dir: str | Path, entries: list[dict]) -> None:
