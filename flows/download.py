@@ -4,12 +4,12 @@
 
 Sources are fetched concurrently, each as a Prefect task retried with exponential backoff on transient
 failures only; a 404 or a sha256 mismatch fails at once. Writes the files, their manifests and
-`metrics/download.json`.
+`metrics/download.json`. What goes to MLflow (the settings, the manifest) shows each URL without its
+credentials and query string (`llm.download.redact_url`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 from prefect import flow, task
@@ -42,7 +42,7 @@ def download(
     params = load_params(params_file)
     config, raw = params.download, Path(raw_dir)
     with tracked_run("download", out_dir=raw, experiment=params.tracking.experiment, params_file=params_file,
-                     params_to_log={"download": dataclasses.asdict(config)}) as tracker:
+                     params_to_log={"download": dl.loggable_config(config)}) as tracker:
         for path in dl.prune_raw(raw, config.sources):
             stage_logger().info("removed %s: no source names it any more", path)
         fetch = fetch_source.with_options(

@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlparse
 
+from llm.files import TMP_PREFIX
+
 T = TypeVar("T")
 
 Problem = tuple[str, str]  # (key path, message)
@@ -206,7 +208,10 @@ class SourceConfig:
 
     @property
     def file_name(self) -> str:
-        return self.filename or self.url.rstrip("/").rsplit("/", 1)[-1]
+        # A URL's query and fragment (often a signed token) are no part of the file's name; a local path's
+        # '?' or '#' is.
+        path = urlparse(self.url).path if "://" in self.url else self.url
+        return self.filename or path.rstrip("/").rsplit("/", 1)[-1]
 
     def problems(self) -> Iterator[Problem]:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):
@@ -221,6 +226,10 @@ class SourceConfig:
         name = self.file_name
         if not name or name in (".", "..") or "/" in name or name == "manifest.json":
             yield "filename", f"must be a plain file name other than manifest.json, got {name!r}"
+        elif name.startswith(TMP_PREFIX):
+            what = "" if self.filename else f"{name!r}, the name taken from url, "
+            yield "filename", (f"{what}must not start with {TMP_PREFIX!r} (the prefix of temporary files, which "
+                               f"cleanup deletes); set filename: to another name")
 
 
 @dataclass(frozen=True)

@@ -9,16 +9,40 @@ Where it looks, in order:
 1. `dest` itself: a file already there with the pinned hash is not fetched again;
 2. the mirror folder (`mirror_dir`, else the `LLM_MIRROR_DIR` environment variable), by `dest`'s file name,
    used only when its hash matches: this is how CI and offline machines run without a network;
-3. the URL: http(s) streams to a `.tmp-` part file beside `dest` and resumes it with an HTTP Range request
-   on the next attempt; file:// URLs and local paths are copied.
+3. the URL: http(s) streams to a part file beside `dest`, which the next attempt resumes (below); file://
+   URLs and local paths are copied.
 The file appears under its final name only once its hash is verified.
+
+How an http(s) download resumes. The bytes go to `.tmp-<name>.part`; when a download starts from byte 0, the
+response's validator (its strong ETag, else its Last-Modified) is written to the sidecar
+`.tmp-<name>.part.json` with a hash of the URL. Both names start with `.tmp-`, so cleanup removes them. A
+later attempt that finds a part and a sidecar for the same URL asks for the rest with `Range: bytes=N-` and
+`If-Range: <validator>`, and then:
+- 206: its `Content-Range: bytes START-END/TOTAL` must start at N, end at TOTAL - 1 and agree with
+  Content-Length, and a validator of the same kind that it carries must be the recorded one (a server that
+  ignores If-Range but honours Range would otherwise append another file's bytes); the rest is appended;
+- 200 (the file changed, or the server ignores Range): the part is overwritten from byte 0 by this response;
+- 416 (nothing past byte N: a part completed by an attempt killed before its rename): the part is hashed,
+  and renamed into place, with no further request, if it has the pinned sha256.
+A part that cannot be continued (a 416 when unpinned or with another hash, a 206 that does not fit) is
+discarded and the file fetched from byte 0 by a second request of the same attempt, never a third; errors
+(a 5xx, a timeout) are sorted as above and keep the part for the next attempt. With no validator known (the
+server sent neither header) a part is not resumed: without If-Range nothing tells its bytes from those of
+a file changed since.
+
+URLs may carry `user:password@`, sent as HTTP Basic credentials (and not to another host a redirect points
+at), and a query string, such as a signed URL's token. Neither ever reaches a log line, an exception
+message, the manifest or MLflow: those show `redact_url(url)`.
 """
 
 from __future__ import annotations
 
+import base64
+import dataclasses
 import hashlib
 import logging
 import os
+import re
 import time
 import urllib.error
 import urllib.request
@@ -26,13 +50,14 @@ from dataclasses import dataclass
 from http.client import HTTPException
 from pathlib import Path
 from typing import BinaryIO, Literal
-from urllib.parse import unquote, urlparse
+from urllib.parse import unquote, urlparse, urlsplit, urlunsplit
 
 from tqdm import tqdm
 
 from llm import faults
-from llm.config import SourceConfig
-from llm.files import TMP_PREFIX, atomic_path, read_json, remove_temporaries, sha256_file, write_json_atomic
+from llm.config import DownloadConfig, SourceConfig
+from llm.files import (TMP_PREFIX, atomic_path, fsync_file, read_json, remove_temporaries, replace_durably, sha256_file,
+                       write_json_atomic)
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +94,20 @@ def mirror_folder(mirror_dir: str | Path | None = None) -> Path | None:
     """The mirror to search: `mirror_dir`, else `$LLM_MIRROR_DIR`, else none."""
     chosen = mirror_dir if mirror_dir is not None else os.environ.get(MIRROR_ENV)
     return Path(chosen).expanduser() if chosen else None
+
+
+def redact_url(url: str) -> str:
+    """`url` fit for logs and MLflow: without credentials, query string or fragment; a local path unchanged.
+
+    https://user:tok@host/a/b.txt?sig=x -> https://host/a/b.txt
+    """
+    if not re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", url):
+        return url
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # e.g. an unclosed IPv6 bracket: show nothing that may be a secret
+        return url.split("://", 1)[0] + "://(a URL that does not parse)"
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
 
 
 def fetch(
@@ -148,7 +187,7 @@ def _local_path(url: str) -> Path | None:
 
 def _mismatch(label: str, url: str, expected: str, actual: str) -> ChecksumMismatch:
     return ChecksumMismatch(
-        f"{label}: sha256 mismatch for {url}: expected {expected}, got {actual}. The file was not kept; "
+        f"{label}: sha256 mismatch for {redact_url(url)}: expected {expected}, got {actual}. The file was not kept; "
         f"if the source changed on purpose, update its sha256 in params.yaml", actual
     )
 
@@ -167,51 +206,176 @@ def _copy_verified(src: Path, dest: Path, sha256: str | None, label: str, url: s
     return digest.hexdigest()
 
 
-def _open_url(url: str, offset: int, timeout_s: float, label: str):
-    headers = {"User-Agent": "llm-pipeline/0.1", "Accept-Encoding": "identity"}
-    if offset:
-        headers["Range"] = f"bytes={offset}-"
+def _request(url: str, headers: dict[str, str]) -> urllib.request.Request:
+    parts = urlsplit(url)
+    if parts.username is None:
+        return urllib.request.Request(url, headers=headers)
+    # urllib takes `user:password@` for part of the host name: send it as Basic credentials instead, as an
+    # unredirected header so that a redirect to another host does not carry it along.
+    bare = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    request = urllib.request.Request(bare, headers=headers)
+    token = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+    request.add_unredirected_header("Authorization", "Basic " + base64.b64encode(token).decode())
+    return request
+
+
+def _open_url(url: str, headers: dict[str, str], timeout_s: float, label: str):
+    """The response to a GET of `url`; a 416 to a ranged request is returned too, for the caller to judge."""
+    request = _request(url, {"User-Agent": "llm-pipeline/0.1", "Accept-Encoding": "identity", **headers})
     try:
-        return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout_s)
+        return urllib.request.urlopen(request, timeout=timeout_s)
     except urllib.error.HTTPError as exc:
-        what = f"{label}: HTTP {exc.code} {exc.reason} from {url}"
-        if exc.code >= 500 or exc.code in _RETRYABLE_HTTP or (exc.code == 416 and offset):
+        if exc.code == 416 and "Range" in headers:
+            return exc
+        what = f"{label}: HTTP {exc.code} {exc.reason} from {redact_url(url)}"
+        if exc.code >= 500 or exc.code in _RETRYABLE_HTTP:
             raise TransientDownloadError(what) from exc
         raise DownloadError(f"{what}; check the source's url in params.yaml") from exc
     except (urllib.error.URLError, TimeoutError, ConnectionError, HTTPException) as exc:
         reason = getattr(exc, "reason", exc)
-        raise TransientDownloadError(f"{label}: could not reach {url}: {reason}") from exc
+        raise TransientDownloadError(f"{label}: could not reach {redact_url(url)}: {reason}") from exc
+
+
+class _CannotResume(Exception):
+    """The part file cannot be continued; the message says why. The file is fetched from byte 0 instead."""
+
+
+@dataclass(frozen=True)
+class _Part:
+    """Where a download of `dest` keeps its bytes, and the sidecar that says what they are a prefix of."""
+
+    dest: Path
+
+    @property
+    def path(self) -> Path:
+        # A stable name (not a random one) so that the next attempt finds it and resumes.
+        return self.dest.with_name(f"{TMP_PREFIX}{self.dest.name}.part")
+
+    @property
+    def sidecar(self) -> Path:
+        return self.dest.with_name(f"{TMP_PREFIX}{self.dest.name}.part.json")
+
+    def discard(self) -> None:
+        self.path.unlink(missing_ok=True)
+        self.sidecar.unlink(missing_ok=True)
+
+
+def _url_key(url: str) -> str:
+    # A hash, not the URL: a part begun for another URL is not resumed, and the URL's credentials and token
+    # stay out of data/raw.
+    return hashlib.sha256(url.encode()).hexdigest()
+
+
+def _validator(headers) -> str | None:
+    """The response's strong ETag, else its Last-Modified: what If-Range can send back (weak ETags it cannot)."""
+    etag = headers.get("ETag")
+    if etag and not etag.startswith("W/"):
+        return etag
+    return headers.get("Last-Modified")
+
+
+def _resume_point(part: _Part, url: str, label: str) -> tuple[int, str] | None:
+    """(bytes in the part, its validator) where the part can be resumed, else None."""
+    if not part.path.is_file() or part.path.stat().st_size == 0:
+        return None
+    try:
+        meta = read_json(part.sidecar)
+    except (OSError, ValueError):
+        meta = None
+    if not isinstance(meta, dict) or meta.get("url_sha256") != _url_key(url) or not meta.get("validator"):
+        log.info("%s: a part file with no validator for this URL is not resumed; downloading from the start", label)
+        return None
+    return part.path.stat().st_size, str(meta["validator"])
 
 
 def _http_fetch(url: str, dest: Path, sha256: str | None, *, timeout_s: float, label: str) -> str:
-    # A stable part name (not a random one) so that the next attempt finds it and resumes.
-    part = dest.with_name(f"{TMP_PREFIX}{dest.name}.part")
+    part = _Part(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    offset = part.stat().st_size if part.is_file() else 0
-    response = _open_url(url, offset, timeout_s, label)
-    with response:
-        resumed = offset > 0 and response.status == 206
-        if offset and not resumed:
-            log.info("%s: server ignored the Range request; downloading from the start", label)
-            offset = 0
-        length = response.headers.get("Content-Length")
-        total = offset + int(length) if length is not None else None
+    resume = _resume_point(part, url, label)
+    if resume is not None:
+        try:
+            return _resume(url, part, resume, sha256, timeout_s=timeout_s, label=label)
+        except _CannotResume as exc:
+            log.info("%s: %s; downloading from the start", label, exc)
+    part.discard()
+    with _open_url(url, {}, timeout_s, label) as response:
+        return _receive(response, url, part, sha256, hashlib.sha256(), 0, _total(response, 0), label)
+
+
+def _resume(url: str, part: _Part, resume: tuple[int, str], sha256: str | None, *, timeout_s: float,
+            label: str) -> str:
+    """Continue `part` from byte `offset`: one request; raises `_CannotResume` where the part is of no use."""
+    offset, validator = resume
+    with _open_url(url, {"Range": f"bytes={offset}-", "If-Range": validator}, timeout_s, label) as response:
+        if response.status == 416:
+            actual = sha256_file(part.path)
+            if sha256 is None or actual != sha256:
+                what = "unpinned" if sha256 is None else f"sha256 {actual}, not the pinned one"
+                raise _CannotResume(f"the server has nothing past the part file's {offset:,} bytes (HTTP 416), "
+                                    f"which are {what}")
+            log.info("%s: the part file was complete already; keeping it", label)
+            return _finish(url, part, sha256, actual, label)
+        if response.status != 206:
+            log.info("%s: the server sent the whole file, not the rest from byte %d (it changed, or the server "
+                     "ignores Range); downloading from the start", label, offset)
+            return _receive(response, url, part, sha256, hashlib.sha256(), 0, _total(response, 0), label)
+        total = _check_partial(response.headers, offset, validator)
         digest = hashlib.sha256()
-        if resumed:
-            with open(part, "rb") as f:
-                while chunk := f.read(_CHUNK_BYTES):
-                    digest.update(chunk)
-        with open(part, "ab" if resumed else "wb") as out:
-            received = _stream(response, out, digest, offset, total, label, url)
+        with open(part.path, "rb") as f:
+            while chunk := f.read(_CHUNK_BYTES):
+                digest.update(chunk)
+        return _receive(response, url, part, sha256, digest, offset, total, label)
+
+
+def _check_partial(headers, offset: int, validator: str) -> int:
+    """The file's full size, from a 206 that continues a part of `offset` bytes; `_CannotResume` if it does not."""
+    content_range = headers.get("Content-Range") or ""
+    match = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+|\*)", content_range.strip())
+    if match is None:
+        raise _CannotResume(f"the 206 response's Content-Range {content_range!r} is not bytes START-END/TOTAL")
+    start, end = int(match.group(1)), int(match.group(2))
+    if start != offset:
+        raise _CannotResume(f"the server resumed at byte {start}, not at the part file's end, byte {offset} "
+                            f"(Content-Range {content_range!r})")
+    length = headers.get("Content-Length")
+    if (end < start or (match.group(3) != "*" and end + 1 != int(match.group(3)))
+            or (length is not None and int(length) != end - start + 1)):
+        raise _CannotResume(f"the 206 response's Content-Range {content_range!r} and Content-Length {length} "
+                            f"do not make the rest of one file")
+    sent = headers.get("ETag" if validator.startswith('"') else "Last-Modified")
+    if sent is not None and sent != validator:
+        raise _CannotResume(f"the server ignored If-Range: its 206 is of {sent}, the part file of {validator}")
+    return end + 1
+
+
+def _total(response, offset: int) -> int | None:
+    length = response.headers.get("Content-Length")
+    return offset + int(length) if length is not None else None
+
+
+def _receive(response, url: str, part: _Part, sha256: str | None, digest, offset: int, total: int | None,
+             label: str) -> str:
+    """Append the response's body to the part (write it afresh from byte 0), verify and rename it into place."""
+    if offset == 0:  # recorded before the first byte, so that an attempt killed at any moment can be resumed
+        validator = _validator(response.headers)
+        if validator is None:
+            part.sidecar.unlink(missing_ok=True)
+        else:
+            write_json_atomic(part.sidecar, {"url_sha256": _url_key(url), "validator": validator})
+    with open(part.path, "ab" if offset else "wb") as out:
+        received = _stream(response, out, digest, offset, total, label, url)
     if total is not None and received != total:
-        raise TransientDownloadError(f"{label}: download of {url} ended at {received} of {total} bytes")
-    actual = digest.hexdigest()
+        raise TransientDownloadError(f"{label}: download of {redact_url(url)} ended at {received} of {total} bytes")
+    return _finish(url, part, sha256, digest.hexdigest(), label)
+
+
+def _finish(url: str, part: _Part, sha256: str | None, actual: str, label: str) -> str:
     if sha256 is not None and actual != sha256:
-        part.unlink(missing_ok=True)
+        part.discard()
         raise _mismatch(label, url, sha256, actual)
-    with open(part, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(part, dest)
+    fsync_file(part.path)
+    replace_durably(part.path, part.dest)
+    part.sidecar.unlink(missing_ok=True)  # after the rename: a kill in between leaves only a stray sidecar
     return actual
 
 
@@ -223,7 +387,7 @@ def _stream(response: BinaryIO, out: BinaryIO, digest, offset: int, total: int |
                 chunk = response.read(_CHUNK_BYTES)
             except (TimeoutError, ConnectionError, HTTPException) as exc:
                 out.flush()  # keep what arrived: the next attempt resumes from it
-                broke = f"{label}: download of {url} broke off at {received} bytes: {exc}"
+                broke = f"{label}: download of {redact_url(url)} broke off at {received} bytes: {exc}"
                 raise TransientDownloadError(broke) from exc
             if not chunk:
                 return received
@@ -248,10 +412,18 @@ def manifest_entry(source: SourceConfig, result: FetchResult, raw_dir: str | Pat
         "kind": source.kind,
         "text_field": source.text_field,
         "file": result.path.relative_to(raw_dir).as_posix(),
-        "url": source.url,
+        "url": redact_url(source.url),  # the manifest goes to MLflow as an artifact
         "sha256": result.sha256,
         "bytes": result.bytes,
     }
+
+
+def loggable_config(config: DownloadConfig) -> dict:
+    """`config` as the download stage logs it to MLflow: every source's url through `redact_url`."""
+    logged = dataclasses.asdict(config)
+    for source in logged["sources"]:
+        source["url"] = redact_url(source["url"])
+    return logged
 
 
 def write_manifests(raw_dir: str | Path, entries: list[dict]) -> None:

@@ -86,3 +86,27 @@ def test_missing_file_and_bad_yaml(tmp_path):
 
 def test_source_filename_defaults_to_url_basename():
     assert SourceConfig(name="x", url="file:///tmp/dir/corpus.txt").file_name == "corpus.txt"
+
+
+def test_source_filename_ignores_the_urls_query_and_fragment():
+    # A signed URL's token must not end up in the file's name, on disk and in the manifest.
+    assert SourceConfig(name="x", url="https://u:tok@h/a/b.txt?sig=x#top").file_name == "b.txt"
+    assert SourceConfig(name="x", url="/data/odd?name#1.txt").file_name == "odd?name#1.txt"
+
+
+def test_source_filename_must_not_look_temporary():
+    sources = [
+        {"name": "a", "url": "https://h/a.txt", "filename": ".tmp-a.txt"},
+        {"name": "b", "url": "https://h/.tmp-b.txt?sig=x"},
+    ]
+    with pytest.raises(ConfigError) as info:
+        from_mapping(Params, {"download": {"sources": sources}})
+    assert dict(info.value.problems) == {
+        "download.sources[0].filename": "must not start with '.tmp-' (the prefix of temporary files, which cleanup "
+                                        "deletes); set filename: to another name",
+        "download.sources[1].filename": "'.tmp-b.txt', the name taken from url, must not start with '.tmp-' (the "
+                                        "prefix of temporary files, which cleanup deletes); set filename: to another "
+                                        "name",
+    }
+    ok = SourceConfig(name="b", url="https://h/.tmp-b.txt", filename="b.txt")
+    assert list(ok.problems()) == []

@@ -1,15 +1,19 @@
-"""Downloads against a real HTTP server on 127.0.0.1: success, resume, retries, and failures."""
+"""Downloads against a real HTTP server on 127.0.0.1: success, resume, retries, failures, and no secrets shown."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
 import socket
+from pathlib import Path
 
 import pytest
 
 from llm import download as dl
+from llm.config import DownloadConfig, SourceConfig
+from llm.tracking import flatten
 from tests.fileserver import FileServer
 
 
@@ -50,20 +54,150 @@ def test_truncated_download_is_transient_and_resumes_with_range(tmp_path, body):
         dest = tmp_path / "c.txt"
         with pytest.raises(dl.TransientDownloadError, match="ended at|broke off"):
             dl.fetch(server.url("/c.txt"), dest, sha(body))
-        assert not dest.exists()  # only a .tmp- part file, never the final name
+        assert not dest.exists()  # only .tmp- files, never the final name
         part = tmp_path / ".tmp-c.txt.part"
-        assert 0 < part.stat().st_size < len(body)
+        assert part.stat().st_size == len(body) // 2
+        sidecar = json.loads((tmp_path / ".tmp-c.txt.part.json").read_text())
+        assert sidecar == {"url_sha256": sha(server.url("/c.txt").encode()), "validator": server.etag_of("/c.txt")}
         dl.fetch(server.url("/c.txt"), dest, sha(body))
     assert dest.read_bytes() == body
-    assert server.requests[-1] == ("/c.txt", f"bytes={len(body) // 2}-")
-    assert not part.exists()
+    assert server.requests == [("/c.txt", None), ("/c.txt", f"bytes={len(body) // 2}-")]
+    assert server.headers[1]["If-Range"] == server.etag_of("/c.txt")
+    assert os.listdir(tmp_path) == ["c.txt"]  # part and sidecar gone
+
+
+def test_last_modified_is_the_validator_without_an_etag(tmp_path, body):
+    with FileServer(files={"/c.txt": body}, truncate={"/c.txt": 1}, etag=False) as server:
+        with pytest.raises(dl.TransientDownloadError):
+            dl.fetch(server.url("/c.txt"), tmp_path / "c.txt", sha(body))
+        dl.fetch(server.url("/c.txt"), tmp_path / "c.txt", sha(body))
+    assert (tmp_path / "c.txt").read_bytes() == body
+    assert server.requests[1] == ("/c.txt", f"bytes={len(body) // 2}-")
+    assert server.headers[1]["If-Range"] == server.last_modified_of("/c.txt") == "Tue, 14 Nov 2023 22:13:20 GMT"
+
+
+def test_a_part_without_a_validator_is_not_resumed(tmp_path, body):
+    # Without If-Range nothing would tell the part's bytes from those of a file changed since.
+    with FileServer(files={"/c.txt": body}, truncate={"/c.txt": 1}, etag=False, last_modified=False) as server:
+        with pytest.raises(dl.TransientDownloadError):
+            dl.fetch(server.url("/c.txt"), tmp_path / "c.txt", sha(body))
+        assert os.listdir(tmp_path) == [".tmp-c.txt.part"]
+        dl.fetch(server.url("/c.txt"), tmp_path / "c.txt", sha(body))
+    assert (tmp_path / "c.txt").read_bytes() == body
+    assert server.requests == [("/c.txt", None), ("/c.txt", None)]
+    assert os.listdir(tmp_path) == ["c.txt"]
 
 
 def test_server_without_range_support_restarts_from_zero(tmp_path, body):
-    (tmp_path / ".tmp-c.txt.part").write_bytes(b"garbage that is not a prefix")
-    with FileServer(files={"/c.txt": body}, ranges=False) as server:
+    with FileServer(files={"/c.txt": body}, truncate={"/c.txt": 1}, ranges=False) as server:
+        with pytest.raises(dl.TransientDownloadError):
+            dl.fetch(server.url("/c.txt"), tmp_path / "c.txt", sha(body))
         dl.fetch(server.url("/c.txt"), tmp_path / "c.txt", sha(body))
     assert (tmp_path / "c.txt").read_bytes() == body
+    # The 200 to the ranged request is the whole file: it is used, with no third request.
+    assert server.requests == [("/c.txt", None), ("/c.txt", f"bytes={len(body) // 2}-")]
+    assert os.listdir(tmp_path) == ["c.txt"]
+
+
+def test_file_changed_since_the_part_was_begun_is_fetched_whole(tmp_path, body):
+    new = os.urandom(len(body))
+    with FileServer(files={"/c.txt": body}, truncate={"/c.txt": 1}) as server:
+        with pytest.raises(dl.TransientDownloadError):
+            dl.fetch(server.url("/c.txt"), tmp_path / "c.txt", sha(body))
+        old_etag = server.etag_of("/c.txt")
+        server.files["/c.txt"] = new
+        dl.fetch(server.url("/c.txt"), tmp_path / "c.txt", sha(new))
+    assert (tmp_path / "c.txt").read_bytes() == new
+    assert server.requests == [("/c.txt", None), ("/c.txt", f"bytes={len(body) // 2}-")]
+    assert server.headers[1]["If-Range"] == old_etag != server.etag_of("/c.txt")
+    assert os.listdir(tmp_path) == ["c.txt"]
+
+
+def test_server_ignoring_if_range_is_caught_by_the_206s_etag(tmp_path, body, caplog):
+    new = os.urandom(len(body))  # same length: only the validator tells the two files apart
+    with FileServer(files={"/c.txt": body}, truncate={"/c.txt": 1}, if_range=False) as server:
+        with pytest.raises(dl.TransientDownloadError):
+            dl.fetch(server.url("/c.txt"), tmp_path / "c.txt", sha(body))
+        old_etag = server.etag_of("/c.txt")
+        server.files["/c.txt"] = new
+        with caplog.at_level("INFO", logger="llm.download"):
+            dl.fetch(server.url("/c.txt"), tmp_path / "c.txt", sha(new), label="c")
+    assert (tmp_path / "c.txt").read_bytes() == new
+    assert server.requests == [("/c.txt", None), ("/c.txt", f"bytes={len(body) // 2}-"), ("/c.txt", None)]
+    assert (f"c: the server ignored If-Range: its 206 is of {server.etag_of('/c.txt')}, the part file of {old_etag}; "
+            "downloading from the start") in caplog.messages
+
+
+class Killed(BaseException):
+    """Stands for the process being killed: nothing in the library catches it."""
+
+
+def kill_before_rename(monkeypatch) -> None:
+    """Make the next rename of a part file into place fail as if the process died just before it."""
+    replace = os.replace
+
+    def killed(src, dst):
+        if Path(src).name.endswith(".part"):
+            raise Killed
+        replace(src, dst)
+
+    monkeypatch.setattr(dl.os, "replace", killed)
+
+
+def test_complete_part_answered_416_is_kept_without_another_request(tmp_path, body, monkeypatch):
+    with FileServer(files={"/c.txt": body}) as server:
+        with monkeypatch.context() as patch:
+            kill_before_rename(patch)
+            with pytest.raises(Killed):
+                dl.fetch(server.url("/c.txt"), tmp_path / "c.txt", sha(body))
+        assert (tmp_path / ".tmp-c.txt.part").read_bytes() == body
+        result = dl.fetch(server.url("/c.txt"), tmp_path / "c.txt", sha(body))
+    assert (result.origin, (tmp_path / "c.txt").read_bytes()) == ("network", body)
+    assert server.requests == [("/c.txt", None), ("/c.txt", f"bytes={len(body)}-")]
+    assert server.headers[1]["If-Range"] == server.etag_of("/c.txt")
+    assert os.listdir(tmp_path) == ["c.txt"]
+
+
+@pytest.mark.parametrize("case", ["unpinned", "corrupt"])
+def test_416_on_a_part_that_cannot_be_kept_restarts_from_zero_once(tmp_path, body, monkeypatch, caplog, case):
+    pinned = None if case == "unpinned" else sha(body)
+    with FileServer(files={"/c.txt": body}) as server:
+        with monkeypatch.context() as patch:
+            kill_before_rename(patch)
+            with pytest.raises(Killed):
+                dl.fetch(server.url("/c.txt"), tmp_path / "c.txt", pinned)
+        if case == "corrupt":
+            (tmp_path / ".tmp-c.txt.part").write_bytes(b"x" * len(body))
+        with caplog.at_level("INFO", logger="llm.download"):
+            dl.fetch(server.url("/c.txt"), tmp_path / "c.txt", pinned, label="c")
+    assert (tmp_path / "c.txt").read_bytes() == body
+    assert server.requests == [("/c.txt", None), ("/c.txt", f"bytes={len(body)}-"), ("/c.txt", None)]
+    what = "unpinned" if case == "unpinned" else f"sha256 {sha(b'x' * len(body))}, not the pinned one"
+    assert (f"c: the server has nothing past the part file's {len(body):,} bytes (HTTP 416), which are {what}; "
+            "downloading from the start") in caplog.messages
+    assert os.listdir(tmp_path) == ["c.txt"]
+
+
+@pytest.mark.parametrize("content_range, reason", [
+    ("bytes 0-{end}/{total}", "the server resumed at byte 0, not at the part file's end, byte {half} "
+                              "(Content-Range 'bytes 0-{end}/{total}')"),
+    ("bytes {half}-{end}/{more}", "the 206 response's Content-Range 'bytes {half}-{end}/{more}' and Content-Length "
+                                  "{rest} do not make the rest of one file"),
+    ("octets {half}-{end}", "the 206 response's Content-Range 'octets {half}-{end}' is not bytes START-END/TOTAL"),
+])
+def test_a_206_that_does_not_continue_the_part_restarts_from_zero(tmp_path, body, caplog, content_range, reason):
+    numbers = {"half": len(body) // 2, "end": len(body) - 1, "total": len(body), "more": len(body) + 1,
+               "rest": len(body) - len(body) // 2}
+    with FileServer(files={"/c.txt": body}, truncate={"/c.txt": 1}) as server:
+        with pytest.raises(dl.TransientDownloadError):
+            dl.fetch(server.url("/c.txt"), tmp_path / "c.txt", sha(body))
+        server.content_range = content_range.format(**numbers)
+        with caplog.at_level("INFO", logger="llm.download"):
+            dl.fetch(server.url("/c.txt"), tmp_path / "c.txt", sha(body), label="c")
+    assert (tmp_path / "c.txt").read_bytes() == body
+    assert server.requests == [("/c.txt", None), ("/c.txt", f"bytes={len(body) // 2}-"), ("/c.txt", None)]
+    assert f"c: {reason.format(**numbers)}; downloading from the start" in caplog.messages
+    assert os.listdir(tmp_path) == ["c.txt"]
 
 
 def test_503_is_retried_then_succeeds(tmp_path, body):
@@ -127,11 +261,68 @@ def test_local_paths_and_file_urls(tmp_path, body):
         dl.fetch(str(tmp_path / "missing.txt"), tmp_path / "c" / "missing.txt", None)
 
 
+SECRETS = ("s3cr3t-pw", "s3cr3t-sig")
+
+
+def test_redact_url():
+    assert dl.redact_url("https://user:tok@host/a/b.txt?sig=x") == "https://host/a/b.txt"
+    assert dl.redact_url("http://u:pw@127.0.0.1:8080/c.txt?a=1&sig=s#frag") == "http://127.0.0.1:8080/c.txt"
+    assert dl.redact_url("https://user@[::1]:99/x") == "https://[::1]:99/x"
+    assert dl.redact_url("file:///data/c.txt?x=1") == "file:///data/c.txt"
+    assert dl.redact_url("https://[::1/x?sig=s3cr3t-sig") == "https://(a URL that does not parse)"
+    for path in ("/data/odd?name#1.txt", "data/c.txt", "~/c.txt", "C:/data/c.txt"):
+        assert dl.redact_url(path) == path
+
+
+def test_credentials_and_query_reach_the_server_but_no_log_manifest_or_error(tmp_path, body, caplog):
+    with FileServer(files={"/c.txt": body}, truncate={"/c.txt": 1}, auth="user:s3cr3t-pw") as server:
+        url = server.url("/c.txt?sig=s3cr3t-sig", credentials="user:s3cr3t-pw")
+        source = SourceConfig(name="c", url=url)
+        dest = dl.source_path(tmp_path, source)
+        errors = []
+        with caplog.at_level("DEBUG", logger="llm.download"):
+            with pytest.raises(dl.TransientDownloadError) as broke:
+                dl.fetch(url, dest, None, label="c")  # unpinned, for the warning that prints its hash
+            errors.append(str(broke.value))
+            sidecar = (dest.parent / ".tmp-c.txt.part.json").read_text()  # a hash of the URL, not the URL
+            result = dl.fetch(url, dest, None, label="c")
+            for path, credentials, status in [("/gone.txt", "user:s3cr3t-pw", 404), ("/c.txt", "user:wrong", 401)]:
+                with pytest.raises(dl.DownloadError) as failed:
+                    dl.fetch(server.url(path + "?sig=s3cr3t-sig", credentials), tmp_path / "x" / "x.txt", None,
+                             label="c")
+                reason = {404: "Not Found", 401: "Unauthorized"}[status]
+                assert str(failed.value) == (f"c: HTTP {status} {reason} from {server.url(path)}; "
+                                             "check the source's url in params.yaml")
+                errors.append(str(failed.value))
+    assert dest.read_bytes() == body and dest == tmp_path / "corpus" / "c.txt"
+    token = "Basic " + base64.b64encode(b"user:s3cr3t-pw").decode()
+    assert [h.get("Authorization") for h in server.headers] == [token, token, token, "Basic dXNlcjp3cm9uZw=="]
+    assert [r[0] for r in server.requests] == ["/c.txt?sig=s3cr3t-sig"] * 2 + ["/gone.txt?sig=s3cr3t-sig",
+                                                                             "/c.txt?sig=s3cr3t-sig"]
+    assert server.headers[1]["If-Range"] == server.etag_of("/c.txt")  # the resume works with credentials too
+    entry = dl.manifest_entry(source, result, tmp_path)
+    assert (entry["url"], entry["file"]) == (server.url("/c.txt"), "corpus/c.txt")
+    assert caplog.messages and errors[0].startswith(f"c: download of {server.url('/c.txt')} ")
+    shown = [json.dumps(entry), *caplog.messages, *errors, sidecar, *(p.name for p in tmp_path.rglob("*"))]
+    assert not [secret for secret in SECRETS for text in shown if secret in text]
+
+
+def test_logged_download_params_show_no_credentials():
+    config = DownloadConfig(sources=[SourceConfig(name="c", url="https://u:s3cr3t-pw@h/c.txt?sig=s3cr3t-sig"),
+                                     SourceConfig(name="d", url="/data/d.txt")])
+    logged = dl.loggable_config(config)
+    assert [s["url"] for s in logged["sources"]] == ["https://h/c.txt", "/data/d.txt"]
+    assert logged["timeout_s"] == config.timeout_s and config.sources[0].url.endswith("s3cr3t-sig")  # not mutated
+    flat = flatten({"download": logged})
+    assert not [secret for secret in SECRETS if secret in flat["download.sources"]]
+
+
 # --- the stage, through Prefect's real local API ------------------------------------------------------
 
 
-def write_params(path, sources, retries=2):
-    lines = [f"download:\n  retries: {retries}\n  retry_delay_s: 0\n  timeout_s: 5\n  sources:"]
+def write_params(path, sources, retries=2, experiment="llm-pipeline"):
+    lines = [f"tracking:\n  experiment: {experiment}",
+             f"download:\n  retries: {retries}\n  retry_delay_s: 0\n  timeout_s: 5\n  sources:"]
     for s in sources:
         lines.append("    - " + json.dumps(s))
     path.write_text("\n".join(lines) + "\n")
@@ -141,13 +332,15 @@ def write_params(path, sources, retries=2):
 def test_download_flow_retries_transient_failures_and_writes_manifests(tmp_path, body, prefect_server):
     from flows.download import download
 
+    import mlflow
+
     notes = b'[{"instruction": "i", "input": "", "output": "o"}]'
     with FileServer(files={"/c.txt": body, "/notes.json": notes}, fail={"/c.txt": [503]}) as server:
         write_params(tmp_path / "params.yaml", [
-            {"name": "c", "url": server.url("/c.txt"), "sha256": sha(body)},
+            {"name": "c", "url": server.url("/c.txt?sig=s3cr3t-sig", "user:s3cr3t-pw"), "sha256": sha(body)},
             {"name": "notes", "url": server.url("/notes.json"), "sha256": sha(notes), "kind": "json",
              "role": "instructions"},
-        ])
+        ], experiment="test-download")
         raw = tmp_path / "raw"
         (raw / "corpus").mkdir(parents=True)
         (raw / "corpus" / "old.txt").write_text("from a source since removed")
@@ -160,6 +353,19 @@ def test_download_flow_retries_transient_failures_and_writes_manifests(tmp_path,
                        "url": server.url("/c.txt"), "sha256": sha(body), "bytes": len(body)}]
     everything = json.loads((raw / "manifest.json").read_text())["sources"]
     assert [e["name"] for e in everything] == ["c", "notes"]
+    assert server.requests[-1][0] == "/c.txt?sig=s3cr3t-sig" and "Authorization" in server.headers[-1]
+
+    # What the run logged to MLflow (the session's store, see conftest): the settings and the manifest.
+    client = mlflow.MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name("test-download").experiment_id])
+    assert run.info.status == "FINISHED"
+    logged = run.data.params["download.sources"]
+    assert server.url("/c.txt") in logged and server.url("/notes.json") in logged
+    (artifact,) = client.list_artifacts(run.info.run_id)
+    manifest = Path(client.download_artifacts(run.info.run_id, artifact.path, str(tmp_path / "artifacts")))
+    assert json.loads(manifest.read_text())["sources"] == everything
+    shown = [*run.data.params.values(), manifest.read_text()]
+    assert not [secret for secret in SECRETS for text in shown if secret in text]
 
 
 @pytest.mark.slow
