@@ -155,6 +155,9 @@ def test_a_config_of_another_model_names_the_file_and_the_keys(tmp_path):
     config_path.write_text(json.dumps({**data, "model": {**data["model"], "dropout": 1.5}}))
     with pytest.raises(CheckpointError, match=r"\n  model.dropout: must be in \[0, 1\), got 1.5$"):
         load_model(tmp_path / "ckpt")
+    config_path.write_text(json.dumps({**data, "model": {**data["model"], "dropout": float("nan")}}))  # JSON's NaN
+    with pytest.raises(CheckpointError, match=r"\n  model.dropout: must be a finite number, got nan$"):
+        load_model(tmp_path / "ckpt")
     config_path.write_text(json.dumps({**data, "tokenizer": 5}))
     with pytest.raises(CheckpointError) as info:
         read_config(tmp_path / "ckpt")
