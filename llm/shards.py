@@ -195,6 +195,23 @@ def _count(value: Any, low: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
 
+def check_shards_fit(shards_dir: str | Path, manifest: dict, checkpoint: str | Path, tokenizer: str,
+                     vocab_size: int) -> None:
+    """Refuse shards that a checkpoint's model cannot read, before any work is done with them: ids of another
+    tokenizer would be measured as nonsense, and ids beyond the model's vocabulary fail deep in the embedding."""
+    theirs, their_vocab = manifest["tokenizer"], manifest["vocab_size"]
+    if theirs != tokenizer:
+        raise ShardError(f"{shards_dir} holds tokens of tokenizer {theirs!r} (vocabulary of {their_vocab}), but "
+                         f"{checkpoint} was trained with tokenizer {tokenizer!r} (vocab_size {vocab_size}); set "
+                         f"tokenize.tokenizer: {tokenizer} and rerun `dvc repro tokenize`, or train the model on "
+                         f"these shards (`dvc repro`)")
+    if their_vocab > vocab_size:
+        raise ShardError(f"{shards_dir} holds tokens of tokenizer {theirs!r}, a vocabulary of {their_vocab}, more "
+                         f"than {checkpoint}'s vocab_size of {vocab_size} (tokenizer {tokenizer!r}) can read; set "
+                         f"model.vocab_size to {their_vocab} or more and retrain it (`dvc repro`), or tokenize with "
+                         f"the tokenizer the model was trained for (tokenize.tokenizer, then `dvc repro tokenize`)")
+
+
 class TokenStream:
     """The concatenated token streams of a split's shards, addressable as one array."""
 

@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from llm.files import write_json_atomic
-from llm.shards import RandomWindows, ShardError, ShardWriter, TokenStream, open_shard, read_manifest
+from llm.shards import (RandomWindows, ShardError, ShardWriter, TokenStream, check_shards_fit, open_shard,
+                        read_manifest)
+from tests.data import make_shards
 
 
 def write_split(root, docs: list[np.ndarray], tokens_per_shard: int, vocab_size: int = 1000):
@@ -168,3 +170,23 @@ def test_damaged_or_incomplete_manifests_say_to_rerun_tokenize(tmp_path):
     with pytest.raises(ShardError, match=r":\n  must hold an object with keys tokenizer, vocab_size, dtype, splits, "
                                          r"got list$"):
         read_manifest(tmp_path)
+
+
+def test_shards_of_another_tokenizer_or_a_larger_vocabulary_do_not_fit_a_model(tmp_path):
+    shards = make_shards(tmp_path / "shards", np.arange(10), np.arange(10), tokenizer="cl100k_base",
+                         vocab_size=100277)
+    manifest = read_manifest(shards)
+    check_shards_fit(shards, manifest, tmp_path / "ckpt", "cl100k_base", 100277)  # fits: no error
+    with pytest.raises(ShardError) as info:
+        check_shards_fit(shards, manifest, tmp_path / "ckpt", "gpt2", 50257)
+    assert str(info.value) == (
+        f"{shards} holds tokens of tokenizer 'cl100k_base' (vocabulary of 100277), but {tmp_path / 'ckpt'} was "
+        f"trained with tokenizer 'gpt2' (vocab_size 50257); set tokenize.tokenizer: gpt2 and rerun "
+        f"`dvc repro tokenize`, or train the model on these shards (`dvc repro`)")
+    with pytest.raises(ShardError) as info:
+        check_shards_fit(shards, manifest, tmp_path / "ckpt", "cl100k_base", 50257)
+    assert str(info.value) == (
+        f"{shards} holds tokens of tokenizer 'cl100k_base', a vocabulary of 100277, more than {tmp_path / 'ckpt'}'s "
+        f"vocab_size of 50257 (tokenizer 'cl100k_base') can read; set model.vocab_size to 100277 or more and retrain "
+        f"it (`dvc repro`), or tokenize with the tokenizer the model was trained for (tokenize.tokenizer, then "
+        f"`dvc repro tokenize`)")
