@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from llm.config import TrainConfig, from_mapping
-from llm.instructions import (Example, InstructionBatches, InstructionDataError, Record, collate,
+from llm.instructions import (Example, InstructionBatches, InstructionDataError, Record, collate, count_truncated,
                               encode_records, learnable, load_records, prompt_text, read_split, split_records,
                               steps_per_epoch, training_text, validation_batches, write_split)
 from llm.model import GPT, IGNORE_INDEX, model_config
@@ -180,6 +180,16 @@ def test_max_length_cuts_every_row():
     assert targets.tolist() == [[11, 12, 13, PAD], [21, 22, PAD, X], [31, 32, 33, 34]]
     _, masked = collate(HAND_MADE, PAD, mask_prompt=True, max_length=4)
     assert masked.tolist() == [[X, 12, 13, PAD], [X, 22, PAD, X], [X, X, X, 34]]
+
+
+def test_truncated_examples_are_counted_as_collate_cuts_them():
+    assert count_truncated(HAND_MADE, 4) == (1, 6)  # 5, 4 and 7 ids fill 4, 3 and 6 positions
+    assert count_truncated(HAND_MADE, 3) == (2, 6)
+    assert count_truncated(HAND_MADE, 6) == count_truncated(HAND_MADE, None) == (0, 6)
+    for max_length in range(1, 8):  # the same off-by-one as collate: an example is cut when it loses an id
+        cut = sum(collate([e], PAD, max_length=max_length)[0].numel() < collate([e], PAD)[0].numel()
+                  for e in HAND_MADE)
+        assert count_truncated(HAND_MADE, max_length)[0] == cut
 
 
 def test_examples_with_nothing_to_learn_are_refused_and_can_be_dropped():
