@@ -15,8 +15,9 @@ end-of-text token so that it learns to stop.
 Batches are the book's `custom_collate_fn`: padded to the longest example with the pad token (GPT-2's
 end-of-text, 50256), targets shifted by one, padding targets ignored (IGNORE_INDEX) but the end-of-text
 after the response kept; optionally the prompt's targets are ignored too (the book's exercise 7.2), and
-rows are cut at `max_length` (`count_truncated` counts them). `InstructionBatches` serves them for llm.train.Trainer in epochs of a
-seeded shuffle, resumably, each DDP rank taking its slice of every global batch.
+rows are cut at `max_length` (`count_truncated` counts them). `InstructionBatches` serves them for
+llm.train.Trainer in epochs of a seeded shuffle, resumably, each DDP rank taking its slice of every global
+batch.
 """
 
 from __future__ import annotations
