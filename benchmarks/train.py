@@ -120,7 +120,7 @@ def ours_runner(shards: Path, work: Path, dtype: torch.dtype, compile_: bool):
             config = TrainConfig(device="cpu", precision=precision, compile=compile_, batch_size=BATCH,
                                  global_batch_size=BATCH, max_steps=n, warmup_steps=1, log_interval=10**9,
                                  eval_interval=10_000, eval_batches=1, sample_interval=0, checkpoint_interval=10_000)
-            trainer = Trainer(model, windows, val, config, tempfile.mkdtemp(dir=work), fingerprint="bench",
+            trainer = Trainer(model, windows, val, config, tempfile.mkdtemp(dir=work), settings={"bench": 1},
                               tracker=MemoryTracker())
         else:
             trainer.max_steps += n

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from llm import faults
+from llm.config import ConfigError
 from llm.files import (atomic_dir, fsync_dir, fsync_file, read_json, remove_temporaries, replace_durably,
                        temporary_sibling, write_json_atomic)
 from llm.model import GPT, ModelConfig
@@ -118,14 +119,34 @@ def read_config(ckpt_dir: str | Path) -> CheckpointConfig:
                               f"{MODEL_FILE} and {CONFIG_FILE}, as written by llm.checkpoint.save_model)")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc}): the file is damaged; "
+                              f"{_redo(path, None)}") from exc
     if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
-        raise CheckpointError(f"{path} must hold an object with a \"model\" object (the model config)")
+        # Most often another library's config.json (Hugging Face's has the model fields at the top level).
+        if isinstance(data, dict) and data:
+            keys = [str(k) for k in data]
+            found = f"keys {', '.join(keys[:8])}{', ...' if len(keys) > 8 else ''}"
+        else:
+            found = _kind(data)
+        raise CheckpointError(f"{path} is not a checkpoint config of this project: it must hold an object with a "
+                              f"\"model\" object (the model config), as llm.checkpoint.save_model writes, but it "
+                              f"holds {found}; for OpenAI's GPT-2 weights set init_from: gpt2 (or another GPT-2 "
+                              f"size) instead")
+    stage = data.get("stage") if isinstance(data.get("stage"), str) else None
     tokenizer = data.get("tokenizer", "gpt2")
     if not isinstance(tokenizer, str):
-        raise CheckpointError(f"{path}: \"tokenizer\" must be a tokenizer name, got {tokenizer!r}")
-    model = ModelConfig.from_dict(data["model"], source=f"{path} (model)")
+        raise CheckpointError(f"{path}: \"tokenizer\" must be a tokenizer name such as \"gpt2\", got "
+                              f"{tokenizer!r}; fix it, or {_redo(path, stage)}")
+    try:
+        model = ModelConfig.from_dict(data["model"], source=f"{path} (model)")
+    except ConfigError as exc:
+        # Not a settings mistake of the user's: the file was written for another model or by another version
+        # of this code, so say which file and key, and how to get a checkpoint this code reads.
+        lines = [f"model.{key}: {message}" if key else message for key, message in exc.problems]
+        raise CheckpointError(f"{path}: its \"model\" section is not a model this code can build (written for "
+                              f"another model, or by another version of the code?); fix the keys below, or "
+                              f"{_redo(path, stage)}:{bulleted(lines, limit=len(lines))}") from None
     extra = {k: v for k, v in data.items() if k not in _RESERVED_KEYS}
     return CheckpointConfig(model=model, tokenizer=tokenizer, extra=extra)
 
@@ -136,18 +157,48 @@ def load_model(ckpt_dir: str | Path, device: torch.device | str = "cpu", **overr
     `overrides` change settings that leave the weights as they are, e.g. `dropout=0.1` to fine-tune a
     checkpoint saved without dropout, or `attention="explicit"`.
     """
-    config = read_config(ckpt_dir).model
+    saved = read_config(ckpt_dir)
+    config = saved.model
     if overrides:
         config = ModelConfig.from_dict({**config.to_dict(), **overrides}, source="load_model overrides")
     weights = Path(ckpt_dir) / MODEL_FILE
     if not weights.is_file():
         raise CheckpointError(f"{ckpt_dir} has {CONFIG_FILE} but {MODEL_FILE} is missing")
+    stage = saved.extra.get("stage") if isinstance(saved.extra.get("stage"), str) else None
     model = GPT.empty(config, device)
-    mismatches = _mismatches(model, weights)
+    try:
+        mismatches = _mismatches(model, weights)
+        if not mismatches:
+            safetensors.torch.load_model(model, weights, strict=True, device=str(device))
+    except (safetensors.SafetensorError, OSError) as exc:
+        raise CheckpointError(_damaged(weights, exc, stage)) from exc
     if mismatches:
-        raise CheckpointError(f"{weights} does not fit the model in {CONFIG_FILE}:{bulleted(mismatches)}")
-    safetensors.torch.load_model(model, weights, strict=True, device=str(device))
+        config_path = Path(ckpt_dir) / CONFIG_FILE
+        raise CheckpointError(
+            f"{weights} does not fit the model that {config_path} describes (the two files are not of one model); "
+            f"fix the \"model\" section of {config_path} to match the weights, or "
+            f"{_redo(Path(ckpt_dir), stage)}:{bulleted(mismatches)}")
     return model.eval()
+
+
+def _damaged(weights: Path, exc: Exception, stage: str | None) -> str:
+    """What to say about a weights file safetensors cannot read: a cut-off copy or download, or another format."""
+    detail = str(exc).removeprefix("Error while deserializing header: ")
+    size = f"{weights.stat().st_size:,} bytes" if weights.is_file() else "unreadable"
+    return (f"{weights} is damaged: it is truncated or not a safetensors file ({size}; safetensors says: {detail}); "
+            f"{_redo(weights, stage)}")
+
+
+def _redo(path: Path, stage: str | None) -> str:
+    """How to get a good copy of a checkpoint file back: DVC tracks the stages' checkpoints."""
+    rerun = f"`dvc repro {stage}`" if stage else "`dvc repro`"
+    return (f"rerun the stage that wrote it ({rerun}), or restore it with `dvc checkout {path}` "
+            f"(`dvc pull {path}` if the DVC cache lacks it)")
+
+
+def _kind(value: Any) -> str:
+    names = {dict: "an empty object", list: "a list", str: "a string", type(None): "null"}
+    return names.get(type(value), f"a {type(value).__name__}")
 
 
 def bulleted(lines: list[str], limit: int = 5) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -115,6 +116,11 @@ def _convert(tp: Any, value: Any, path: str, problems: list[Problem]) -> Any:
     if tp is float:
         # YAML writes 1 for 1.0; bool is an int subclass but never a number here.
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            # YAML 1.2 reads .nan and .inf as floats (JSON's NaN and Infinity too); a NaN slips past checks such
+            # as `value <= 0` (every comparison with it is False). Refused here, once for every section.
+            if not math.isfinite(value):
+                problems.append((path, f"must be a finite number, got {value}"))
+                return _INVALID
             return float(value)
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):

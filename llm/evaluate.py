@@ -28,7 +28,7 @@ from llm.perplexity import PerplexityResult, perplexity
 from llm.report import Example
 from llm.responses import generate_responses
 from llm.scores import Scores, score_responses
-from llm.shards import TokenStream
+from llm.shards import TokenStream, check_shards_fit, read_manifest
 from llm.tokenizer import get_tokenizer
 
 RESPONSES_FILE = "responses.json"
@@ -66,6 +66,10 @@ def evaluate_models(config: EvaluateConfig, base_dir: str | Path, finetuned_dir:
     device = resolve_device(config.device)
     dtype = train_dtype(device, config.precision)
     autocast_dtype = None if dtype == torch.float32 else dtype
+    manifest = read_manifest(shards_dir)
+    for folder in (base_dir, finetuned_dir):  # before loading anything: shards of another tokenizer measure nonsense
+        saved = read_config(folder)
+        check_shards_fit(shards_dir, manifest, folder, saved.tokenizer, saved.model.vocab_size)
     base, finetuned = load_model(base_dir, device), load_model(finetuned_dir, device)
     tuned = read_config(finetuned_dir)
     tokenizer = get_tokenizer(tuned.tokenizer)

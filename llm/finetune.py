@@ -13,6 +13,7 @@ nothing special). The book's recipe, GPT-2 medium for 2 epochs at lr 5e-5, is `i
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,8 +24,9 @@ from llm.checkpoint import MODEL_FILE, SPLIT_FILE, load_model, read_config
 from llm.config import FinetuneConfig, Params, weight_settings
 from llm.distributed import Dist
 from llm.download import read_manifest as read_raw_manifest
-from llm.instructions import (InstructionBatches, Split, encode_records, learnable, load_records, prompt_text,
-                              split_records, steps_per_epoch, validation_batches, write_split)
+from llm.instructions import (Example, InstructionBatches, Split, count_truncated, encode_records, learnable,
+                              load_records, prompt_text, split_records, steps_per_epoch, validation_batches,
+                              write_split)
 from llm.lora import apply_lora, merge_lora, trainable_parameters
 from llm.model import GPT
 from llm.pretrain import prompt_sampler
@@ -35,6 +37,8 @@ from llm.train import Trainer, TrainResult
 
 if TYPE_CHECKING:
     from llm.tracking import Tracker
+
+log = logging.getLogger(__name__)
 
 
 def instruction_file(raw_dir: str | Path, source: str) -> Path:
@@ -93,6 +97,37 @@ def prepare_split(path: Path, config: FinetuneConfig, out_dir: Path) -> Split:
     return split
 
 
+def fitting_report(encoded: dict[str, list[Example]], kept: dict[str, list[Example]], max_length: int,
+                   context_length: int, *, warn: bool = True) -> dict[str, Any]:
+    """Per split, the examples cut at max_length and those left out, warned about and returned for config.json.
+
+    `encoded` are a split's examples, `kept` those that `learnable` keeps. Batching cuts a long example without
+    a word, and with mask_prompt leaves out one whose prompt alone fills max_length: a user whose data is long
+    would never know that part of the responses was not learned.
+    """
+    if max_length < context_length:
+        fix = f"raise finetune.max_length (up to the model's context_length {context_length}) or shorten them"
+    else:
+        fix = (f"max_length is the model's context_length {context_length}: shorten them, or start from a model "
+               f"with a longer context")
+    report: dict[str, Any] = {"max_length": max_length, "truncated_examples": {}, "longest_example": {},
+                              "dropped_examples": {}}
+    for name, examples in encoded.items():
+        count = count_truncated(kept[name], max_length)[0]  # a left-out example is told apart, not counted twice
+        longest = count_truncated(examples, max_length)[1]
+        dropped = len(examples) - len(kept[name])
+        report["truncated_examples"][name], report["longest_example"][name] = count, longest
+        report["dropped_examples"][name] = dropped
+        if count and warn:
+            log.warning("finetune: %d of %d %s examples are longer than max_length %d tokens (longest %d) and are "
+                        "cut to it; %s", count, len(examples), name, max_length, longest, fix)
+        if dropped and warn:
+            log.warning("finetune: %d of %d %s examples are left out: with finetune.mask_prompt their prompt alone "
+                        "fills max_length %d, which leaves nothing to learn; %s", dropped, len(examples), name,
+                        max_length, fix)
+    return report
+
+
 def run_finetune(params: Params, raw_dir: str | Path, pretrain_dir: str | Path, out_dir: str | Path, *,
                  tracker: Tracker, dist: Dist = Dist(), run_id: str | None = None,
                  settings: dict[str, Any] | None = None) -> TrainResult:
@@ -104,8 +139,10 @@ def run_finetune(params: Params, raw_dir: str | Path, pretrain_dir: str | Path, 
     pad_id = get_tokenizer(tokenizer).eot_token
     max_length = min(config.max_length or model.config.context_length, model.config.context_length)
     shape = {"mask_prompt": config.mask_prompt, "max_length": max_length}
-    train = learnable(encode_records(split.train, config.prompt_style, tokenizer), **shape)
-    val = learnable(encode_records(split.val, config.prompt_style, tokenizer), **shape)
+    encoded = {name: encode_records(getattr(split, name), config.prompt_style, tokenizer) for name in ("train", "val")}
+    train, val = (learnable(encoded[name], **shape) for name in ("train", "val"))
+    cut = fitting_report(encoded, {"train": train, "val": val}, max_length, model.config.context_length,
+                         warn=dist.is_main)
     if config.epochs is not None:  # epochs decide the length of the run
         steps = math.ceil(config.epochs * steps_per_epoch(len(train), config.global_batch_size))
         config = dataclasses.replace(config, max_steps=max(1, steps), max_tokens=None)
@@ -119,7 +156,7 @@ def run_finetune(params: Params, raw_dir: str | Path, pretrain_dir: str | Path, 
     sampler = (prompt_sampler(tokenizer, prompt_text(split.val[0], config.prompt_style), config.sample_tokens,
                               config.seed) if config.sample_interval else None)
     extra = {"stage": "finetune", "init_from": config.init_from, "prompt_style": config.prompt_style,
-             "lora_rank": config.lora_rank, "trainable_parameters": trainable_parameters(model)}
+             "lora_rank": config.lora_rank, "trainable_parameters": trainable_parameters(model), **cut}
     trainer = Trainer(model, batches, val_batches, config, out_dir,
                       settings=settings or run_settings(params, raw_dir, pretrain_dir), tracker=tracker,
                       tokenizer=tokenizer, sampler=sampler, run_id=run_id, dist=dist, checkpoint_extra=extra,

@@ -15,8 +15,9 @@ end-of-text token so that it learns to stop.
 Batches are the book's `custom_collate_fn`: padded to the longest example with the pad token (GPT-2's
 end-of-text, 50256), targets shifted by one, padding targets ignored (IGNORE_INDEX) but the end-of-text
 after the response kept; optionally the prompt's targets are ignored too (the book's exercise 7.2), and
-rows are cut at `max_length`. `InstructionBatches` serves them for llm.train.Trainer in epochs of a
-seeded shuffle, resumably, each DDP rank taking its slice of every global batch.
+rows are cut at `max_length` (`count_truncated` counts them). `InstructionBatches` serves them for
+llm.train.Trainer in epochs of a seeded shuffle, resumably, each DDP rank taking its slice of every global
+batch.
 """
 
 from __future__ import annotations
@@ -280,6 +281,19 @@ def collate(examples: Sequence[Example], pad_id: int, *, mask_prompt: bool = Fal
         if mask_prompt:
             targets[row, :example.prompt_len - 1] = IGNORE_INDEX  # the targets that are prompt tokens
     return inputs, targets
+
+
+def count_truncated(examples: Sequence[Example], max_length: int | None) -> tuple[int, int]:
+    """How many examples `collate` cuts at `max_length`, and the longest example's length.
+
+    Lengths are the positions an example fills, len(ids) - 1 (its last id is only a target), as `collate`
+    measures them: an example is cut when that exceeds max_length, and the longest length is the
+    max_length that would cut none.
+    """
+    longest = max((len(e.ids) - 1 for e in examples), default=0)
+    if max_length is None:
+        return 0, longest
+    return sum(len(e.ids) - 1 > max_length for e in examples), longest
 
 
 def learnable(examples: Sequence[Example], *, mask_prompt: bool, max_length: int | None) -> list[Example]:

@@ -15,9 +15,11 @@ seeded, resumable order; llm/perplexity.py covers a split exactly once for evalu
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -119,23 +121,97 @@ def open_shard(path: str | Path, dtype: str | None = None) -> Shard:
         raise ShardError(f"{path}: shard not found; {fix}")
     try:
         reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
-        if reader.num_record_batches != 1 or reader.schema.names != [COLUMN]:
-            raise ShardError(f"{path}: not a token shard (one batch with column {COLUMN!r}); {fix}")
+        kind = reader.schema.field(0).type if reader.schema.names == [COLUMN] else pa.null()
+        if (reader.num_record_batches != 1 or not pa.types.is_list(kind)
+                or kind.value_type not in (pa.uint16(), pa.uint32())):
+            raise ShardError(f"{path}: not a token shard (one batch with column {COLUMN!r} of type list<uint16> "
+                             f"or list<uint32>); {fix}")
         column = reader.get_batch(0).column(0)
+        # Damaged offsets would serve windows from outside the file; checking them reads no tokens.
+        column.validate(full=True)
         tokens = column.values.to_numpy(zero_copy_only=True)
         offsets = column.offsets.to_numpy(zero_copy_only=True)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as exc:
+    except (pa.ArrowException, OSError) as exc:  # any Arrow error: a damaged footer can raise ArrowNotImplementedError
         raise ShardError(f"{path}: corrupt or truncated shard ({exc}); {fix}") from None
     if dtype is not None and tokens.dtype != np.dtype(dtype):
         raise ShardError(f"{path}: holds {tokens.dtype} ids, the manifest says {dtype}; {fix}")
     return Shard(path, tokens, offsets)
 
 
+MANIFEST_KEYS = ("tokenizer", "vocab_size", "dtype", "splits")  # what the readers of the shards rely on
+
+
 def read_manifest(shards_dir: str | Path) -> dict:
+    """The tokenize stage's manifest.json, checked for what the readers use: a damaged one raises ShardError."""
     path = Path(shards_dir) / "manifest.json"
     if not path.is_file():
         raise ShardError(f"{path} not found: run the tokenize stage first (`dvc repro tokenize`)")
-    return read_json(path)
+    fix = f"rerun `dvc repro tokenize` (or restore it with `dvc checkout {path}`)"
+    try:
+        manifest = read_json(path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ShardError(f"{path} is damaged: it is not valid JSON ({exc}); {fix}") from None
+    problems = _manifest_problems(manifest)
+    if problems:
+        more = [f"and {len(problems) - 10} more"] if len(problems) > 10 else []
+        raise ShardError(f"{path} is not a shards manifest this code can read (damaged, or written by another "
+                         f"version of the tokenize stage?); {fix}:" + "".join(f"\n  {p}" for p in problems[:10] + more))
+    return manifest
+
+
+def _manifest_problems(manifest: Any) -> list[str]:
+    """What is missing or of the wrong kind in a manifest, key by key."""
+    if not isinstance(manifest, dict):
+        return [f"must hold an object with keys {', '.join(MANIFEST_KEYS)}, got {type(manifest).__name__}"]
+    problems = [f"{key}: missing" for key in MANIFEST_KEYS if key not in manifest]
+    if "tokenizer" in manifest and not (isinstance(manifest["tokenizer"], str) and manifest["tokenizer"]):
+        problems.append(f"tokenizer: must be a tokenizer name such as 'gpt2', got {manifest['tokenizer']!r}")
+    if "vocab_size" in manifest and not _count(manifest["vocab_size"], low=1):
+        problems.append(f"vocab_size: must be a positive integer, got {manifest['vocab_size']!r}")
+    if "dtype" in manifest and manifest["dtype"] not in ("uint16", "uint32"):
+        problems.append(f"dtype: must be 'uint16' or 'uint32', got {manifest['dtype']!r}")
+    splits = manifest.get("splits", {})
+    if not isinstance(splits, dict):
+        return problems + [f"splits: must be an object of splits (train, val), got {type(splits).__name__}"]
+    for split, info in splits.items():
+        shards = info.get("shards") if isinstance(info, dict) else None
+        if shards is None:
+            problems.append(f"splits.{split}.shards: missing")
+            continue
+        if not isinstance(shards, list):
+            problems.append(f"splits.{split}.shards: must be a list of shards, got {shards!r}")
+            continue
+        for i, entry in enumerate(shards):
+            where = f"splits.{split}.shards[{i}]"
+            if not isinstance(entry, dict):
+                problems.append(f"{where}: must be an object with file, rows and tokens, got {entry!r}")
+                continue
+            if not (isinstance(entry.get("file"), str) and entry["file"]):
+                problems.append(f"{where}.file: must be the shard's path in the folder, got {entry.get('file')!r}")
+            problems += [f"{where}.{key}: must be a whole number >= 0, got {entry.get(key)!r}"
+                         for key in ("rows", "tokens") if not _count(entry.get(key), low=0)]
+    return problems
+
+
+def _count(value: Any, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def check_shards_fit(shards_dir: str | Path, manifest: dict, checkpoint: str | Path, tokenizer: str,
+                     vocab_size: int) -> None:
+    """Refuse shards that a checkpoint's model cannot read, before any work is done with them: ids of another
+    tokenizer would be measured as nonsense, and ids beyond the model's vocabulary fail deep in the embedding."""
+    theirs, their_vocab = manifest["tokenizer"], manifest["vocab_size"]
+    if theirs != tokenizer:
+        raise ShardError(f"{shards_dir} holds tokens of tokenizer {theirs!r} (vocabulary of {their_vocab}), but "
+                         f"{checkpoint} was trained with tokenizer {tokenizer!r} (vocab_size {vocab_size}); set "
+                         f"tokenize.tokenizer: {tokenizer} and rerun `dvc repro tokenize`, or train the model on "
+                         f"these shards (`dvc repro`)")
+    if their_vocab > vocab_size:
+        raise ShardError(f"{shards_dir} holds tokens of tokenizer {theirs!r}, a vocabulary of {their_vocab}, more "
+                         f"than {checkpoint}'s vocab_size of {vocab_size} (tokenizer {tokenizer!r}) can read; set "
+                         f"model.vocab_size to {their_vocab} or more and retrain it (`dvc repro`), or tokenize with "
+                         f"the tokenizer the model was trained for (tokenize.tokenizer, then `dvc repro tokenize`)")
 
 
 class TokenStream:
@@ -161,7 +237,9 @@ class TokenStream:
                 raise ShardError(f"{shard.path}: holds {len(shard.tokens)} tokens in {len(shard)} rows, the "
                                  f"manifest says {entry['tokens']} in {entry['rows']}; rerun `dvc repro tokenize`")
             if len(shard.tokens) and int(shard.tokens.max()) >= manifest["vocab_size"]:
-                raise ShardError(f"{shard.path}: holds ids beyond the vocabulary of {manifest['vocab_size']}")
+                raise ShardError(f"{shard.path}: holds ids beyond the vocabulary of {manifest['vocab_size']} "
+                                 f"({manifest['tokenizer']}) that the manifest gives: the shard is damaged or of "
+                                 f"another tokenizer; rerun `dvc repro tokenize`")
             shards.append(shard)
         return cls(shards)
 

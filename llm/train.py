@@ -1,6 +1,6 @@
 """The training loop shared by pretraining and fine-tuning, with exact resume.
 
-    trainer = Trainer(model, train_batches, val_batches, config, out_dir, fingerprint=..., tracker=...)
+    trainer = Trainer(model, train_batches, val_batches, config, out_dir, settings={...}, tracker=...)
     result = trainer.fit()
 
 One optimizer step accumulates `global_batch_size / (batch_size * world_size)` micro-batches under bf16

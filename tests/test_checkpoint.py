@@ -90,8 +90,12 @@ def test_weights_that_do_not_fit_the_config_are_named(tmp_path):
     config_path.write_text(json.dumps(data))
     with pytest.raises(CheckpointError) as info:
         load_model(tmp_path / "ckpt")
+    ckpt = tmp_path / "ckpt"
     assert str(info.value).splitlines()[:2] == [
-        f"{tmp_path / 'ckpt' / 'model.safetensors'} does not fit the model in config.json:",
+        f"{ckpt / 'model.safetensors'} does not fit the model that {config_path} describes (the two files are not "
+        f"of one model); fix the \"model\" section of {config_path} to match the weights, or rerun the stage that "
+        f"wrote it (`dvc repro`), or restore it with `dvc checkout {ckpt}` (`dvc pull {ckpt}` if the DVC cache "
+        f"lacks it):",
         "  wpe.weight: [64, 64] in the file, [64, 32] in the model",
     ]
     assert str(info.value).endswith("and 23 more")  # all 28 tensors but the first 5
@@ -101,8 +105,72 @@ def test_weights_that_do_not_fit_the_config_are_named(tmp_path):
         load_model(tmp_path / "ckpt")
     data["model"]["n_embd"] = 33
     config_path.write_text(json.dumps(data))
-    with pytest.raises(ConfigError, match=r"n_embd: must be divisible by n_head \(2\), got 33"):
+    with pytest.raises(CheckpointError, match=r"\n  model.n_embd: must be divisible by n_head \(2\), got 33"):
         load_model(tmp_path / "ckpt")
     config_path.write_text("{not json")
-    with pytest.raises(CheckpointError, match="config.json is not valid JSON"):
+    with pytest.raises(CheckpointError) as info:
         load_model(tmp_path / "ckpt")
+    assert str(info.value) == (
+        f"{config_path} is not valid JSON (Expecting property name enclosed in double quotes: line 1 column 2 "
+        f"(char 1)): the file is damaged; rerun the stage that wrote it (`dvc repro`), or restore it with "
+        f"`dvc checkout {config_path}` (`dvc pull {config_path}` if the DVC cache lacks it)")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "not safetensors"])
+def test_damaged_weights_are_named_with_how_to_get_them_back(tmp_path, damage):
+    save_model(tiny(), tmp_path / "ckpt", extra={"stage": "pretrain"})
+    weights = tmp_path / "ckpt" / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes({"truncated": data[:len(data) // 2], "empty": b"",
+                         "not safetensors": b"<html>404 Not Found</html>"}[damage])
+    with pytest.raises(CheckpointError) as info:
+        load_model(tmp_path / "ckpt")
+    said = {"truncated": f"{len(data) // 2:,} bytes; safetensors says: incomplete metadata, file not fully covered",
+            "empty": "0 bytes; safetensors says: header too small",
+            "not safetensors": "26 bytes; safetensors says: header too large"}[damage]
+    assert str(info.value) == (
+        f"{weights} is damaged: it is truncated or not a safetensors file ({said}); rerun the stage that wrote it "
+        f"(`dvc repro pretrain`), or restore it with `dvc checkout {weights}` (`dvc pull {weights}` if the DVC cache "
+        f"lacks it)")
+
+
+def test_a_config_of_another_model_names_the_file_and_the_keys(tmp_path):
+    save_model(tiny(), tmp_path / "ckpt", extra={"stage": "finetune"})
+    config_path = tmp_path / "ckpt" / "config.json"
+    data = json.loads(config_path.read_text())
+    fix = (f"rerun the stage that wrote it (`dvc repro finetune`), or restore it with `dvc checkout {config_path}` "
+           f"(`dvc pull {config_path}` if the DVC cache lacks it)")
+    config_path.write_text(json.dumps({**data, "model": {**data["model"], "n_kv_head": 1, "rotary": True,
+                                                         "n_layer": "2"}}))
+    with pytest.raises(CheckpointError) as info:
+        read_config(tmp_path / "ckpt")
+    assert str(info.value).splitlines() == [
+        f"{config_path}: its \"model\" section is not a model this code can build (written for another model, or "
+        f"by another version of the code?); fix the keys below, or {fix}:",
+        "  model.n_kv_head: unknown key; did you mean 'n_head'?",
+        "  model.rotary: unknown key; known keys: vocab_size, context_length, n_embd, n_head, n_layer, dropout, "
+        "qkv_bias, tie_weights, attention",
+        "  model.n_layer: must be an integer, got str '2'",
+    ]
+    config_path.write_text(json.dumps({**data, "model": {**data["model"], "dropout": 1.5}}))
+    with pytest.raises(CheckpointError, match=r"\n  model.dropout: must be in \[0, 1\), got 1.5$"):
+        load_model(tmp_path / "ckpt")
+    config_path.write_text(json.dumps({**data, "model": {**data["model"], "dropout": float("nan")}}))  # JSON's NaN
+    with pytest.raises(CheckpointError, match=r"\n  model.dropout: must be a finite number, got nan$"):
+        load_model(tmp_path / "ckpt")
+    config_path.write_text(json.dumps({**data, "tokenizer": 5}))
+    with pytest.raises(CheckpointError) as info:
+        read_config(tmp_path / "ckpt")
+    assert str(info.value) == (f"{config_path}: \"tokenizer\" must be a tokenizer name such as \"gpt2\", got 5; "
+                               f"fix it, or {fix}")
+    # Hugging Face's config.json, say: the model's fields at the top level.
+    config_path.write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": 768}))
+    with pytest.raises(CheckpointError) as info:
+        load_model(tmp_path / "ckpt")
+    assert str(info.value) == (
+        f"{config_path} is not a checkpoint config of this project: it must hold an object with a \"model\" object "
+        f"(the model config), as llm.checkpoint.save_model writes, but it holds keys architectures, model_type, "
+        f"n_embd; for OpenAI's GPT-2 weights set init_from: gpt2 (or another GPT-2 size) instead")
+    config_path.write_text("[]")
+    with pytest.raises(CheckpointError, match="but it holds a list; for OpenAI's"):
+        read_config(tmp_path / "ckpt")

@@ -110,3 +110,23 @@ def test_source_filename_must_not_look_temporary():
     }
     ok = SourceConfig(name="b", url="https://h/.tmp-b.txt", filename="b.txt")
     assert list(ok.problems()) == []
+
+
+@pytest.mark.parametrize("written, shown", [(".nan", "nan"), (".inf", "inf"), ("-.inf", "-inf"), (".NaN", "nan")])
+def test_nan_and_infinity_are_refused_in_every_float_setting(tmp_path, written, shown):
+    # YAML 1.2 reads these as floats; a NaN learning rate would pass `lr > 0` and train to NaN losses.
+    path = tmp_path / "params.yaml"
+    path.write_text(f"pretrain: {{lr: {written}, grad_clip: {written}}}\nfinetune: {{dropout: {written}}}\n"
+                    f"evaluate: {{top_p: {written}, judge: {{temperature: {written}}}}}\n")
+    with pytest.raises(ConfigError) as info:
+        load_params(path)
+    assert str(info.value).splitlines() == [
+        f"{path} has 5 problems; fix them and rerun:",
+        f"  pretrain.lr: must be a finite number, got {shown}",
+        f"  pretrain.grad_clip: must be a finite number, got {shown}",
+        f"  finetune.dropout: must be a finite number, got {shown}",
+        f"  evaluate.top_p: must be a finite number, got {shown}",
+        f"  evaluate.judge.temperature: must be a finite number, got {shown}",
+    ]
+    path.write_text("pretrain: {lr: 1e-3, min_lr: 0}\n")  # finite numbers, ints among them, still load
+    assert load_params(path).pretrain.min_lr == 0.0

@@ -10,8 +10,11 @@ import torch
 
 from llm.checkpoint import save_model
 from llm.checkpoint import SPLIT_FILE
+from llm.config import EvaluateConfig
+from llm.evaluate import evaluate_models
 from llm.instructions import Record, Split, write_split
 from llm.model import GPT, model_config
+from llm.shards import ShardError
 from llm.tracking import configure, promote_if_better
 from tests.conftest import shared_file
 from tests.data import make_shards, patterned_tokens
@@ -40,6 +43,19 @@ def test_promotion_only_when_every_score_is_at_least_the_champions(registry):
     assert promote_if_better("m", mixed, {"rouge_l_f1": 0.9, "exact_match": 0.0}) == (False, equal)
     assert str(registry.get_model_version_by_alias("m", "champion").version) == equal
     assert registry.get_model_version("m", worse).tags["eval.rouge_l_f1"] == "0.4"
+
+
+def test_shards_that_do_not_fit_a_model_are_refused_before_any_work(tmp_path):
+    shards = make_shards(tmp_path / "shards", patterned_tokens(300), patterned_tokens(300), vocab_size=512)
+    save_model(GPT(model_config("tiny", vocab_size=512)), tmp_path / "base")
+    save_model(GPT(model_config("tiny", vocab_size=512)), tmp_path / "tuned", tokenizer="cl100k_base")
+    config = EvaluateConfig(device="cpu")  # no split.json: the check must come first
+    with pytest.raises(ShardError, match=rf"^{shards} holds tokens of tokenizer 'gpt2' \(vocabulary of 512\), but "
+                                         rf"{tmp_path / 'tuned'} was trained with tokenizer 'cl100k_base'"):
+        evaluate_models(config, tmp_path / "base", tmp_path / "tuned", shards)
+    save_model(GPT(model_config("tiny", vocab_size=500)), tmp_path / "base")
+    with pytest.raises(ShardError, match=rf"a vocabulary of 512, more than {tmp_path / 'base'}'s vocab_size of 500"):
+        evaluate_models(config, tmp_path / "base", tmp_path / "tuned", shards)
 
 
 @pytest.mark.slow

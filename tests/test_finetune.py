@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -14,11 +15,11 @@ import pytest
 import safetensors.torch
 import torch
 
-from llm.checkpoint import SPLIT_FILE, load_model, save_model
+from llm.checkpoint import SPLIT_FILE, load_model, read_config, save_model
 from llm.config import Params, from_mapping
 from llm.download import write_manifests
 from llm.finetune import run_finetune
-from llm.instructions import InstructionDataError, read_split
+from llm.instructions import InstructionDataError, Record, encode_records, read_split
 from llm.model import GPT, model_config
 from llm.tracking import MemoryTracker
 from llm.train import latest_checkpoint
@@ -87,6 +88,43 @@ def test_lora_trains_adapters_only_and_saves_a_plain_merged_model(stage):
     idx = torch.randint(0, 50257, (1, 16))
     torch.testing.assert_close(merged(idx), result.model.eval()(idx))
     assert json.loads((out / "config.json").read_text())["trainable_parameters"] < 100_000
+
+
+def test_examples_longer_than_max_length_are_counted_warned_about_and_recorded(tmp_path, caplog):
+    short = {"instruction": "Say yes.", "input": "", "output": "yes"}
+    long_output = {**short, "output": " a" * 150}
+    long_prompt = {**short, "instruction": " b" * 80}  # with mask_prompt, fills max_length 64 alone
+    # 20 records in file order: train the first 17, test the next 2, val the last one.
+    records = [long_output, long_output, long_prompt, *[short] * 16, long_output]
+    raw = make_raw(tmp_path, records)
+    save_model(GPT(model_config("tiny", context_length=96)), tmp_path / "pretrain")
+    longest, prompt_only = (len(e.ids) - 1 for e in encode_records([Record(**r) for r in (long_output, long_prompt)]))
+    assert prompt_only < longest  # the longest in train and val alike
+    settings = {"max_steps": 2, "sample_interval": 0, "eval_batches": 1}
+    with caplog.at_level(logging.WARNING, logger="llm.finetune"):
+        run_finetune(params(**settings, max_length=64, mask_prompt=True), raw, tmp_path / "pretrain",
+                     tmp_path / "out", tracker=MemoryTracker())
+    fix = "raise finetune.max_length (up to the model's context_length 96) or shorten them"
+    assert [r.getMessage() for r in caplog.records] == [
+        f"finetune: 2 of 17 train examples are longer than max_length 64 tokens (longest {longest}) and are cut "
+        f"to it; {fix}",
+        f"finetune: 1 of 17 train examples are left out: with finetune.mask_prompt their prompt alone fills "
+        f"max_length 64, which leaves nothing to learn; {fix}",
+        f"finetune: 1 of 1 val examples are longer than max_length 64 tokens (longest {longest}) and are cut to "
+        f"it; {fix}",
+    ]
+    saved = read_config(tmp_path / "out").extra
+    assert {k: saved[k] for k in ("max_length", "truncated_examples", "longest_example", "dropped_examples")} == {
+        "max_length": 64, "truncated_examples": {"train": 2, "val": 1},
+        "longest_example": {"train": longest, "val": longest}, "dropped_examples": {"train": 1, "val": 0}}
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="llm.finetune"):  # no max_length: the model's context is the limit
+        run_finetune(params(**settings, max_length=None), raw, tmp_path / "pretrain", tmp_path / "out2",
+                     tracker=MemoryTracker())
+    assert caplog.records[0].getMessage() == (
+        f"finetune: 3 of 17 train examples are longer than max_length 96 tokens (longest {longest}) and are cut to "
+        f"it; max_length is the model's context_length 96: shorten them, or start from a model with a longer context")
+    assert read_config(tmp_path / "out2").extra["truncated_examples"] == {"train": 3, "val": 1}
 
 
 def test_bad_records_are_refused_with_index_and_field(tmp_path):

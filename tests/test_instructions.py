@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from llm.config import TrainConfig, from_mapping
-from llm.instructions import (Example, InstructionBatches, InstructionDataError, Record, collate,
+from llm.instructions import (Example, InstructionBatches, InstructionDataError, Record, collate, count_truncated,
                               encode_records, learnable, load_records, prompt_text, read_split, split_records,
                               steps_per_epoch, training_text, validation_batches, write_split)
 from llm.model import GPT, IGNORE_INDEX, model_config
@@ -182,6 +182,16 @@ def test_max_length_cuts_every_row():
     assert masked.tolist() == [[X, 12, 13, PAD], [X, 22, PAD, X], [X, X, X, 34]]
 
 
+def test_truncated_examples_are_counted_as_collate_cuts_them():
+    assert count_truncated(HAND_MADE, 4) == (1, 6)  # 5, 4 and 7 ids fill 4, 3 and 6 positions
+    assert count_truncated(HAND_MADE, 3) == (2, 6)
+    assert count_truncated(HAND_MADE, 6) == count_truncated(HAND_MADE, None) == (0, 6)
+    for max_length in range(1, 8):  # the same off-by-one as collate: an example is cut when it loses an id
+        cut = sum(collate([e], PAD, max_length=max_length)[0].numel() < collate([e], PAD)[0].numel()
+                  for e in HAND_MADE)
+        assert count_truncated(HAND_MADE, max_length)[0] == cut
+
+
 def test_examples_with_nothing_to_learn_are_refused_and_can_be_dropped():
     long_prompt = Example((1, 2, 3, 4, 5, 6, PAD), prompt_len=5)
     examples = [*HAND_MADE, long_prompt]
@@ -273,7 +283,7 @@ def test_loss_falls_when_the_trainer_learns_instructions(tmp_path):
     val = validation_batches(copy_examples(16, seed=1), 8, pad_id=511, mask_prompt=True, max_length=64)
     tracker = MemoryTracker()
     with one_thread():
-        Trainer(model, train, val, config, tmp_path, fingerprint="test", tracker=tracker).fit()
+        Trainer(model, train, val, config, tmp_path, settings={"test": 1}, tracker=tracker).fit()
     losses = tracker.series("val_loss")
     assert [step for step, _ in losses] == [0, 10, 20, 30]
     assert losses[0][1] > 5.5 and losses[-1][1] < losses[0][1] - 2  # from about ln(512) = 6.2

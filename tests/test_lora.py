@@ -131,7 +131,7 @@ def test_the_trainer_trains_adapters_and_resumes_them(tmp_path):
     def fit(model: GPT) -> nn.Module:
         batches = InstructionBatches(copy_examples(32), config.batch_size, config.seed, pad_id=511,
                                      global_batch_size=config.global_batch_size)
-        trainer = Trainer(model, batches, val, config, tmp_path, fingerprint="lora", tracker=MemoryTracker())
+        trainer = Trainer(model, batches, val, config, tmp_path, settings={"test": "lora"}, tracker=MemoryTracker())
         return trainer.fit().model
 
     trained = fit(adapted())

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
 from llm.files import write_json_atomic
-from llm.shards import RandomWindows, ShardError, ShardWriter, TokenStream, open_shard
+from llm.shards import (RandomWindows, ShardError, ShardWriter, TokenStream, check_shards_fit, open_shard,
+                        read_manifest)
+from tests.data import make_shards
 
 
 def write_split(root, docs: list[np.ndarray], tokens_per_shard: int, vocab_size: int = 1000):
@@ -16,8 +21,9 @@ def write_split(root, docs: list[np.ndarray], tokens_per_shard: int, vocab_size:
     for doc in docs:
         writer.add(doc.astype(np.uint16), ends_document=True)
     shards = writer.close()
-    write_json_atomic(root / "manifest.json", {"dtype": "uint16", "vocab_size": vocab_size, "splits": {
-        "train": {"docs": len(docs), "tokens": sum(s["tokens"] for s in shards), "shards": shards}}})
+    write_json_atomic(root / "manifest.json", {"tokenizer": "gpt2", "dtype": "uint16", "vocab_size": vocab_size,
+                                               "splits": {"train": {"docs": len(docs), "shards": shards,
+                                                                    "tokens": sum(s["tokens"] for s in shards)}}})
     return shards
 
 
@@ -94,10 +100,93 @@ def test_truncated_and_foreign_shards_are_named(tmp_path):
 
 def test_ids_beyond_the_vocabulary_are_refused(tmp_path):
     write_split(tmp_path, [np.array([1, 2, 999])], tokens_per_shard=100, vocab_size=500)
-    with pytest.raises(ShardError, match="ids beyond the vocabulary of 500"):
+    with pytest.raises(ShardError, match=r"ids beyond the vocabulary of 500 \(gpt2\) that the manifest gives: the "
+                                         "shard is damaged or of another tokenizer; rerun `dvc repro tokenize`"):
         TokenStream.from_manifest(tmp_path, "train")
 
 
 def test_missing_manifest_says_to_run_tokenize(tmp_path):
     with pytest.raises(ShardError, match=r"run the tokenize stage first \(`dvc repro tokenize`\)"):
         TokenStream.from_manifest(tmp_path, "train")
+
+
+def test_damaged_shards_of_every_kind_are_named(tmp_path):
+    shards = write_split(tmp_path, [np.arange(500), np.arange(300)], tokens_per_shard=1000)
+    path = tmp_path / shards[0]["file"]
+    data = path.read_bytes()
+    fix = "rebuild it with `dvc repro tokenize` (or restore it with `dvc checkout`)"
+    flipped = bytearray(data)
+    flipped[-12] ^= 0xFF  # inside the footer: Arrow raises NotImplementedError, not ArrowInvalid
+    path.write_bytes(bytes(flipped))
+    with pytest.raises(ShardError) as info:
+        open_shard(path)
+    assert str(info.value) == (f"{path}: corrupt or truncated shard (Integers with more than 64 bits not "
+                               f"implemented); {fix}")
+    path.write_bytes(b"")
+    with pytest.raises(ShardError) as info:
+        open_shard(path)
+    assert str(info.value) == f"{path}: corrupt or truncated shard (File is too small: 0); {fix}"
+    for column in (pa.array([1, 2, 3], type=pa.uint16()), pa.array([[1.5]], type=pa.list_(pa.float32()))):
+        batch = pa.record_batch([column], names=["input_ids"])  # a real Arrow file, but not of token rows
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, batch.schema) as writer:
+            writer.write_batch(batch)
+        with pytest.raises(ShardError) as info:
+            open_shard(path)
+        assert str(info.value) == (f"{path}: not a token shard (one batch with column 'input_ids' of type "
+                                   f"list<uint16> or list<uint32>); {fix}")
+
+
+def test_damaged_or_incomplete_manifests_say_to_rerun_tokenize(tmp_path):
+    write_split(tmp_path, [np.arange(50)], tokens_per_shard=100)
+    path = tmp_path / "manifest.json"
+    manifest = json.loads(path.read_text())
+    fix = f"rerun `dvc repro tokenize` (or restore it with `dvc checkout {path}`)"
+    path.write_text(path.read_text()[:40])  # truncated
+    with pytest.raises(ShardError) as info:
+        TokenStream.from_manifest(tmp_path, "train")
+    message = str(info.value)
+    assert message.startswith(f"{path} is damaged: it is not valid JSON (Unterminated string") and message.endswith(
+        f"); {fix}")
+    header = (f"{path} is not a shards manifest this code can read (damaged, or written by another version of the "
+              f"tokenize stage?); {fix}:")
+    path.write_text(json.dumps({"splits": manifest["splits"]}))
+    with pytest.raises(ShardError) as info:
+        read_manifest(tmp_path)
+    assert str(info.value).splitlines() == [header, "  tokenizer: missing", "  vocab_size: missing", "  dtype: missing"]
+    entry = manifest["splits"]["train"]["shards"][0]
+    path.write_text(json.dumps({**manifest, "vocab_size": "50257", "dtype": "int8", "splits": {
+        "train": {"shards": [{"file": entry["file"], "rows": -1}]}, "val": {"docs": 0}}}))
+    with pytest.raises(ShardError) as info:
+        TokenStream.from_manifest(tmp_path, "train")
+    assert str(info.value).splitlines() == [
+        header,
+        "  vocab_size: must be a positive integer, got '50257'",
+        "  dtype: must be 'uint16' or 'uint32', got 'int8'",
+        "  splits.train.shards[0].rows: must be a whole number >= 0, got -1",
+        "  splits.train.shards[0].tokens: must be a whole number >= 0, got None",
+        "  splits.val.shards: missing",
+    ]
+    path.write_text("[]")
+    with pytest.raises(ShardError, match=r":\n  must hold an object with keys tokenizer, vocab_size, dtype, splits, "
+                                         r"got list$"):
+        read_manifest(tmp_path)
+
+
+def test_shards_of_another_tokenizer_or_a_larger_vocabulary_do_not_fit_a_model(tmp_path):
+    shards = make_shards(tmp_path / "shards", np.arange(10), np.arange(10), tokenizer="cl100k_base",
+                         vocab_size=100277)
+    manifest = read_manifest(shards)
+    check_shards_fit(shards, manifest, tmp_path / "ckpt", "cl100k_base", 100277)  # fits: no error
+    with pytest.raises(ShardError) as info:
+        check_shards_fit(shards, manifest, tmp_path / "ckpt", "gpt2", 50257)
+    assert str(info.value) == (
+        f"{shards} holds tokens of tokenizer 'cl100k_base' (vocabulary of 100277), but {tmp_path / 'ckpt'} was "
+        f"trained with tokenizer 'gpt2' (vocab_size 50257); set tokenize.tokenizer: gpt2 and rerun "
+        f"`dvc repro tokenize`, or train the model on these shards (`dvc repro`)")
+    with pytest.raises(ShardError) as info:
+        check_shards_fit(shards, manifest, tmp_path / "ckpt", "cl100k_base", 50257)
+    assert str(info.value) == (
+        f"{shards} holds tokens of tokenizer 'cl100k_base', a vocabulary of 100277, more than {tmp_path / 'ckpt'}'s "
+        f"vocab_size of 50257 (tokenizer 'cl100k_base') can read; set model.vocab_size to 100277 or more and retrain "
+        f"it (`dvc repro`), or tokenize with the tokenizer the model was trained for (tokenize.tokenizer, then "
+        f"`dvc repro tokenize`)")
