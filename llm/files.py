@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -24,6 +25,21 @@ TMP_PREFIX = ".tmp-"
 
 def temporary_sibling(path: Path) -> Path:
     return path.with_name(f"{TMP_PREFIX}{path.name}.{uuid.uuid4().hex[:8]}")
+
+
+def remove_leftovers_of(path: Path) -> None:
+    """Delete the temporaries that killed writers of `path` left beside it. Only one process writes a
+    given path at a time (each stage holds the lock of its outputs: llm/lock.py), so these are dead."""
+    if not path.parent.is_dir():
+        return
+    ours = re.compile(re.escape(f"{TMP_PREFIX}{path.name}.") + r"[0-9a-f]{8}")  # temporary_sibling's names only
+    for leftover in path.parent.glob(f"{TMP_PREFIX}{path.name}.*"):
+        if not ours.fullmatch(leftover.name):
+            continue  # another writer's (a download's resumable part file)
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
 
 
 def fsync_file(path: str | Path) -> None:
@@ -59,6 +75,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is fsynced and renamed to `path`, durably."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers_of(path)
     tmp = temporary_sibling(path)
     try:
         yield tmp
@@ -91,6 +108,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers_of(path)
     tmp = temporary_sibling(path)
     tmp.mkdir()
     try:

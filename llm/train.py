@@ -77,6 +77,9 @@ class Progress:
     fingerprint: str = ""
     run_id: str | None = None
     history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    # The train losses of the steps since the last report: saved, so that a resumed run reports the
+    # same mean over the same steps as a run never interrupted.
+    pending_losses: list[float] = field(default_factory=list)
 
     def record(self, metrics: dict[str, float]) -> None:
         for name, value in metrics.items():
@@ -148,7 +151,6 @@ class Trainer:
         cfg, progress = self.config, self.progress
         if not resumed:
             self._report({"val_loss": self.evaluate()})  # the starting point of the curve
-        window_losses: list[float] = []
         window_time, window_tokens = 0.0, 0
         bar = tqdm(total=self.max_steps, initial=progress.step, desc="train", unit="step",
                    disable=None if self.dist.is_main else True)
@@ -157,7 +159,7 @@ class Trainer:
                 started = time.perf_counter()
                 loss, grad_norm, tokens = self._optimizer_step()
                 window_time += time.perf_counter() - started
-                window_losses.append(loss)
+                progress.pending_losses.append(loss)
                 window_tokens += tokens
                 progress.step += 1
                 progress.tokens += tokens
@@ -165,7 +167,8 @@ class Trainer:
                 last = progress.step == self.max_steps
                 if progress.step % cfg.log_interval == 0 or last:
                     rate = window_tokens / window_time
-                    metrics = {"train_loss": sum(window_losses) / len(window_losses),
+                    losses = progress.pending_losses
+                    metrics = {"train_loss": sum(losses) / len(losses),
                                "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                                "tokens_per_s": rate, "tokens": float(progress.tokens)}
                     # Measured (on a CPU) at the first report, not at start-up, when the process is
@@ -176,7 +179,7 @@ class Trainer:
                     self._report(metrics)
                     bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", lr=f"{metrics['lr']:.1e}",
                                     tok_s=f"{rate:,.0f}")
-                    window_losses, window_time, window_tokens = [], 0.0, 0
+                    progress.pending_losses, window_time, window_tokens = [], 0.0, 0
                 if progress.step % cfg.eval_interval == 0 or last:
                     self._report({"val_loss": self.evaluate()})
                 if self.sampler and cfg.sample_interval and (progress.step % cfg.sample_interval == 0 or last):
@@ -262,7 +265,8 @@ class Trainer:
                 tensors={"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
                 state={"step": progress.step, "tokens": progress.tokens, "fingerprint": progress.fingerprint,
                        "run_id": progress.run_id, "batches": self.train_batches.state_dict(),
-                       "history": progress.history, "settings": self.settings})
+                       "history": progress.history, "pending_losses": progress.pending_losses,
+                       "settings": self.settings})
         distributed.barrier(self.dist)
         return folder
 
@@ -285,7 +289,8 @@ class Trainer:
         self.train_batches.load_state_dict(state["batches"])
         self.progress = Progress(step=state["step"], tokens=state["tokens"], fingerprint=state["fingerprint"],
                                  run_id=self.progress.run_id or state.get("run_id"),
-                                 history={k: [tuple(p) for p in v] for k, v in state["history"].items()})
+                                 history={k: [tuple(p) for p in v] for k, v in state["history"].items()},
+                                 pending_losses=list(state.get("pending_losses", [])))
         log.info("resumed from %s at step %d", resumed.folder, self.progress.step)
         return True
 

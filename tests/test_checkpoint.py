@@ -174,3 +174,16 @@ def test_a_config_of_another_model_names_the_file_and_the_keys(tmp_path):
     config_path.write_text("[]")
     with pytest.raises(CheckpointError, match="but it holds a list; for OpenAI's"):
         read_config(tmp_path / "ckpt")
+
+
+def test_a_killed_writers_leftovers_are_removed_by_the_next_write(tmp_path):
+    from llm.files import TMP_PREFIX, atomic_dir, atomic_path
+
+    (tmp_path / f"{TMP_PREFIX}out.0123abcd").mkdir()  # as a writer killed inside atomic_dir leaves it
+    (tmp_path / f"{TMP_PREFIX}out.part").write_text("a download's part file: not ours to delete")
+    (tmp_path / f"{TMP_PREFIX}metrics.json.89abcdef").write_text("{")
+    with atomic_dir(tmp_path / "out") as tmp:
+        (tmp / "x").write_text("x")
+    with atomic_path(tmp_path / "metrics.json") as tmp:
+        tmp.write_text("{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{TMP_PREFIX}out.part", "metrics.json", "out"]

@@ -56,7 +56,7 @@ SETTINGS = {
 # Where each stage is killed, in order: (pause point, the most times it may be reached before the kill).
 # The seeded draw picks the time; each kill is followed by a rerun in the same folder.
 KILLS = {
-    "download": [("download.copy", 1), ("download.copy", 1), ("download.manifest", 3)],
+    "download": [("download.copy", 1), ("download.copy", 1), ("download.manifest", 2)],
     "tokenize": [("shard.write", 5), ("shard.write", 5), ("shards.replace", 1)],
     "pretrain": [("train.step", 4), ("checkpoint.write", 2), ("final.replace", 3)],
     "finetune": [("train.step", 3), ("checkpoint.write", 2), ("final.replace", 3)],
