@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any
 
 from flows.common import stage_logger, write_metrics
@@ -11,7 +12,7 @@ from llm import distributed
 from llm.distributed import Dist
 from llm.plots import write_loss_plots
 from llm.tracking import MemoryTracker, MLflowTracker, Tracker, lineage_tags, log_gpt_model, write_registration
-from llm.train import TrainResult, resumable_run_id
+from llm.train import HISTORY_FILE, TrainResult, resumable_run_id
 
 
 def tracked_training(
@@ -19,8 +20,9 @@ def tracked_training(
     out_dir: str, metrics_file: str, plots_dir: str, registered_model: str,
     train: Callable[[Tracker, Dist, str | None], TrainResult],
 ) -> dict:
-    """Run `train` as one MLflow run (continued after a kill), then write its metrics and loss plots,
-    log the model and register it. Under torchrun only rank 0 tracks, logs and writes."""
+    """Run `train` as one MLflow run (continued after a kill), log whatever of its history the run lacks,
+    then write its metrics and loss plots, log the model and register it. Under torchrun only rank 0
+    tracks, logs and writes."""
     dist = distributed.from_env()
     run_id = resumable_run_id(out_dir, fingerprint)
     tracker = (MLflowTracker(experiment, stage, tags=lineage_tags(stage, params_file), run_id=run_id)
@@ -32,6 +34,9 @@ def tracked_training(
             result = train(t, dist, getattr(t, "run_id", None))
             if not dist.is_main:
                 return result.metrics
+            # Points the store did not take during training (or a killed run never logged): logged now,
+            # or the stage fails here, with the model and its history.json saved.
+            t.sync_history(result.progress.history, Path(out_dir) / HISTORY_FILE)
             for path in write_loss_plots(plots_dir, result.progress.history, stage):
                 t.log_artifact(path, "plots")
             version = log_gpt_model(out_dir, registered_model, {"stage": stage, "run_id": t.run_id})
