@@ -588,19 +588,33 @@ def write_registration(checkpoint_dir: str | Path, name: str, version: str, run_
                       {"registered_model": name, "version": version, "run_id": run_id})
 
 
+def read_registration(checkpoint_dir: str | Path) -> dict[str, str] | None:
+    """What `write_registration` recorded beside the checkpoint; None where there is no record, or one
+    that cannot be read (truncated, not JSON, keys missing), which is warned about and treated as absent."""
+    path = Path(checkpoint_dir) / REGISTRY_FILE
+    if not path.is_file():
+        return None
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+        return {key: str(recorded[key]) for key in ("registered_model", "version", "run_id")}
+    except (OSError, ValueError, KeyError, TypeError) as error:  # JSONDecodeError and UnicodeError are ValueErrors
+        log.warning("%s cannot be read (%s: %s); the checkpoint is treated as unregistered and registered again",
+                    path, type(error).__name__, error)
+        return None
+
+
 def registered_version(checkpoint_dir: str | Path, name: str, stage: str) -> str:
     """The registry version of the checkpoint in `checkpoint_dir`, as its stage recorded it. Where this
-    store does not have it (a checkpoint pulled with `dvc pull` into a clone with a fresh store), the
-    checkpoint is logged from the active run and registered now."""
+    store does not have it (a checkpoint pulled with `dvc pull` into a clone with a fresh store), or the
+    record is missing or unreadable, the checkpoint is logged from the active run and registered now."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    path = Path(checkpoint_dir) / REGISTRY_FILE
-    if path.is_file():
-        recorded = json.loads(path.read_text())
+    recorded = read_registration(checkpoint_dir)
+    if recorded is not None and recorded["registered_model"] == name:
         try:
             found = mlflow.MlflowClient().get_model_version(name, recorded["version"])
-            if recorded["registered_model"] == name and found.run_id == recorded["run_id"]:
+            if found.run_id == recorded["run_id"]:
                 return str(found.version)
         except MlflowException:
             pass

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from llm.tracking import (MemoryTracker, MLflowTracker, TrackingUnavailable, artifact_location, flatten,
-                          lineage_tags, project_root, sqlite_path, tracking_uri, with_busy_timeout)
+from llm.tracking import (REGISTRY_FILE, MemoryTracker, MLflowTracker, TrackingUnavailable, artifact_location,
+                          flatten, lineage_tags, log_gpt_model, project_root, read_registration, registered_version,
+                          sqlite_path, tracking_uri, with_busy_timeout, write_registration)
 from tests.conftest import ROOT
 
 
@@ -165,7 +166,7 @@ def held_points(run_id: str, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in mlflow.MlflowClient().get_metric_history(run_id, key))
 
 
-def store_warnings(caplog) -> list[str]:
+def tracking_warnings(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == "llm.tracking" and r.levelno == logging.WARNING]
 
 
@@ -195,7 +196,7 @@ def test_a_lock_longer_than_the_wait_is_retried_and_buffered_then_logged_once(st
         assert tracker.sync_history(history) == 0  # nothing lacks, and nothing is logged twice
         assert held_points(tracker.run_id, "loss") == history["loss"]
         assert held_points(tracker.run_id, "lr") == history["lr"]
-    warnings = store_warnings(caplog)
+    warnings = tracking_warnings(caplog)
     assert len(warnings) == 2, warnings
     assert f"MLflow store sqlite:///{store}?timeout=30 is unavailable: " in warnings[0]
     assert "database is locked" in warnings[0] and "Training continues" in warnings[0]
@@ -222,10 +223,49 @@ def test_a_store_unavailable_to_the_end_fails_only_the_sync_with_a_clear_error(s
             assert f"MLflow store sqlite:///{store}?timeout=30 cannot be written" in message
             assert "database is locked" in message and str(tmp_path / "checkpoint" / "history.json") in message
             assert "Rerun the stage" in message
-            assert len(store_warnings(caplog)) == 1  # one warning for the whole outage, not one per step
+            assert len(tracking_warnings(caplog)) == 1  # one warning for the whole outage, not one per step
             # The rerun: the store answers again, and the run gets what it lacks, once.
             assert tracker.sync_history(history) == 7 + 2  # the points kept in memory, then the rest
         assert held_points(tracker.run_id, "loss") == history["loss"]
         val = held_points(tracker.run_id, "val_loss")
         assert val[0] == (0, 4.0) and val[1][0] == 7 and val[1][1] != val[1][1]  # NaN kept as NaN
         assert tracker.sync_history(history) == 0
+
+
+# --- registry.json beside a checkpoint --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("content", [b'{"registered_model": "gpt-base", "vers', b"not json", b"[1, 2]", b"",
+                                     b'{"registered_model": "gpt-base", "run_id": "abc"}', b'{"version": "\xff"}'],
+                         ids=["truncated", "not-json", "a-list", "empty", "key-missing", "not-utf8"])
+def test_an_unreadable_registration_is_warned_about_and_treated_as_absent(tmp_path, caplog, content):
+    (tmp_path / REGISTRY_FILE).write_bytes(content)
+    assert read_registration(tmp_path) is None
+    (warning,) = tracking_warnings(caplog)
+    assert str(tmp_path / REGISTRY_FILE) in warning and "registered again" in warning
+
+
+def test_a_registration_reads_back(tmp_path):
+    write_registration(tmp_path, "gpt-base", "3", "abc")
+    assert read_registration(tmp_path) == {"registered_model": "gpt-base", "version": "3", "run_id": "abc"}
+    assert read_registration(tmp_path / "elsewhere") is None
+
+
+@pytest.mark.slow
+def test_a_checkpoint_with_a_truncated_registration_is_registered_again(store, tmp_path):
+    import torch
+
+    from llm.checkpoint import save_model
+    from llm.model import GPT, model_config
+
+    torch.manual_seed(0)
+    save_model(GPT(model_config("tiny")), tmp_path / "ckpt")
+    with MLflowTracker("registry", "pretrain") as tracker:
+        version = log_gpt_model(tmp_path / "ckpt", "gpt-base")
+        write_registration(tmp_path / "ckpt", "gpt-base", version, tracker.run_id)
+    with MLflowTracker("registry", "evaluate"):
+        assert registered_version(tmp_path / "ckpt", "gpt-base", "pretrain") == version  # as recorded
+        text = (tmp_path / "ckpt" / REGISTRY_FILE).read_text()
+        (tmp_path / "ckpt" / REGISTRY_FILE).write_text(text[: len(text) // 2])
+        again = registered_version(tmp_path / "ckpt", "gpt-base", "pretrain")
+    assert int(again) == int(version) + 1
