@@ -9,6 +9,7 @@ from typing import Any
 
 from flows.common import stage_logger, write_metrics
 from llm import distributed
+from llm.config import load_params
 from llm.distributed import Dist
 from llm.plots import write_loss_plots
 from llm.tracking import MemoryTracker, MLflowTracker, Tracker, lineage_tags, log_gpt_model, write_registration
@@ -39,7 +40,8 @@ def tracked_training(
             t.sync_history(result.progress.history, Path(out_dir) / HISTORY_FILE)
             for path in write_loss_plots(plots_dir, result.progress.history, stage):
                 t.log_artifact(path, "plots")
-            version = log_gpt_model(out_dir, registered_model, {"stage": stage, "run_id": t.run_id})
+            version = log_gpt_model(out_dir, registered_model, {"stage": stage, "run_id": t.run_id},
+                                    serving=load_params(params_file).serving)
             t.set_tags({"registered_model_version": str(version)})
             write_registration(out_dir, registered_model, str(version), t.run_id)
     finally:

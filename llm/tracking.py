@@ -34,8 +34,11 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
+
+if TYPE_CHECKING:
+    from llm.config import ServingConfig
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -524,9 +527,11 @@ def _pip_requirements() -> list[str]:
 
 
 def log_gpt_model(checkpoint_dir: str | Path, registered_name: str | None = None,
-                  version_tags: Mapping[str, str] | None = None) -> str | None:
+                  version_tags: Mapping[str, str] | None = None, serving: ServingConfig | None = None) -> str | None:
     """Log the checkpoint's model (weights and config only) to the active run as a text-generating
-    pyfunc, and register it under `registered_name`; returns the new version number."""
+    pyfunc, and register it under `registered_name`; returns the new version number. The model refuses
+    requests above `serving`'s caps (default: ServingConfig's)."""
+    import dataclasses
     import shutil
     import tempfile
     import warnings
@@ -536,6 +541,7 @@ def log_gpt_model(checkpoint_dir: str | Path, registered_name: str | None = None
     from mlflow.models import infer_signature
 
     from llm.checkpoint import CONFIG_FILE, MODEL_FILE
+    from llm.config import ServingConfig
     from llm.pyfunc import DEFAULT_PARAMS
 
     package = Path(__file__).resolve().parent
@@ -553,7 +559,7 @@ def log_gpt_model(checkpoint_dir: str | Path, registered_name: str | None = None
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=str(package / "pyfunc.py"), artifacts={"checkpoint": str(checkpoint)},
                 code_paths=[str(package)], pip_requirements=_pip_requirements(), signature=signature,
-                registered_model_name=registered_name)
+                model_config=dataclasses.asdict(serving or ServingConfig()), registered_model_name=registered_name)
     if registered_name is None:
         return None
     version = str(info.registered_model_version)
@@ -603,10 +609,11 @@ def read_registration(checkpoint_dir: str | Path) -> dict[str, str] | None:
         return None
 
 
-def registered_version(checkpoint_dir: str | Path, name: str, stage: str) -> str:
+def registered_version(checkpoint_dir: str | Path, name: str, stage: str, serving: ServingConfig | None = None) -> str:
     """The registry version of the checkpoint in `checkpoint_dir`, as its stage recorded it. Where this
     store does not have it (a checkpoint pulled with `dvc pull` into a clone with a fresh store), or the
-    record is missing or unreadable, the checkpoint is logged from the active run and registered now."""
+    record is missing or unreadable, the checkpoint is logged from the active run (with `serving`'s caps)
+    and registered now."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -618,7 +625,7 @@ def registered_version(checkpoint_dir: str | Path, name: str, stage: str) -> str
                 return str(found.version)
         except MlflowException:
             pass
-    return str(log_gpt_model(checkpoint_dir, name, {"stage": stage, "registered_by": "evaluate"}))
+    return str(log_gpt_model(checkpoint_dir, name, {"stage": stage, "registered_by": "evaluate"}, serving))
 
 
 def promote_if_better(name: str, version: str, scores: Mapping[str, float],
