@@ -37,8 +37,8 @@ def evaluate(params_file: str = "params.yaml", base_dir: str = "data/checkpoints
         measured = evaluate_models(params.evaluate, base_dir, finetuned_dir, shards_dir)
         metrics = measured.metrics()
         t.log_metrics(metrics, step=0)
-        base_version = registered_version(base_dir, base_name, "pretrain")
-        version = registered_version(finetuned_dir, tuned_name, "finetune")
+        base_version = registered_version(base_dir, base_name, "pretrain", params.serving)
+        version = registered_version(finetuned_dir, tuned_name, "finetune", params.serving)
         promoted, previous = promote_if_better(tuned_name, version, {k: metrics[k] for k in SCORES if k in metrics})
         t.set_tags({"evaluated_model": f"{tuned_name}/{version}", "promoted": str(promoted)})
         with atomic_dir(out_dir) as tmp:

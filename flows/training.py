@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any
 
 from flows.common import run_tags, stage_logger, write_metrics
 from llm import distributed
+from llm.config import load_params
 from llm.distributed import Dist
 from llm.lock import stage_lock
 from llm.plots import write_loss_plots
-from llm.tracking import MemoryTracker, MLflowTracker, Tracker, fail_stale_runs, log_gpt_model, write_registration
+from llm.checkpoint import HISTORY_FILE, write_registration
+from llm.tracking import MemoryTracker, MLflowTracker, Tracker, fail_stale_runs, log_gpt_model
 from llm.train import TrainResult, resumable_run_id
 
 
@@ -20,8 +23,9 @@ def tracked_training(
     settings: Mapping[str, Any], out_dir: str, metrics_file: str, plots_dir: str, registered_model: str,
     train: Callable[[Tracker, Dist, str | None], TrainResult],
 ) -> dict:
-    """Run `train` as one MLflow run (continued after a kill), then write its metrics and loss plots,
-    log the model and register it. Under torchrun only rank 0 locks, tracks, logs and writes."""
+    """Run `train` as one MLflow run (continued after a kill), log whatever of its history the run lacks,
+    then write its metrics and loss plots, log the model and register it. Under torchrun only rank 0
+    locks, tracks, logs and writes."""
     dist = distributed.from_env()
     with stage_lock(out_dir, stage) if dist.is_main else nullcontext() as held:
         run_id = resumable_run_id(out_dir, settings)
@@ -35,9 +39,13 @@ def tracked_training(
                     return train(t, dist, None).metrics
                 t.log_params(params_to_log)
                 result = train(t, dist, t.run_id)
+                # Points the store did not take during training (or a killed run never logged): logged now,
+                # or the stage fails here, with the model and its history.json saved.
+                t.sync_history(result.progress.history, Path(out_dir) / HISTORY_FILE)
                 for path in write_loss_plots(plots_dir, result.progress.history, stage):
                     t.log_artifact(path, "plots")
-                version = log_gpt_model(out_dir, registered_model, {"stage": stage, "run_id": t.run_id})
+                version = log_gpt_model(out_dir, registered_model, {"stage": stage, "run_id": t.run_id},
+                                        serving=load_params(params_file).serving)
                 t.set_tags({"registered_model_version": str(version)})
                 write_registration(out_dir, registered_model, str(version), t.run_id)
         finally:

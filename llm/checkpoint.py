@@ -258,6 +258,30 @@ def read_history(folder: str | Path) -> dict[str, list[tuple[int, float]]]:
 
 
 # ---------------------------------------------------------------------------------------------------
+# Which registered model version a checkpoint became (written by the training stages, read by evaluate)
+
+
+def write_registration(checkpoint_dir: str | Path, name: str, version: str, run_id: str) -> None:
+    write_json_atomic(Path(checkpoint_dir) / REGISTRY_FILE,
+                      {"registered_model": name, "version": version, "run_id": run_id})
+
+
+def read_registration(checkpoint_dir: str | Path) -> dict[str, str] | None:
+    """What `write_registration` recorded beside the checkpoint; None where there is no record, or one
+    that cannot be read (truncated, not JSON, keys missing), which is warned about and treated as absent."""
+    path = Path(checkpoint_dir) / REGISTRY_FILE
+    if not path.is_file():
+        return None
+    try:
+        recorded = read_json(path)
+        return {key: str(recorded[key]) for key in ("registered_model", "version", "run_id")}
+    except (OSError, ValueError, KeyError, TypeError) as error:  # JSONDecodeError and UnicodeError are ValueErrors
+        log.warning("%s cannot be read (%s: %s); the checkpoint is treated as unregistered and registered again",
+                    path, type(error).__name__, error)
+        return None
+
+
+# ---------------------------------------------------------------------------------------------------
 # Resumable checkpoints
 
 

@@ -509,6 +509,19 @@ class ScheduleConfig:
 
 
 @dataclass(frozen=True)
+class ServingConfig:
+    """Caps on one request to a logged model (`mlflow models serve`): a request above them is answered
+    HTTP 400, instead of holding the server for as long as it asks. Logged with each model."""
+
+    max_new_tokens: int = 1024  # tokens generated per prompt
+    max_prompts: int = 32  # prompts per request
+
+    def problems(self) -> Iterator[Problem]:
+        for key in ("max_new_tokens", "max_prompts"):
+            yield from check_positive(key, getattr(self, key))
+
+
+@dataclass(frozen=True)
 class TrackingConfig:
     experiment: str = "llm-pipeline"  # the MLflow experiment every stage logs to
 
@@ -523,6 +536,7 @@ class Params:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    serving: ServingConfig = field(default_factory=ServingConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 

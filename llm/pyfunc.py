@@ -11,16 +11,43 @@ from this repository:
 Input: a column `prompt` (strings). Params: max_new_tokens, temperature (0: greedy), top_k, top_p, seed.
 Output: the completions, prompt not included. tiktoken needs its BPE files: with no network, set
 TIKTOKEN_CACHE_DIR in the serving environment.
+
+A request may ask for at most `max_prompts` prompts and `max_new_tokens` tokens, the `serving` section
+of params.yaml as it was when the model was logged (its `model_config`); above either the model raises
+an INVALID_PARAMETER_VALUE error, which the scoring server answers with HTTP 400.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import mlflow
+from mlflow.exceptions import MlflowException
 from mlflow.models import set_model
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 DEFAULT_PARAMS = {"max_new_tokens": 64, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": 0}
+
+
+def serving_limits(model_config: Mapping[str, Any] | None) -> dict[str, int]:
+    """The caps a logged model enforces; a model logged before it had any gets the defaults."""
+    from llm.config import ServingConfig
+
+    defaults = dataclasses.asdict(ServingConfig())
+    return {key: int((model_config or {}).get(key, value)) for key, value in defaults.items()}
+
+
+def check_request(limits: Mapping[str, int], prompts: int, max_new_tokens: int) -> None:
+    if prompts > limits["max_prompts"]:
+        raise MlflowException(f"{prompts} prompts is above this model's limit of {limits['max_prompts']} prompts "
+                              f"per request (serving.max_prompts in params.yaml)", error_code=INVALID_PARAMETER_VALUE)
+    if max_new_tokens > limits["max_new_tokens"]:
+        raise MlflowException(f"max_new_tokens {max_new_tokens} is above this model's limit of "
+                              f"{limits['max_new_tokens']} (serving.max_new_tokens in params.yaml)",
+                              error_code=INVALID_PARAMETER_VALUE)
 
 
 class TextGenerator(mlflow.pyfunc.PythonModel):
@@ -41,6 +68,8 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
 
         settings = {**DEFAULT_PARAMS, **(params or {})}
         prompts = list(model_input["prompt"]) if hasattr(model_input, "columns") else list(model_input)
+        check_request(serving_limits(getattr(context, "model_config", None)), len(prompts),
+                      int(settings["max_new_tokens"]))
         sampling = Sampling(temperature=float(settings["temperature"]), top_k=int(settings["top_k"]) or None,
                             top_p=float(settings["top_p"]) if float(settings["top_p"]) < 1 else None,
                             seed=int(settings["seed"]))

@@ -3,7 +3,7 @@ from typing import Literal
 
 import pytest
 
-from llm.config import ConfigError, Params, SourceConfig, from_mapping, load_params
+from llm.config import ConfigError, Params, ServingConfig, SourceConfig, from_mapping, load_params
 from tests.conftest import ROOT
 
 
@@ -13,6 +13,7 @@ def test_project_params_load():
     assert [s.name for s in params.download.sources] == ["the-verdict", "tinyshakespeare", "instruction-data"]
     assert params.download.sources[1].file_name == "tinyshakespeare.txt"
     assert params.download.sources[0].file_name == "the-verdict.txt"
+    assert params.serving == ServingConfig(max_new_tokens=1024, max_prompts=32)
 
 
 def test_every_problem_is_reported_with_its_key_path():
@@ -130,3 +131,11 @@ def test_nan_and_infinity_are_refused_in_every_float_setting(tmp_path, written, 
     ]
     path.write_text("pretrain: {lr: 1e-3, min_lr: 0}\n")  # finite numbers, ints among them, still load
     assert load_params(path).pretrain.min_lr == 0.0
+
+
+def test_serving_caps_must_be_positive():
+    assert from_mapping(Params, {}).serving == ServingConfig()
+    with pytest.raises(ConfigError) as info:
+        from_mapping(Params, {"serving": {"max_new_tokens": 0, "max_prompts": -1}})
+    assert dict(info.value.problems) == {"serving.max_new_tokens": "must be > 0, got 0",
+                                         "serving.max_prompts": "must be > 0, got -1"}

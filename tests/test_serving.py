@@ -1,4 +1,5 @@
-"""The registered model served by `mlflow models serve` answers POST /invocations on 127.0.0.1."""
+"""The registered model served by `mlflow models serve` answers POST /invocations on 127.0.0.1, and
+refuses with HTTP 400 a request above the serving caps it was logged with."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import pytest
 import torch
 
 from llm.checkpoint import save_model
+from llm.config import ServingConfig
 from llm.generate import Sampling, generate
 from llm.hardware import inference_dtype
 from llm.model import GPT, model_config
@@ -28,6 +31,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def invoke(port: int, body: dict) -> tuple[int, dict]:
+    """POST /invocations: (HTTP status, the JSON answer), for errors too."""
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
 @pytest.mark.slow
 def test_the_champion_is_served_and_answers_like_the_model(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -36,7 +50,8 @@ def test_the_champion_is_served_and_answers_like_the_model(tmp_path, monkeypatch
     model = GPT(model_config("tiny")).eval()
     save_model(model, tmp_path / "ckpt")
     with MLflowTracker("serving", "finetune"):
-        version = log_gpt_model(tmp_path / "ckpt", "served-model")
+        version = log_gpt_model(tmp_path / "ckpt", "served-model", serving=ServingConfig(max_new_tokens=16,
+                                                                                          max_prompts=3))
     promote_if_better("served-model", version, {"rouge_l_f1": 0.5})
 
     port = free_port()
@@ -56,10 +71,16 @@ def test_the_champion_is_served_and_answers_like_the_model(tmp_path, monkeypatch
                 time.sleep(0.5)
         body = {"inputs": {"prompt": ["Every effort moves you", "What is the capital of France?"]},
                 "params": {"max_new_tokens": 8}}
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=60) as response:
-            answers = json.loads(response.read())["predictions"]
+        status, answer = invoke(port, body)
+        assert status == 200, answer
+        answers = answer["predictions"]
+        status, refused = invoke(port, {**body, "params": {"max_new_tokens": 5000}})
+        assert status == 400 and refused["error_code"] == "INVALID_PARAMETER_VALUE"
+        assert "max_new_tokens 5000 is above this model's limit of 16 (serving.max_new_tokens" in refused["message"]
+        status, refused = invoke(port, {"inputs": {"prompt": ["hi"] * 4}, "params": {"max_new_tokens": 8}})
+        assert status == 400 and refused["error_code"] == "INVALID_PARAMETER_VALUE"
+        assert "4 prompts is above this model's limit of 3 prompts per request" in refused["message"]
+        assert invoke(port, {"inputs": {"prompt": ["hi"] * 3}, "params": {"max_new_tokens": 16}})[0] == 200
     finally:
         server.terminate()
         server.wait(timeout=30)
