@@ -1,14 +1,10 @@
-"""The finetune stage: learning from instruction records, the split it leaves, LoRA, resume, bad data."""
+"""The finetune stage: learning from instruction records, the split it leaves, LoRA, bad data (resume after a
+kill: tests/test_faults.py)."""
 
 from __future__ import annotations
 
 import json
 import logging
-import signal
-import subprocess
-import sys
-import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -22,8 +18,7 @@ from llm.finetune import run_finetune
 from llm.instructions import InstructionDataError, Record, encode_records, read_split
 from llm.model import GPT, model_config
 from llm.tracking import MemoryTracker
-from llm.train import latest_checkpoint
-from tests.conftest import ROOT, shared_file
+from tests.conftest import shared_file
 
 FINETUNE = {"batch_size": 4, "global_batch_size": 4, "epochs": None, "max_steps": 12, "lr": 1e-3, "min_lr": 1e-3,
             "log_interval": 2, "eval_interval": 6, "eval_batches": 2, "sample_interval": 6, "sample_tokens": 4,
@@ -139,42 +134,3 @@ def test_missing_pretrained_model_says_to_run_pretrain(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"run the pretrain stage first \(`dvc repro pretrain`\)"):
         run_finetune(params(), raw, tmp_path / "nothing", tmp_path / "out", tracker=MemoryTracker())
 
-
-RUN = textwrap.dedent("""
-    import json, sys, torch
-    from pathlib import Path
-    torch.set_num_threads(1)
-    from llm.config import Params, from_mapping
-    from llm.finetune import run_finetune
-    from llm.tracking import MemoryTracker
-    raw, pretrain, out = (Path(a) for a in sys.argv[1:4])
-    run_finetune(from_mapping(Params, json.loads(sys.argv[4])), raw, pretrain, out, tracker=MemoryTracker())
-""")
-
-
-@pytest.mark.slow
-def test_a_killed_finetune_resumes_to_the_same_weights(stage):
-    raw, pretrain, out = stage
-    settings = json.dumps({"finetune": {**FINETUNE, "max_steps": 40, "checkpoint_interval": 5, "dropout": 0.1,
-                                        "sample_interval": 0}})
-
-    def start(folder: Path) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-c", RUN, str(raw), str(pretrain), str(folder), settings],
-                                env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin",
-                                     "TIKTOKEN_CACHE_DIR": str(ROOT.parent / "shared" / "tiktoken_cache")},
-                                stderr=subprocess.PIPE, text=True)
-
-    whole = start(out.with_name("whole"))
-    assert whole.wait(timeout=300) == 0, whole.stderr.read()
-    killed = start(out)
-    deadline = time.monotonic() + 300
-    while (latest_checkpoint(out) is None or latest_checkpoint(out).name < "step-000015"):
-        assert killed.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
-        time.sleep(0.01)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
-    resumed = start(out)
-    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
-    expected = safetensors.torch.load_file(out.with_name("whole") / "model.safetensors")
-    actual = safetensors.torch.load_file(out / "model.safetensors")
-    assert all(torch.equal(expected[name], actual[name]) for name in expected)
