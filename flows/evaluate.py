@@ -16,7 +16,8 @@ from prefect import flow
 
 from flows.common import stage_logger, tracked_run, write_metrics
 from llm import faults
-from llm.config import load_params
+from llm.config import EvaluateConfig, load_params
+from llm.download import redact_url
 from llm.evaluate import RESPONSES_FILE, evaluate_models
 from llm.files import atomic_dir
 from llm.report import Evaluation, write_report
@@ -26,6 +27,14 @@ from llm.tracking import promote_if_better, registered_version
 SCORES = ("exact_match", "rouge_l_f1", "judge_score")  # what promotion compares; losses are not scores
 
 
+def loggable_config(config: EvaluateConfig) -> dict:
+    """The evaluate settings as MLflow records them: the judge's URL without credentials or query."""
+    logged = dataclasses.asdict(config)
+    if logged["judge"]["url"]:
+        logged["judge"]["url"] = redact_url(logged["judge"]["url"])
+    return logged
+
+
 @flow(name="evaluate")
 def evaluate(params_file: str = "params.yaml", base_dir: str = "data/checkpoints/pretrain",
              finetuned_dir: str = "data/checkpoints/finetune", shards_dir: str = "data/shards",
@@ -33,7 +42,7 @@ def evaluate(params_file: str = "params.yaml", base_dir: str = "data/checkpoints
     params = load_params(params_file)
     base_name, tuned_name = params.pretrain.registered_model, params.finetune.registered_model
     with tracked_run("evaluate", out_dir=out_dir, experiment=params.tracking.experiment, params_file=params_file,
-                     params_to_log={"evaluate": dataclasses.asdict(params.evaluate)}) as t:
+                     params_to_log={"evaluate": loggable_config(params.evaluate)}) as t:
         measured = evaluate_models(params.evaluate, base_dir, finetuned_dir, shards_dir)
         metrics = measured.metrics()
         t.log_metrics(metrics, step=0)

@@ -94,3 +94,12 @@ def test_evaluate_flow_measures_reports_and_promotes(tmp_path, monkeypatch, pref
     assert run.data.metrics["rouge_l_f1"] == metrics["rouge_l_f1"] and run.data.tags["promoted"] == "True"
     assert {a.path for a in client.list_artifacts(run.info.run_id, "eval")} >= {"eval/report.md",
                                                                                 "eval/responses.json"}
+
+
+def test_the_judges_credentials_never_reach_mlflow():
+    from flows.evaluate import loggable_config
+    from llm.config import JudgeConfig
+
+    config = EvaluateConfig(judge=JudgeConfig(url="https://user:secret@judge.example/api/chat?key=abc"))
+    assert loggable_config(config)["judge"]["url"] == "https://judge.example/api/chat"
+    assert loggable_config(EvaluateConfig())["judge"]["url"] is None

@@ -50,3 +50,14 @@ def test_each_stage_depends_on_the_code_it_runs():
         if unused := sorted(listed - reachable):
             problems.append(f"stage {name}: it never imports {unused}; remove them from its deps")
     assert not problems, "dvc.yaml:\n" + "\n".join(problems)
+
+
+def test_resume_state_is_not_part_of_any_dvc_output():
+    # resume/ holds optimizer state (twice the model) for every kept checkpoint: DVC would copy it into
+    # its cache on every run and delete it before a rerun, so training outputs name the model files.
+    stages = YAML(typ="safe").load(ROOT / "dvc.yaml")["stages"]
+    for name in ("pretrain", "finetune"):
+        outs = [next(iter(out)) if isinstance(out, dict) else out for out in stages[name]["outs"]]
+        folder = f"data/checkpoints/{name}"
+        assert folder not in outs and f"{folder}/resume" not in outs
+        assert f"{folder}/model.safetensors" in outs and f"{folder}/config.json" in outs
