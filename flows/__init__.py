@@ -11,3 +11,16 @@ import os
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # The library logs through the standard `llm.*` loggers; this sends those lines to Prefect's UI too.
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "llm")
+
+import logging as _logging
+
+
+class _QuietTemporaryServerNotice(_logging.Filter):
+    """Prefect prints its advice to run a dedicated server each time a stage starts a temporary one:
+    five times a pipeline. The README says it once (\"What you can look at\"), so the stages drop it."""
+
+    def filter(self, record: _logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Starting temporary server on")
+
+
+_logging.getLogger("prefect").addFilter(_QuietTemporaryServerNotice())

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+import llm  # noqa: F401  (makes a relative LLM_MIRROR_DIR or TIKTOKEN_CACHE_DIR absolute, for every test)
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 SHARED_DATA = SHARED / "data"
