@@ -645,8 +645,8 @@ def fail_stale_runs(experiment: str, lock_token: str | None, keep: str | None = 
     found = client.get_experiment_by_name(experiment)
     if found is None:
         return []
-    runs = client.search_runs([found.experiment_id], max_results=100,
-                              filter_string=f"tags.`{LOCK_TOKEN_TAG}` = '{lock_token}' and attributes.status = 'RUNNING'")
+    stale = f"tags.`{LOCK_TOKEN_TAG}` = '{lock_token}' and attributes.status = 'RUNNING'"
+    runs = client.search_runs([found.experiment_id], filter_string=stale, max_results=100)
     failed = [run.info.run_id for run in runs if run.info.run_id != keep]
     for run_id in failed:
         client.set_tag(run_id, "pipeline.failure", "its process was killed; a later run took over")

@@ -11,11 +11,11 @@ writes sample generations, and saves resumable checkpoints.
 
 Resume is exact: a checkpoint holds the weights, the optimizer and scheduler, the data position and the
 history, and the random state needs no saving because dropout is reseeded from (seed, rank, step) at
-every step. Checkpoints go to `out_dir/resume/step-NNNNNN/` through `llm.checkpoint.ResumeStore`, written
-whole and durable; a run restarted on the same `out_dir` with equal `settings` (everything that shapes the
-weights: see `run_only` in llm/config.py for what may change) continues from the latest one, so a run
-killed at any moment ends with the weights of a run never interrupted. Checkpoints of other settings are
-moved aside, never deleted, and training starts over.
+every step. Checkpoints go to `out_dir/resume/step-NNNNNN/` through `llm.checkpoint.ResumeStore`,
+written whole and durable; a run restarted on the same `out_dir` with equal `settings` (what shapes the
+weights; `RUN_ONLY_SETTINGS` in llm/config.py lists what may change) continues from the latest one, so a
+run killed at any moment ends with the weights of a run never interrupted. Checkpoints of other settings
+are moved aside, never deleted, and training starts over.
 
 A NaN or infinite loss stops training before the optimizer applies it, leaving the last good checkpoint.
 """
