@@ -1,18 +1,17 @@
 """Prefect flows, one per pipeline stage: thin glue that loads params, calls `llm`, and writes outputs.
 
 Run a stage with `python -m flows.<stage>` (that is what `dvc.yaml` does). With no `PREFECT_API_URL`,
-Prefect starts a temporary local API for the run; set it to a running `prefect server start` to keep
-the runs and skip that start-up.
+Prefect starts a temporary local API for the run, which ends with the stage's process, even a killed
+one; set it to a running `prefect server start` to keep the runs and skip that start-up.
 """
 
+import logging as _logging
 import os
 
 # Set before Prefect is imported: offline, its telemetry logs an error on every run.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # The library logs through the standard `llm.*` loggers; this sends those lines to Prefect's UI too.
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "llm")
-
-import logging as _logging
 
 
 class _QuietTemporaryServerNotice(_logging.Filter):
@@ -24,3 +23,56 @@ class _QuietTemporaryServerNotice(_logging.Filter):
 
 
 _logging.getLogger("prefect").addFilter(_QuietTemporaryServerNotice())
+
+
+# Prefect's temporary server (started when no PREFECT_API_URL is set) is a child process that Prefect stops
+# at exit; a stage killed with SIGKILL never exits, and the server would run on, orphaned. So each
+# temporary server gets a watchdog that holds a pipe from this process: when this process is gone, however
+# it ended, the pipe closes and the watchdog stops the server.
+_WATCHDOG = """
+import os, signal, sys, time
+pid = int(sys.argv[1])
+sys.stdin.buffer.read()  # returns once the stage process is gone: it held the other end
+try:
+    os.kill(pid, signal.SIGTERM)
+    for _ in range(50):
+        time.sleep(0.1)
+        os.kill(pid, 0)
+    os.kill(pid, signal.SIGKILL)
+except ProcessLookupError:
+    pass
+"""
+
+
+def _stop_with_this_process(pid: int) -> None:
+    import subprocess
+    import sys
+
+    # Its own session: a Ctrl-C in the terminal reaches the stage and the server, not the watchdog.
+    watchdog = subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(pid)], stdin=subprocess.PIPE,
+                                start_new_session=True)
+    _watchdogs.append(watchdog)  # kept: its pipe must stay open as long as this process lives
+
+
+_watchdogs: list = []
+
+
+def _guard_temporary_servers() -> None:
+    from prefect.settings import get_current_settings
+
+    if get_current_settings().api.url:
+        return  # a running server is used: nothing is started (and the server module is not imported)
+    from prefect.server.api.server import SubprocessASGIServer
+
+    start = SubprocessASGIServer.start
+
+    def start_guarded(self, *args, **kwargs):
+        start(self, *args, **kwargs)
+        if self.server_process is not None and getattr(self, "_guarded_pid", None) != self.server_process.pid:
+            self._guarded_pid = self.server_process.pid
+            _stop_with_this_process(self.server_process.pid)
+
+    SubprocessASGIServer.start = start_guarded
+
+
+_guard_temporary_servers()
