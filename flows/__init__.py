@@ -44,6 +44,9 @@ except ProcessLookupError:
 """
 
 
+_watchdogs: list = []
+
+
 def _stop_with_this_process(pid: int) -> None:
     import subprocess
     import sys
@@ -52,9 +55,6 @@ def _stop_with_this_process(pid: int) -> None:
     watchdog = subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(pid)], stdin=subprocess.PIPE,
                                 start_new_session=True)
     _watchdogs.append(watchdog)  # kept: its pipe must stay open as long as this process lives
-
-
-_watchdogs: list = []
 
 
 def _guard_temporary_servers() -> None:

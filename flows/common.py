@@ -1,4 +1,4 @@
-"""What the stage flows share: their logger, metrics files, and the tracked run of a stage that does not train.
+"""What the stage flows share: their logger, metrics files, and a stage's locked, tracked MLflow run.
 
 Kept free of the training code, so that the data stages' code deps in dvc.yaml stay their own.
 """
@@ -40,14 +40,15 @@ def run_tags(stage: str, params_file: str, held: StageLock) -> dict[str, str]:
 
 @contextmanager
 def tracked_run(stage: str, *, out_dir: str | Path, experiment: str, params_file: str,
-                params_to_log: Mapping[str, Any]) -> Iterator[MLflowTracker]:
-    """One MLflow run for a stage that does not train, holding the lock of its output folder; its lineage
-    tags are set again at the end, for a stage that writes the very data they hash (download writes
-    data/raw/manifest.json). The run of an earlier execution killed in the folder is marked FAILED."""
+                params_to_log: Mapping[str, Any], run_id: str | None = None) -> Iterator[MLflowTracker]:
+    """One MLflow run of a stage (`run_id`: continue that one), holding the lock of its output folder. The
+    runs that an execution killed in the folder left RUNNING are marked FAILED, except the one continued.
+    The lineage tags are set again at the end, for a stage that writes the very data they hash (download
+    writes data/raw/manifest.json)."""
     with stage_lock(out_dir, stage) as held:
         if held.stale:
-            fail_stale_runs(experiment, held.stale.get("token"))
-        with MLflowTracker(experiment, stage, tags=run_tags(stage, params_file, held)) as tracker:
+            fail_stale_runs(experiment, held.stale.get("token"), keep=run_id)
+        with MLflowTracker(experiment, stage, tags=run_tags(stage, params_file, held), run_id=run_id) as tracker:
             tracker.log_params(params_to_log)
             yield tracker
             tracker.set_tags(lineage_tags(stage, params_file))

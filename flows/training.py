@@ -7,14 +7,13 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from flows.common import run_tags, stage_logger, write_metrics
+from flows.common import stage_logger, tracked_run, write_metrics
 from llm import distributed
 from llm.config import load_params
-from llm.distributed import Dist
-from llm.lock import stage_lock
-from llm.plots import write_loss_plots
 from llm.checkpoint import HISTORY_FILE, write_registration
-from llm.tracking import MemoryTracker, MLflowTracker, Tracker, fail_stale_runs, log_gpt_model
+from llm.distributed import Dist
+from llm.plots import write_loss_plots
+from llm.tracking import MemoryTracker, Tracker, log_gpt_model
 from llm.train import TrainResult, resumable_run_id
 
 
@@ -27,30 +26,27 @@ def tracked_training(
     then write its metrics and loss plots, log the model and register it. Under torchrun only rank 0
     locks, tracks, logs and writes."""
     dist = distributed.from_env()
-    with stage_lock(out_dir, stage) if dist.is_main else nullcontext() as held:
-        run_id = resumable_run_id(out_dir, settings)
-        if held is not None and held.stale:
-            fail_stale_runs(experiment, held.stale.get("token"), keep=run_id)  # a resumed run is not stale
-        tracker = (MLflowTracker(experiment, stage, tags=run_tags(stage, params_file, held), run_id=run_id)
-                   if dist.is_main else nullcontext(MemoryTracker()))
-        try:
-            with tracker as t:
-                if not dist.is_main:
-                    return train(t, dist, None).metrics
-                t.log_params(params_to_log)
-                result = train(t, dist, t.run_id)
-                # Points the store did not take during training (or a killed run never logged): logged now,
-                # or the stage fails here, with the model and its history.json saved.
-                t.sync_history(result.progress.history, Path(out_dir) / HISTORY_FILE)
-                for path in write_loss_plots(plots_dir, result.progress.history, stage):
-                    t.log_artifact(path, "plots")
-                version = log_gpt_model(out_dir, registered_model, {"stage": stage, "run_id": t.run_id},
-                                        serving=load_params(params_file).serving)
-                t.set_tags({"registered_model_version": str(version)})
-                write_registration(out_dir, registered_model, str(version), t.run_id)
-        finally:
-            distributed.shutdown()
-        write_metrics(metrics_file, result.metrics)
+    # A resumed run continues its MLflow run; under torchrun the other ranks report to memory only.
+    run = (tracked_run(stage, out_dir=out_dir, experiment=experiment, params_file=params_file,
+                       params_to_log=params_to_log, run_id=resumable_run_id(out_dir, settings))
+           if dist.is_main else nullcontext(MemoryTracker()))
+    try:
+        with run as t:
+            result = train(t, dist, getattr(t, "run_id", None))
+            if not dist.is_main:
+                return result.metrics
+            # Points the store did not take during training (or a killed run never logged): logged now,
+            # or the stage fails here, with the model and its history.json saved.
+            t.sync_history(result.progress.history, Path(out_dir) / HISTORY_FILE)
+            for path in write_loss_plots(plots_dir, result.progress.history, stage):
+                t.log_artifact(path, "plots")
+            version = log_gpt_model(out_dir, registered_model, {"stage": stage, "run_id": t.run_id},
+                                    serving=load_params(params_file).serving)
+            t.set_tags({"registered_model_version": str(version)})
+            write_registration(out_dir, registered_model, str(version), t.run_id)
+    finally:
+        distributed.shutdown()
+    write_metrics(metrics_file, result.metrics)
     stage_logger().info("%s: %s; registered %s version %s", stage,
                         ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items()), registered_model, version)
     return result.metrics

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from llm import faults
-from llm.config import ConfigError
+from llm.config import ConfigError, bulleted
 from llm.files import (atomic_dir, fsync_dir, fsync_file, read_json, remove_temporaries, replace_durably,
                        temporary_sibling, write_json_atomic)
 from llm.model import GPT, ModelConfig
@@ -201,12 +201,6 @@ def _kind(value: Any) -> str:
     return names.get(type(value), f"a {type(value).__name__}")
 
 
-def bulleted(lines: list[str], limit: int = 5) -> str:
-    """The first `limit` lines, each on a new indented line, and how many more there are."""
-    more = [f"and {len(lines) - limit} more"] if len(lines) > limit else []
-    return "".join(f"\n  {line}" for line in lines[:limit] + more)
-
-
 def _mismatches(model: GPT, weights: Path) -> list[str]:
     """Tensors the model needs that the file lacks, has in another shape, or has in excess."""
     with safetensors.safe_open(weights, framework="pt") as f:
@@ -237,8 +231,7 @@ def write_final(model: nn.Module, out_dir: str | Path, tokenizer: str, extra: di
     try:
         write_model_files(model, tmp, tokenizer, extra=extra)
         write_json_atomic(tmp / HISTORY_FILE, history)
-        for name in (MODEL_FILE, HISTORY_FILE, CONFIG_FILE):
-            fsync_file(tmp / name)
+        fsync_file(tmp / MODEL_FILE)  # the JSON files are durable already: write_json_atomic syncs them
         for name in (MODEL_FILE, HISTORY_FILE, CONFIG_FILE):
             faults.pause_point("final.replace")
             replace_durably(tmp / name, out_dir / name)
@@ -252,9 +245,14 @@ def read_history(folder: str | Path) -> dict[str, list[tuple[int, float]]]:
     if not path.is_file():
         return {}
     try:
-        return {name: [tuple(p) for p in points] for name, points in read_json(path).items()}
+        return history_from_json(read_json(path))
     except (ValueError, AttributeError, TypeError) as exc:
         raise CheckpointError(f"{path} is damaged ({exc}); rerun the stage that wrote it") from exc
+
+
+def history_from_json(data: Mapping[str, list]) -> dict[str, list[tuple[int, float]]]:
+    """A metrics history as JSON holds it ({name: [[step, value], ...]}) back in the trainer's form."""
+    return {name: [tuple(point) for point in points] for name, points in data.items()}
 
 
 # ---------------------------------------------------------------------------------------------------

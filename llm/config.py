@@ -41,6 +41,13 @@ class ConfigError(ValueError):
         super().__init__(f"{source} has {count}; fix {'them' if len(problems) != 1 else 'it'} and rerun:\n{lines}")
 
 
+def bulleted(lines: list[str], limit: int = 5) -> str:
+    """The first `limit` lines, each on a new indented line, and how many more there are: how a list of
+    problems is shown in an error message."""
+    more = [f"and {len(lines) - limit} more"] if len(lines) > limit else []
+    return "".join(f"\n  {line}" for line in lines[:limit] + more)
+
+
 # ---------------------------------------------------------------------------------------------------
 # The generic loader
 

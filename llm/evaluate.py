@@ -67,11 +67,11 @@ def evaluate_models(config: EvaluateConfig, base_dir: str | Path, finetuned_dir:
     dtype = train_dtype(device, config.precision)
     autocast_dtype = None if dtype == torch.float32 else dtype
     manifest = read_manifest(shards_dir)
-    for folder in (base_dir, finetuned_dir):  # before loading anything: shards of another tokenizer measure nonsense
-        saved = read_config(folder)
-        check_shards_fit(shards_dir, manifest, folder, saved.tokenizer, saved.model.vocab_size)
+    saved = {folder: read_config(folder) for folder in (base_dir, finetuned_dir)}
+    for folder, config_of in saved.items():  # before loading anything: shards of another tokenizer measure nonsense
+        check_shards_fit(shards_dir, manifest, folder, config_of.tokenizer, config_of.model.vocab_size)
     base, finetuned = load_model(base_dir, device), load_model(finetuned_dir, device)
-    tuned = read_config(finetuned_dir)
+    tuned = saved[finetuned_dir]
     tokenizer = get_tokenizer(tuned.tokenizer)
     style = tuned.extra.get("prompt_style", "alpaca")
 

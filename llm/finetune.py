@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from llm.checkpoint import MODEL_FILE, SPLIT_FILE, load_model, read_config
+from llm.checkpoint import SPLIT_FILE, load_model, read_config
 from llm.config import FinetuneConfig, Params, weight_settings
 from llm.distributed import Dist
 from llm.download import read_manifest as read_raw_manifest
@@ -29,7 +29,7 @@ from llm.instructions import (Example, InstructionBatches, Split, count_truncate
                               write_split)
 from llm.lora import apply_lora, merge_lora, trainable_parameters
 from llm.model import GPT
-from llm.pretrain import prompt_sampler
+from llm.pretrain import prompt_sampler, starting_weights
 from llm.tokenizer import get_tokenizer
 from llm.files import sha256_file
 from llm.imports import code_fingerprint
@@ -79,11 +79,8 @@ def run_settings(params: Params, raw_dir: str | Path, pretrain_dir: str | Path) 
     from llm.gpt2_weights import SIZES
 
     config = params.finetune
-    if config.init_from in SIZES:
-        start = config.init_from
-    else:
-        start = sha256_file(_start_folder(config, pretrain_dir) / MODEL_FILE)
-    return {"finetune": weight_settings(config), "start": start,
+    start = config.init_from if config.init_from in SIZES else str(_start_folder(config, pretrain_dir))
+    return {"finetune": weight_settings(config), "start": starting_weights(start),
             "data": sha256_file(instruction_file(raw_dir, config.instructions)), "code": code_fingerprint(__name__)}
 
 

@@ -27,8 +27,8 @@ from typing import Any
 import safetensors
 import torch
 
-from llm.checkpoint import bulleted, save_model
-from llm.config import ConfigError
+from llm.checkpoint import save_model
+from llm.config import ConfigError, bulleted
 from llm.model import GPT, ModelConfig, model_config
 
 SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")

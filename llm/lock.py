@@ -24,7 +24,7 @@ import socket
 import sys
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +44,9 @@ class StageLock:
     holder_file: Path
     holder: dict[str, Any]
     stale: dict[str, Any] | None = None  # what a holder that died without releasing had recorded
-    _lock: FileLock | None = field(default=None, repr=False)
 
     def record(self, **facts: Any) -> None:
-        """Add `facts` to the holder file (the tracking run id, say)."""
+        """Add `facts` to the holder file, for whoever takes the lock over should this process die."""
         self.holder.update(facts)
         write_json_atomic(self.holder_file, self.holder)
 
@@ -93,7 +92,7 @@ def stage_lock(folder: str | Path, stage: str) -> Iterator[StageLock]:
         holder = {"stage": stage, "pid": os.getpid(), "host": socket.gethostname(),
                   "started": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
                   "command": sys.argv, "token": uuid.uuid4().hex}
-        state = StageLock(Path(folder), lock_file, holder_file, holder, stale, lock)
+        state = StageLock(Path(folder), lock_file, holder_file, holder, stale)
         state.record()
         yield state
     finally:

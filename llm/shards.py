@@ -26,6 +26,7 @@ import pyarrow as pa
 import torch
 
 from llm import faults
+from llm.config import bulleted
 from llm.files import atomic_path, read_json
 
 COLUMN = "input_ids"
@@ -153,9 +154,8 @@ def read_manifest(shards_dir: str | Path) -> dict:
         raise ShardError(f"{path} is damaged: it is not valid JSON ({exc}); {fix}") from None
     problems = _manifest_problems(manifest)
     if problems:
-        more = [f"and {len(problems) - 10} more"] if len(problems) > 10 else []
         raise ShardError(f"{path} is not a shards manifest this code can read (damaged, or written by another "
-                         f"version of the tokenize stage?); {fix}:" + "".join(f"\n  {p}" for p in problems[:10] + more))
+                         f"version of the tokenize stage?); {fix}:{bulleted(problems, limit=10)}")
     return manifest
 
 

@@ -434,7 +434,7 @@ class MLflowTracker(AbstractContextManager):
             if not down:
                 self._unavailable_since = self._last_try
                 log.warning("MLflow store %s is unavailable: %s. Training continues: its metrics are kept, in "
-                            "memory and in each checkpoint's history.json, and logged when the store answers "
+                            "memory and in the history each checkpoint saves, and logged when the store answers "
                             "again", display_uri(self.uri), _short(error))
             return
         if down:
@@ -511,6 +511,32 @@ class MLflowTracker(AbstractContextManager):
         client = mlflow.MlflowClient()
         self._retrying("set tags", lambda: client.log_batch(self.run_id, tags=[RunTag(k, str(v))
                                                                                  for k, v in tags.items()]))
+
+
+LOCK_TOKEN_TAG = "pipeline.lock_token"  # the stage lock (llm/lock.py) the run's process held
+
+
+def fail_stale_runs(experiment: str, lock_token: str | None, keep: str | None = None) -> list[str]:
+    """Mark FAILED the runs that a killed process left RUNNING: those tagged with the token of the stage
+    lock it held (taken over now), except `keep`, the run about to be resumed. Returns their ids."""
+    if not lock_token:
+        return []
+    import mlflow
+
+    configure()
+    client = mlflow.MlflowClient()
+    found = retrying("read the experiment", lambda: client.get_experiment_by_name(experiment))
+    if found is None:
+        return []
+    stale = f"tags.`{LOCK_TOKEN_TAG}` = '{lock_token}' and attributes.status = 'RUNNING'"
+    runs = retrying("find the killed runs", lambda: client.search_runs([found.experiment_id], filter_string=stale,
+                                                                       max_results=100))
+    failed = [run.info.run_id for run in runs if run.info.run_id != keep]
+    for run_id in failed:
+        retrying("tag a killed run", lambda: client.set_tag(run_id, "pipeline.failure",
+                                                            "its process was killed; a later run took over"))
+        retrying("end a killed run", lambda: client.set_terminated(run_id, status="FAILED"))
+    return failed
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -629,26 +655,3 @@ def promote_if_better(name: str, version: str, scores: Mapping[str, float],
     client.set_registered_model_alias(name, alias, version)
     return True, None if holder is None else str(holder.version)
 
-
-LOCK_TOKEN_TAG = "pipeline.lock_token"  # the stage lock (llm/lock.py) the run's process held
-
-
-def fail_stale_runs(experiment: str, lock_token: str | None, keep: str | None = None) -> list[str]:
-    """Mark FAILED the runs that a killed process left RUNNING: those tagged with the token of the stage
-    lock it held (taken over now), except `keep`, the run about to be resumed. Returns their ids."""
-    if not lock_token:
-        return []
-    import mlflow
-
-    configure()
-    client = mlflow.MlflowClient()
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        return []
-    stale = f"tags.`{LOCK_TOKEN_TAG}` = '{lock_token}' and attributes.status = 'RUNNING'"
-    runs = client.search_runs([found.experiment_id], filter_string=stale, max_results=100)
-    failed = [run.info.run_id for run in runs if run.info.run_id != keep]
-    for run_id in failed:
-        client.set_tag(run_id, "pipeline.failure", "its process was killed; a later run took over")
-        client.set_terminated(run_id, status="FAILED")
-    return failed

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from llm import distributed, faults
-from llm.checkpoint import MODEL_FILE, ResumeStore, settings_digest, unwrap, write_final
+from llm.checkpoint import MODEL_FILE, ResumeStore, history_from_json, settings_digest, unwrap, write_final
 from llm.config import TrainConfig
 from llm.distributed import Dist
 from llm.hardware import autocast, peak_flops, resolve_device, train_dtype
@@ -289,7 +289,7 @@ class Trainer:
         self.train_batches.load_state_dict(state["batches"])
         self.progress = Progress(step=state["step"], tokens=state["tokens"], fingerprint=state["fingerprint"],
                                  run_id=self.progress.run_id or state.get("run_id"),
-                                 history={k: [tuple(p) for p in v] for k, v in state["history"].items()},
+                                 history=history_from_json(state["history"]),
                                  pending_losses=list(state.get("pending_losses", [])))
         log.info("resumed from %s at step %d", resumed.folder, self.progress.step)
         return True
