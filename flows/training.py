@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from pathlib import Path
@@ -13,7 +14,7 @@ from llm.config import load_params
 from llm.checkpoint import HISTORY_FILE, write_registration
 from llm.distributed import Dist
 from llm.plots import write_loss_plots
-from llm.tracking import MemoryTracker, Tracker, log_gpt_model
+from llm.tracking import MemoryTracker, MLflowTracker, Tracker, log_gpt_model
 from llm.train import TrainResult, resumable_run_id
 
 
@@ -21,10 +22,12 @@ def tracked_training(
     stage: str, *, experiment: str, params_file: str, params_to_log: Mapping[str, Any],
     settings: Mapping[str, Any], out_dir: str, metrics_file: str, plots_dir: str, registered_model: str,
     train: Callable[[Tracker, Dist, str | None], TrainResult],
+    score: Callable[[MLflowTracker, TrainResult], dict[str, float]] | None = None,
 ) -> dict:
     """Run `train` as one MLflow run (continued after a kill), log whatever of its history the run lacks,
-    then write its metrics and loss plots, log the model and register it. Under torchrun only rank 0
-    locks, tracks, logs and writes."""
+    then write its metrics and loss plots, log the model and register it. `score`, if given, measures the
+    trained model in the run (logging what it draws) and returns figures for the metrics file. Under
+    torchrun only rank 0 locks, tracks, logs and writes."""
     dist = distributed.from_env()
     # A resumed run continues its MLflow run; under torchrun the other ranks report to memory only.
     run = (tracked_run(stage, out_dir=out_dir, experiment=experiment, params_file=params_file,
@@ -40,6 +43,10 @@ def tracked_training(
             t.sync_history(result.progress.history, Path(out_dir) / HISTORY_FILE)
             for path in write_loss_plots(plots_dir, result.progress.history, stage):
                 t.log_artifact(path, "plots")
+            if score:
+                scored = score(t, result)
+                t.log_metrics(scored, step=result.progress.step)
+                result = dataclasses.replace(result, metrics={**result.metrics, **scored})
             version = log_gpt_model(out_dir, registered_model, {"stage": stage, "run_id": t.run_id},
                                     serving=load_params(params_file).serving)
             t.set_tags({"registered_model_version": str(version)})

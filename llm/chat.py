@@ -18,7 +18,7 @@ from typing import TextIO
 
 import torch
 
-from llm.checkpoint import CheckpointError, load_model, read_config
+from llm.checkpoint import CheckpointError, load_model, read_config, require_language_model
 from llm.config import ConfigError, from_mapping
 from llm.generate import Sampling, decode_stream, stream
 from llm.hardware import inference_dtype
@@ -36,6 +36,7 @@ def instruction(line: str) -> Record:
 def chat(checkpoint: Path, sampling: Sampling, max_new_tokens: int, device: str, precision: str = "auto",
          lines: TextIO = sys.stdin, out: TextIO = sys.stdout) -> None:
     config = read_config(checkpoint)
+    require_language_model(config, checkpoint)
     style = config.extra.get("prompt_style", "alpaca")
     tokenizer = get_tokenizer(config.tokenizer)
     model = load_model(checkpoint, device)

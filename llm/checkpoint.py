@@ -151,6 +151,14 @@ def read_config(ckpt_dir: str | Path) -> CheckpointConfig:
     return CheckpointConfig(model=model, tokenizer=tokenizer, extra=extra)
 
 
+def require_language_model(saved: CheckpointConfig, ckpt_dir: str | Path) -> None:
+    """Refuse a classifier where text is to be generated, saying what to do with it instead."""
+    if saved.model.is_classifier:
+        classes = ", ".join(saved.extra.get("labels") or []) or f"{saved.model.num_classes} of them"
+        raise CheckpointError(f"{ckpt_dir} is a classifier (classes: {classes}), not a language model: classify texts "
+                              f"with `python -m llm.classify --checkpoint {ckpt_dir} TEXT`")
+
+
 def load_model(ckpt_dir: str | Path, device: torch.device | str = "cpu", **overrides: Any) -> GPT:
     """The GPT saved in checkpoint folder `ckpt_dir`, on `device`, in eval mode.
 

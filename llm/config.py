@@ -393,10 +393,33 @@ class PretrainConfig(TrainConfig):
 
 
 @dataclass(frozen=True)
-class FinetuneConfig(TrainConfig):
-    """Instruction fine-tuning (the book's chapter 7): TrainConfig's settings, with fine-tuning defaults."""
+class TuneConfig(TrainConfig):
+    """What the stages that train a trained model further share: where it starts, how long, LoRA."""
 
     init_from: str = "pretrain"  # the pretrain stage's model, a GPT-2 size (gpt2 ... gpt2-xl), or a folder
+    epochs: float | None = 1.0  # passes over the train split; sets max_steps (None: use max_steps)
+    dropout: float | None = None  # the starting model's dropout, changed for this training; None: keep it
+    lora_rank: int = 0  # 0: no adapters; else LoRA adapters of this rank, merged into the result
+    lora_alpha: float = 16.0
+    lora_targets: list[str] = field(default_factory=lambda: ["attn.c_attn", "attn.c_proj", "mlp.c_fc",
+                                                             "mlp.c_proj"])
+
+    def problems(self) -> Iterator[Problem]:
+        yield from super().problems()
+        if self.epochs is not None:
+            yield from check_positive("epochs", self.epochs)
+        if self.dropout is not None:
+            yield from check_range("dropout", self.dropout, 0, 1, closed="[)")
+        yield from check_range("lora_rank", self.lora_rank, 0)
+        yield from check_positive("lora_alpha", self.lora_alpha)
+        if self.lora_rank and not self.lora_targets:
+            yield "lora_targets", "must name at least one linear layer kind when lora_rank > 0"
+
+
+@dataclass(frozen=True)
+class FinetuneConfig(TuneConfig):
+    """Instruction fine-tuning (the book's chapter 7): TrainConfig's settings, with fine-tuning defaults."""
+
     instructions: str = "instruction-data"  # the download source (role: instructions) to learn from
     prompt_style: Literal["alpaca", "phi3"] = "alpaca"
     mask_prompt: bool = False  # learn the response only, not the prompt's tokens
@@ -404,12 +427,6 @@ class FinetuneConfig(TrainConfig):
     train_fraction: float = 0.85  # the book's split: 85% train, 10% test, the rest (5%) val
     test_fraction: float = 0.10
     split_seed: int | None = None  # None: keep the file's order, as the book does; else shuffle by seed
-    epochs: float | None = 1.0  # passes over the train split; sets max_steps (None: use max_steps)
-    dropout: float | None = None  # the starting model's dropout, changed for fine-tuning; None: keep it
-    lora_rank: int = 0  # 0: full fine-tuning; else LoRA adapters of this rank, merged into the result
-    lora_alpha: float = 16.0
-    lora_targets: list[str] = field(default_factory=lambda: ["attn.c_attn", "attn.c_proj", "mlp.c_fc",
-                                                             "mlp.c_proj"])
     registered_model: str = "gpt-instruct"
     # Fine-tuning defaults: a lower, constant learning rate and no warmup, as the book trains.
     seed: int = 123
@@ -428,16 +445,50 @@ class FinetuneConfig(TrainConfig):
         if self.train_fraction + self.test_fraction >= 1:
             yield "test_fraction", (f"train_fraction + test_fraction must leave some records for val, got "
                                     f"{self.train_fraction} + {self.test_fraction}")
-        if self.epochs is not None:
-            yield from check_positive("epochs", self.epochs)
         if self.max_length is not None:
             yield from check_range("max_length", self.max_length, 2)
-        if self.dropout is not None:
-            yield from check_range("dropout", self.dropout, 0, 1, closed="[)")
-        yield from check_range("lora_rank", self.lora_rank, 0)
-        yield from check_positive("lora_alpha", self.lora_alpha)
-        if self.lora_rank and not self.lora_targets:
-            yield "lora_targets", "must name at least one linear layer kind when lora_rank > 0"
+
+
+Trainable = Literal["last-block", "all", "lora"]
+
+
+@dataclass(frozen=True)
+class ClassifyConfig(TuneConfig):
+    """Classification fine-tuning (the book's chapter 6): a class head on a trained GPT, the book's defaults."""
+
+    data: str = "sms-spam"  # the download source (role: classification) to learn from
+    # What trains: the book's last transformer block with the final LayerNorm and the head, every
+    # weight, or LoRA adapters on lora_targets (and the head), merged into the saved model.
+    trainable: Trainable = "last-block"
+    pooling: Literal["last", "mean"] = "last"  # classify from the last real token, or the mean of all
+    max_length: int | None = None  # cut texts to this many tokens; None: the longest training text's
+    balance: bool = True  # undersample every class to the smallest one's size, as the book does
+    train_fraction: float = 0.7  # the book's split: 70% train, 10% val, the rest (20%) test
+    val_fraction: float = 0.1
+    split_seed: int = 123
+    registered_model: str = "gpt-classifier"
+    epochs: float | None = 5.0
+    seed: int = 123
+    lr: float = 5e-5
+    min_lr: float = 5e-5  # constant, as the book trains
+    warmup_steps: int = 0
+    eval_interval: int = 50
+    eval_batches: int = 5  # the book's eval_iter
+    checkpoint_interval: int = 50
+    sample_interval: int = 0  # a classifier writes no text
+    lora_rank: int = 16  # used with trainable: lora
+
+    def problems(self) -> Iterator[Problem]:
+        yield from super().problems()
+        yield from check_range("train_fraction", self.train_fraction, 0, 1, closed="()")
+        yield from check_range("val_fraction", self.val_fraction, 0, 1, closed="()")
+        if self.train_fraction + self.val_fraction >= 1:
+            yield "val_fraction", (f"train_fraction + val_fraction must leave some records for test, got "
+                                   f"{self.train_fraction} + {self.val_fraction}")
+        if self.max_length is not None:
+            yield from check_range("max_length", self.max_length, 1)
+        if self.trainable == "lora" and not self.lora_rank:
+            yield "lora_rank", "must be positive with trainable: lora (e.g. 16)"
 
 
 @dataclass(frozen=True)
@@ -542,6 +593,7 @@ class Params:
     model: ModelSection = field(default_factory=ModelSection)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    classify: ClassifyConfig = field(default_factory=ClassifyConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     serving: ServingConfig = field(default_factory=ServingConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)

@@ -462,3 +462,15 @@ def read_manifest(raw_dir: str | Path, role: str) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run the download stage first (`dvc repro download`)")
     return read_json(path)["sources"]
+
+
+def downloaded_source(raw_dir: str | Path, role: str, name: str, key: str) -> tuple[Path, dict]:
+    """The downloaded file of source `name` (of `role`) and its manifest entry; `key` is the params key
+    that names it, for the error when no such source was downloaded."""
+    entries = read_manifest(raw_dir, role)
+    for entry in entries:
+        if entry["name"] == name:
+            return Path(raw_dir) / entry["file"], entry
+    names = ", ".join(e["name"] for e in entries) or "none"
+    raise FileNotFoundError(f"{key}: no downloaded source {name!r} with role {role} (downloaded: {names}); add it "
+                            f"to download.sources or fix the name")

@@ -20,16 +20,16 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from llm.checkpoint import SPLIT_FILE, load_model, read_config
+from llm.checkpoint import SPLIT_FILE
 from llm.config import FinetuneConfig, Params, weight_settings
 from llm.distributed import Dist
-from llm.download import read_manifest as read_raw_manifest
+from llm.download import downloaded_source
 from llm.instructions import (Example, InstructionBatches, Split, count_truncated, encode_records, learnable,
-                              load_records, prompt_text, split_records, steps_per_epoch, validation_batches,
-                              write_split)
+                              load_records, prompt_text, split_records, validation_batches, write_split)
 from llm.lora import apply_lora, merge_lora, trainable_parameters
-from llm.model import GPT
-from llm.pretrain import prompt_sampler, starting_weights
+from llm.sampler import steps_per_epoch
+from llm.pretrain import prompt_sampler
+from llm.starting import starting_model, starting_weights
 from llm.tokenizer import get_tokenizer
 from llm.files import sha256_file
 from llm.imports import code_fingerprint
@@ -43,44 +43,14 @@ log = logging.getLogger(__name__)
 
 def instruction_file(raw_dir: str | Path, source: str) -> Path:
     """The downloaded file of instruction source `source`."""
-    entries = read_raw_manifest(raw_dir, "instructions")
-    for entry in entries:
-        if entry["name"] == source:
-            return Path(raw_dir) / entry["file"]
-    names = ", ".join(e["name"] for e in entries) or "none"
-    raise FileNotFoundError(f"finetune.instructions: no downloaded source {source!r} with role instructions "
-                            f"(downloaded: {names}); add it to download.sources or fix the name")
-
-
-def _start_folder(config: FinetuneConfig, pretrain_dir: str | Path) -> Path:
-    folder = Path(pretrain_dir if config.init_from == "pretrain" else config.init_from)
-    if not folder.is_dir():
-        hint = ("run the pretrain stage first (`dvc repro pretrain`)" if config.init_from == "pretrain"
-                else "fix the path")
-        raise FileNotFoundError(f"finetune.init_from: {folder} is not a checkpoint folder; {hint}")
-    return folder
-
-
-def starting_point(config: FinetuneConfig, pretrain_dir: str | Path) -> tuple[GPT, str]:
-    """The model `finetune.init_from` names, with the fine-tuning dropout, and its tokenizer."""
-    from llm import gpt2_weights
-
-    overrides = {} if config.dropout is None else {"dropout": config.dropout}
-    if config.init_from in gpt2_weights.SIZES:
-        weights = gpt2_weights.download_gpt2(config.init_from)
-        return gpt2_weights.gpt2_from_files(weights, gpt2_weights.model_config(config.init_from, **overrides)), "gpt2"
-    folder = _start_folder(config, pretrain_dir)
-    return load_model(folder, **overrides), read_config(folder).tokenizer
+    return downloaded_source(raw_dir, "instructions", source, "finetune.instructions")[0]
 
 
 def run_settings(params: Params, raw_dir: str | Path, pretrain_dir: str | Path) -> dict[str, Any]:
     """The settings, starting weights, data and code that shape the weights: what a resumable
     checkpoint must match. Logging, sampling and checkpoint settings may change."""
-    from llm.gpt2_weights import SIZES
-
     config = params.finetune
-    start = config.init_from if config.init_from in SIZES else str(_start_folder(config, pretrain_dir))
-    return {"finetune": weight_settings(config), "start": starting_weights(start),
+    return {"finetune": weight_settings(config), "start": starting_weights(config.init_from, pretrain_dir, "finetune"),
             "data": sha256_file(instruction_file(raw_dir, config.instructions)), "code": code_fingerprint(__name__)}
 
 
@@ -131,7 +101,8 @@ def run_finetune(params: Params, raw_dir: str | Path, pretrain_dir: str | Path, 
     """Fine-tune and leave the model (LoRA merged), its history and `split.json` in `out_dir`."""
     config, out_dir = params.finetune, Path(out_dir)
     data = instruction_file(raw_dir, config.instructions)
-    model, tokenizer = starting_point(config, pretrain_dir)
+    overrides = {} if config.dropout is None else {"dropout": config.dropout}
+    model, tokenizer = starting_model(config.init_from, pretrain_dir, section="finetune", **overrides)
     split = prepare_split(data, config, out_dir)
     pad_id = get_tokenizer(tokenizer).eot_token
     max_length = min(config.max_length or model.config.context_length, model.config.context_length)

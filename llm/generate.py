@@ -32,7 +32,7 @@ import tiktoken
 import torch
 from torch import Tensor
 
-from llm.checkpoint import CheckpointError, load_model, read_config
+from llm.checkpoint import CheckpointError, load_model, read_config, require_language_model
 from llm.config import ConfigError, Problem, check_range, from_mapping
 from llm.hardware import inference_dtype
 from llm.model import GPT, eval_mode
@@ -219,6 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "seed": args.seed}
         sampling = from_mapping(Sampling, settings, source="the command line")  # checked before loading
         config = read_config(args.checkpoint)
+        require_language_model(config, args.checkpoint)
         tokenizer = get_tokenizer(config.tokenizer)
         if config.model.vocab_size != tokenizer.n_vocab:
             raise CheckpointError(f"{args.checkpoint}: the model's vocab_size {config.model.vocab_size} does "

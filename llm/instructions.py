@@ -23,6 +23,7 @@ batch.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from collections.abc import Iterator, Sequence
@@ -30,11 +31,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 
 from llm.files import read_json, write_json_atomic
 from llm.model import IGNORE_INDEX
+from llm.sampler import EpochBatches
 from llm.tokenizer import get_tokenizer
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -315,64 +316,17 @@ def _check_learnable(examples: Sequence[Example], mask_prompt: bool, max_length:
                          f"with llm.instructions.learnable(), or raise max_length")
 
 
-def steps_per_epoch(n_examples: int, global_batch_size: int) -> int:
-    """Optimizer steps in one pass over `n_examples` (the last incomplete global batch is dropped)."""
-    steps = n_examples // global_batch_size
-    if steps == 0:
-        raise ValueError(f"{n_examples} training examples are fewer than one global batch of "
-                         f"{global_batch_size}; lower global_batch_size or use more records")
-    return steps
-
-
-class InstructionBatches:
-    """Training batches of examples in epochs of a seeded shuffle, resumable (a llm.train.BatchSource).
-
-    Each epoch is a new permutation, a function of (seed, epoch). Like the book's DataLoader
-    (drop_last=True), an epoch drops the last global batch when incomplete: every optimizer step then
-    lies within one epoch, `steps_per_epoch` is exact, and the few examples left out differ from epoch
-    to epoch. `global_batch_size` is the examples per optimizer step over all processes (default: one
-    draw, batch_size * world_size). Under DDP, rank r takes rows r, r + world_size, ... of each draw,
-    so the ranks together see what one process would with batch_size * world_size.
-    """
+class InstructionBatches(EpochBatches[Example]):
+    """Training batches of instruction examples (`collate`d) in epochs of a seeded shuffle, resumable: see
+    llm.sampler.EpochBatches."""
 
     def __init__(self, examples: Sequence[Example], batch_size: int, seed: int, pad_id: int, *,
                  mask_prompt: bool = False, max_length: int | None = None,
                  global_batch_size: int | None = None, rank: int = 0, world_size: int = 1):
-        draw = batch_size * world_size
-        global_batch_size = global_batch_size or draw
-        if global_batch_size % draw:
-            raise ValueError(f"global_batch_size {global_batch_size} must be a multiple of batch_size "
-                             f"{batch_size} x {world_size} processes")
         _check_learnable(examples, mask_prompt, max_length)
-        self.examples, self.batch_size, self.seed, self.pad_id = list(examples), batch_size, seed, pad_id
-        self.mask_prompt, self.max_length = mask_prompt, max_length
-        self.rank, self.world_size = rank, world_size
-        self.epoch_size = steps_per_epoch(len(examples), global_batch_size) * global_batch_size
-        self.epoch, self.position = 0, 0  # position: examples of this epoch already served, over all ranks
-        self._order: np.ndarray | None = None
-
-    def _epoch_order(self) -> np.ndarray:
-        if self._order is None:
-            rng = np.random.default_rng([self.seed, self.epoch])
-            self._order = rng.permutation(len(self.examples))[:self.epoch_size]
-        return self._order
-
-    def next_batch(self) -> Batch:
-        """The next (inputs, targets) of this rank, each (batch_size, T) int64."""
-        order = self._epoch_order()
-        draw = order[self.position:self.position + self.batch_size * self.world_size]
-        self.position += len(draw)
-        if self.position == len(order):  # epoch_size is a multiple of the draw: no draw spans two epochs
-            self.epoch, self.position, self._order = self.epoch + 1, 0, None
-        mine = [self.examples[i] for i in draw[self.rank::self.world_size]]
-        return collate(mine, self.pad_id, mask_prompt=self.mask_prompt, max_length=self.max_length)
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.position, self.seed = state["epoch"], state["position"], state["seed"]
-        self._order = None
+        batch = functools.partial(collate, pad_id=pad_id, mask_prompt=mask_prompt, max_length=max_length)
+        super().__init__(examples, batch, batch_size, seed, global_batch_size=global_batch_size, rank=rank,
+                         world_size=world_size)
 
 
 def validation_batches(examples: Sequence[Example], batch_size: int, pad_id: int, *,

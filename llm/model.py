@@ -22,7 +22,7 @@ import dataclasses
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Literal, overload
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,7 @@ from llm.loss import IGNORE_INDEX, linear_cross_entropy  # noqa: F401 (IGNORE_IN
 
 
 AttentionKind = Literal["sdpa", "explicit"]
+Pooling = Literal["last", "mean"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,10 @@ class ModelConfig:
     qkv_bias: bool = True  # biases on the query, key and value projections (GPT-2 has them)
     tie_weights: bool = True  # the head shares the token embedding matrix, as in GPT-2
     attention: AttentionKind = "sdpa"
+    # A classifier (the book's chapter 6): the head maps n_embd to num_classes, and a sequence is
+    # classified from its last real token (or the mean over its real tokens). None: a language model.
+    num_classes: int | None = None
+    pooling: Pooling = "last"
 
     def problems(self) -> Iterator[Problem]:
         for key in ("vocab_size", "context_length", "n_embd", "n_head", "n_layer"):
@@ -55,6 +60,14 @@ class ModelConfig:
         if self.n_head > 0 and self.n_embd > 0 and self.n_embd % self.n_head:
             yield "n_embd", f"must be divisible by n_head ({self.n_head}), got {self.n_embd}"
         yield from check_range("dropout", self.dropout, 0, 1, closed="[)")
+        if self.num_classes is not None:
+            yield from check_range("num_classes", self.num_classes, 2)
+            if self.tie_weights:
+                yield "tie_weights", "must be false for a classifier: its head cannot share the token embedding"
+
+    @property
+    def is_classifier(self) -> bool:
+        return self.num_classes is not None
 
     @property
     def head_dim(self) -> int:
@@ -220,7 +233,8 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.h = nn.ModuleList(Block(config, layer) for layer in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # A classifier's head needs no bias: ln_f's bias, through the head, already gives each class one.
+        self.lm_head = nn.Linear(config.n_embd, config.num_classes or config.vocab_size, bias=False)
         if config.tie_weights:
             self.lm_head.weight = self.wte.weight
         self.apply(self._init_weights)
@@ -251,19 +265,36 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    @overload
-    def forward(self, idx: Tensor, targets: None = None) -> Tensor: ...
-    @overload
-    def forward(self, idx: Tensor, targets: Tensor) -> Tensor: ...
-
     def forward(self, idx: Tensor, targets: Tensor | None = None) -> Tensor:
         """Logits (B, T, vocab_size) for token ids `idx` (B, T); with `targets` (B, T), the mean
-        next-token cross-entropy instead (positions whose target is IGNORE_INDEX count for nothing)."""
+        next-token cross-entropy instead (positions whose target is IGNORE_INDEX count for nothing).
+
+        A classifier's `targets` hold each sequence's class id at its real tokens and IGNORE_INDEX at its
+        padding; the loss is the cross-entropy of `class_logits`. Without targets it gives the head's
+        output at every position, (B, T, num_classes).
+        """
+        if targets is not None and self.config.is_classifier:
+            real = targets != IGNORE_INDEX
+            labels = targets.amax(dim=1)  # a row's one class id; IGNORE_INDEX is below every id
+            return F.cross_entropy(self.class_logits(idx, real).float(), labels)
         hidden = self.forward_hidden(idx)  # (B, T, C)
         if targets is None:
             return self.lm_head(hidden)  # (B, T, vocab_size)
         # The head and the loss fused (llm/loss.py): the (B, T, vocab_size) logits are never stored.
         return linear_cross_entropy(hidden, self.lm_head.weight, targets)
+
+    def class_logits(self, idx: Tensor, real: Tensor) -> Tensor:
+        """A classifier's logits (B, num_classes) for right-padded token ids `idx` (B, T), `real` (B, T)
+        True at real tokens. Pooled over real tokens only: a causal model's real positions never see the
+        padding after them, so padding cannot change a prediction."""
+        hidden = self.forward_hidden(idx)  # (B, T, C)
+        if self.config.pooling == "mean":
+            weights = real.to(hidden.dtype)[:, :, None]  # (B, T, 1)
+            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
+        else:
+            last = real.long().cumsum(1).argmax(1)  # the position of each row's last real token
+            pooled = hidden[torch.arange(idx.size(0), device=idx.device), last]
+        return self.lm_head(pooled)  # (B, num_classes)
 
     def forward_hidden(
         self, idx: Tensor, *, padding_mask: Tensor | None = None, cache: KVCache | None = None

@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from llm.checkpoint import load_model, read_config
 from llm.config import Params, weight_settings
 from llm.distributed import Dist
 from llm.generate import Sampling, generate
 from llm.model import GPT, ModelConfig
+from llm.starting import starting_model, starting_weights
 from llm.shards import RandomWindows, ShardError, TokenStream, to_batch, read_manifest
 from llm.tokenizer import get_tokenizer
 from llm.files import sha256_file
@@ -31,7 +31,7 @@ from llm.train import Batch, Sampler, Trainer, TrainResult
 if TYPE_CHECKING:
     from llm.tracking import Tracker
 
-ARCHITECTURE = ("vocab_size", "context_length", "n_embd", "n_head", "n_layer", "qkv_bias", "tie_weights")
+ARCHITECTURE = ("vocab_size", "context_length", "n_embd", "n_head", "n_layer", "qkv_bias", "tie_weights", "num_classes")
 
 
 class CheckpointMismatch(ValueError):
@@ -70,34 +70,19 @@ def initial_model(params: Params, manifest: dict) -> GPT:
     if wanted.vocab_size < manifest["vocab_size"]:
         raise CheckpointMismatch(f"model.vocab_size {wanted.vocab_size} is smaller than the shards' vocabulary "
                                  f"of {manifest['vocab_size']} ({manifest['tokenizer']}); raise it")
-    torch.manual_seed(params.pretrain.seed)
-    model = GPT(wanted)
     init = params.pretrain.init_from
     if init == "scratch":
-        return model
-    from llm import gpt2_weights
-
-    if init in gpt2_weights.SIZES:
-        start = gpt2_weights.gpt2_from_files(gpt2_weights.download_gpt2(init), gpt2_weights.model_config(init))
-        tokenizer = "gpt2"
-    elif Path(init).is_dir():
-        start, tokenizer = load_model(init), read_config(init).tokenizer
-    else:
-        raise CheckpointMismatch(f"pretrain.init_from: {init!r} is neither scratch, a GPT-2 size "
-                                 f"({', '.join(gpt2_weights.SIZES)}) nor a checkpoint folder")
-    check_compatible(init, start.config, tokenizer, wanted, manifest)
-    model.load_state_dict(start.state_dict())
-    return model
-
-
-def starting_weights(init_from: str) -> str:
-    """What the run starts from, for its fingerprint: scratch, a GPT-2 size, or a folder's weights' hash."""
-    from llm.checkpoint import MODEL_FILE
+        torch.manual_seed(params.pretrain.seed)
+        return GPT(wanted)
     from llm.gpt2_weights import SIZES
 
-    if init_from == "scratch" or init_from in SIZES or not (Path(init_from) / MODEL_FILE).is_file():
-        return init_from
-    return sha256_file(Path(init_from) / MODEL_FILE)
+    if init not in SIZES and not Path(init).is_dir():
+        raise CheckpointMismatch(f"pretrain.init_from: {init!r} is neither scratch, a GPT-2 size "
+                                 f"({', '.join(SIZES)}) nor a checkpoint folder")
+    start, tokenizer = starting_model(init, init, section="pretrain", dropout=wanted.dropout,
+                                      attention=wanted.attention)
+    check_compatible(init, start.config, tokenizer, wanted, manifest)
+    return start.train()
 
 
 def run_settings(params: Params, shards_dir: str | Path) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from pathlib import Path
 from llm.files import write_text_atomic
 from llm.judge import JudgeResult
 from llm.perplexity import PerplexityResult
-from llm.plots import History, plot_losses
+from llm.plots import History, plot_curves
 from llm.scores import Scores
 
 REPORT_FILE = "report.md"
@@ -80,7 +80,7 @@ def write_report(folder: str | Path, evaluation: Evaluation, title: str = "Evalu
     folder = Path(folder)
     curves = {label: history for label, history in evaluation.histories.items() if any(history.values())}
     if curves:
-        plot_losses(folder / LOSS_PLOT_FILE, curves)
+        plot_curves(folder / LOSS_PLOT_FILE, curves)
     sections = [
         f"# {cell(title)}",
         _models(evaluation),

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import json
 import logging
 import math
 import os
@@ -504,6 +503,15 @@ class MLflowTracker(AbstractContextManager):
         client = mlflow.MlflowClient()
         self._retrying("log an artifact", lambda: client.log_artifact(self.run_id, str(path), artifact_path))
 
+    def log_table(self, rows: Sequence[Mapping[str, Any]], artifact_file: str) -> None:
+        """Rows of the same keys as a table artifact, which the MLflow UI shows as one (`artifact_file`: .json)."""
+        import mlflow
+
+        columns = list(rows[0]) if rows else []
+        data = {c: [row[c] for row in rows] for c in columns}
+        client = mlflow.MlflowClient()
+        self._retrying("log a table", lambda: client.log_table(self.run_id, data, artifact_file))
+
     def set_tags(self, tags: Mapping[str, str]) -> None:
         import mlflow
         from mlflow.entities import RunTag
@@ -554,9 +562,10 @@ def _pip_requirements() -> list[str]:
 
 def log_gpt_model(checkpoint_dir: str | Path, registered_name: str | None = None,
                   version_tags: Mapping[str, str] | None = None, serving: ServingConfig | None = None) -> str | None:
-    """Log the checkpoint's model (weights and config only) to the active run as a text-generating
-    pyfunc, and register it under `registered_name`; returns the new version number. The model refuses
-    requests above `serving`'s caps (default: ServingConfig's)."""
+    """Log the checkpoint's model (weights and config only) to the active run as a pyfunc, and register it
+    under `registered_name`; returns the new version number. A language model becomes a text generator
+    (llm/pyfunc.py), a classifier a text classifier (llm/pyfunc_classifier.py). The model refuses requests
+    above `serving`'s caps (default: ServingConfig's)."""
     import dataclasses
     import shutil
     import tempfile
@@ -566,13 +575,22 @@ def log_gpt_model(checkpoint_dir: str | Path, registered_name: str | None = None
     import pandas as pd
     from mlflow.models import infer_signature
 
-    from llm.checkpoint import CONFIG_FILE, MODEL_FILE
+    from llm.checkpoint import CONFIG_FILE, MODEL_FILE, read_config
     from llm.config import ServingConfig
     from llm.pyfunc import DEFAULT_PARAMS
 
     package = Path(__file__).resolve().parent
-    signature = infer_signature(pd.DataFrame({"prompt": ["Every effort moves you"]}), ["a completion"],
-                                params=DEFAULT_PARAMS)
+    saved = read_config(checkpoint_dir)
+    if saved.model.is_classifier:
+        labels = list(saved.extra["labels"])
+        outputs = pd.DataFrame([{"label": labels[0], "probability": 1.0,
+                                 **{f"p_{k}": float(k == labels[0]) for k in labels}}])
+        python_model = package / "pyfunc_classifier.py"
+        signature = infer_signature(pd.DataFrame({"text": ["a text"]}), outputs)
+    else:
+        python_model = package / "pyfunc.py"
+        signature = infer_signature(pd.DataFrame({"prompt": ["Every effort moves you"]}), ["a completion"],
+                                    params=DEFAULT_PARAMS)
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = Path(tmp) / "checkpoint"  # only the model: the folder may also hold resume state
         checkpoint.mkdir()
@@ -583,7 +601,7 @@ def log_gpt_model(checkpoint_dir: str | Path, registered_name: str | None = None
             # time: the explicit signature above already describes inputs, params and outputs.
             warnings.filterwarnings("ignore", message=".*(type hints|input example).*", category=UserWarning)
             info = mlflow.pyfunc.log_model(
-                name="model", python_model=str(package / "pyfunc.py"), artifacts={"checkpoint": str(checkpoint)},
+                name="model", python_model=str(python_model), artifacts={"checkpoint": str(checkpoint)},
                 code_paths=[str(package)], pip_requirements=_pip_requirements(), signature=signature,
                 model_config=dataclasses.asdict(serving or ServingConfig()), registered_model_name=registered_name)
     if registered_name is None:

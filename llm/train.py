@@ -43,6 +43,7 @@ from llm.distributed import Dist
 from llm.hardware import autocast, peak_flops, resolve_device, train_dtype
 from llm.model import eval_mode
 from llm.optim import adamw, warmup_cosine
+from llm.sampler import check_global_batch
 
 if TYPE_CHECKING:  # the protocol only: tracking code does not shape the weights, nor the fingerprint
     from llm.tracking import Tracker
@@ -52,6 +53,9 @@ log = logging.getLogger(__name__)
 Batch = tuple[Tensor, Tensor]
 Sampler = Callable[[nn.Module, int], dict[str, str]]  # (model, step) -> {artifact name: text}
 Export = Callable[[nn.Module], nn.Module]  # the trained model -> the model to save (e.g. LoRA merged)
+# Measures the model at every evaluation, besides the val loss (e.g. a classifier's accuracies); called in
+# eval mode, without gradients, under the training precision.
+Evaluator = Callable[[nn.Module], dict[str, float]]
 
 
 class BatchSource(Protocol):
@@ -62,6 +66,10 @@ class BatchSource(Protocol):
     def state_dict(self) -> dict: ...
 
     def load_state_dict(self, state: dict) -> None: ...
+
+
+# What the loop reports of its steps and val batches; any other name in a history is an evaluator's.
+_STEP_METRICS = frozenset({"train_loss", "lr", "grad_norm", "tokens_per_s", "tokens", "mfu", "val_loss"})
 
 
 class TrainingDiverged(RuntimeError):
@@ -94,11 +102,7 @@ class TrainResult:
 
 
 def accumulation_steps(config: TrainConfig, world_size: int) -> int:
-    per_step = config.batch_size * world_size
-    if config.global_batch_size % per_step:
-        raise ValueError(f"global_batch_size {config.global_batch_size} must be a multiple of batch_size "
-                         f"{config.batch_size} x {world_size} processes")
-    return config.global_batch_size // per_step
+    return check_global_batch(config.batch_size, config.global_batch_size, world_size)
 
 
 def total_steps(config: TrainConfig, context_length: int) -> int:
@@ -121,7 +125,8 @@ class Trainer:
     def __init__(self, model: nn.Module, train_batches: BatchSource, val_batches: list[Batch],
                  config: TrainConfig, out_dir: str | Path, *, settings: Mapping[str, Any], tracker: Tracker,
                  tokenizer: str = "gpt2", sampler: Sampler | None = None, run_id: str | None = None,
-                 dist: Dist = Dist(), checkpoint_extra: dict | None = None, export: Export | None = None):
+                 dist: Dist = Dist(), checkpoint_extra: dict | None = None, export: Export | None = None,
+                 evaluator: Evaluator | None = None):
         self.config, self.out_dir, self.tracker, self.dist = config, Path(out_dir), tracker, dist
         self.device = distributed.init(dist, resolve_device(config.device))
         self.dtype = train_dtype(self.device, config.precision)
@@ -134,6 +139,7 @@ class Trainer:
             self.model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         self.train_batches, self.val_batches, self.sampler = train_batches, val_batches, sampler
         self.tokenizer, self.checkpoint_extra, self.export = tokenizer, checkpoint_extra or {}, export
+        self.evaluator = evaluator
         self.accum = accumulation_steps(config, dist.world_size)
         self.max_steps = total_steps(config, self.gpt.config.context_length)
         self.optimizer = adamw(self.gpt, config.lr, config.weight_decay, (config.beta1, config.beta2),
@@ -150,7 +156,7 @@ class Trainer:
         resumed = self._resume()  # replaces self.progress: read it only after
         cfg, progress = self.config, self.progress
         if not resumed:
-            self._report({"val_loss": self.evaluate()})  # the starting point of the curve
+            self._report(self.evaluation())  # the starting point of the curve
         window_time, window_tokens = 0.0, 0
         bar = tqdm(total=self.max_steps, initial=progress.step, desc="train", unit="step",
                    disable=None if self.dist.is_main else True)
@@ -181,7 +187,7 @@ class Trainer:
                                     tok_s=f"{rate:,.0f}")
                     progress.pending_losses, window_time, window_tokens = [], 0.0, 0
                 if progress.step % cfg.eval_interval == 0 or last:
-                    self._report({"val_loss": self.evaluate()})
+                    self._report(self.evaluation())
                 if self.sampler and cfg.sample_interval and (progress.step % cfg.sample_interval == 0 or last):
                     self._write_samples()
                 if progress.step % cfg.checkpoint_interval == 0 or last:
@@ -233,6 +239,15 @@ class Trainer:
                     losses.append(self.gpt(x.to(self.device), y.to(self.device)).float())
         return torch.stack(losses).mean().item() if losses else float("nan")
 
+    def evaluation(self) -> dict[str, float]:
+        """The val loss, and what the evaluator measures."""
+        metrics = {"val_loss": self.evaluate()}
+        if self.evaluator:
+            with torch.no_grad(), eval_mode(self.gpt), autocast(self.device, self.dtype):
+                measured = self.evaluator(self.gpt)
+            metrics.update(measured)
+        return metrics
+
     def _report(self, metrics: dict[str, float]) -> None:
         self.progress.record(metrics)
         if self.dist.is_main:
@@ -247,7 +262,8 @@ class Trainer:
     def final_metrics(self) -> dict[str, float]:
         history = self.progress.history
         metrics = {"steps": float(self.progress.step), "tokens": float(self.progress.tokens)}
-        for name in ("train_loss", "val_loss", "tokens_per_s", "mfu"):
+        evaluated = [name for name in history if name not in _STEP_METRICS]  # the evaluator's, if any
+        for name in ("train_loss", "val_loss", "tokens_per_s", "mfu", *evaluated):
             if history.get(name):
                 metrics[name] = history[name][-1][1]
         metrics["params"] = float(self.gpt.num_params(non_embedding=False))

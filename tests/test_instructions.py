@@ -10,8 +10,9 @@ import torch
 from llm.config import TrainConfig, from_mapping
 from llm.instructions import (Example, InstructionBatches, InstructionDataError, Record, collate, count_truncated,
                               encode_records, learnable, load_records, prompt_text, read_split, split_records,
-                              steps_per_epoch, training_text, validation_batches, write_split)
+                              training_text, validation_batches, write_split)
 from llm.model import GPT, IGNORE_INDEX, model_config
+from llm.sampler import steps_per_epoch
 from llm.tokenizer import get_tokenizer
 from llm.tracking import MemoryTracker
 from llm.train import Trainer
