@@ -28,9 +28,8 @@ def _is_transient(task, task_run, state) -> bool:
 
 @task(cache_policy=NO_CACHE, retry_condition_fn=_is_transient, task_run_name="fetch-{source.name}")
 def fetch_source(source: SourceConfig, raw_dir: Path, timeout_s: float) -> dict:
-    result = dl.fetch(
-        source.url, dl.source_path(raw_dir, source), source.sha256, timeout_s=timeout_s, label=source.name
-    )
+    result = dl.fetch(source.url, dl.source_path(raw_dir, source), source.sha256, timeout_s=timeout_s,
+                      label=source.name, member=source.member, member_sha256=source.member_sha256)
     stage_logger().info("%s: %s bytes (%s)", source.name, f"{result.bytes:,}", result.origin)
     return dl.manifest_entry(source, result, raw_dir)
 

@@ -203,8 +203,32 @@ def check_positive(key: str, value: float) -> Iterator[Problem]:
 # Sections of params.yaml
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-SourceKind = Literal["text", "json", "jsonl", "parquet"]
-SourceRole = Literal["corpus", "instructions"]
+SourceKind = Literal["text", "json", "jsonl", "parquet", "csv", "tsv"]
+SourceRole = Literal["corpus", "instructions", "classification"]
+SOURCE_ROLES: tuple[str, ...] = typing.get_args(SourceRole)  # one folder under data/raw/ each
+_DELIMITED = ("csv", "tsv")
+
+
+def url_file_name(url: str) -> str:
+    """The last part of `url`'s path: a URL's query and fragment (often a signed token) are no part of it, a
+    local path's '?' or '#' is."""
+    path = urlparse(url).path if "://" in url else url
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def member_problem(member: str) -> str | None:
+    """Why `member` cannot name a file inside a zip archive, or None. A name that is absolute or climbs out
+    with '..' is how an archive writes outside its folder; zip names use '/', so a backslash is a mistake."""
+    if not member or member.endswith("/"):
+        return f"must name a file inside the archive, got {member!r}"
+    if "\\" in member or member.startswith("/") or re.match(r"[A-Za-z]:", member) or ".." in member.split("/"):
+        return (f"must be a relative path inside the archive, with '/' between folders and no '..' parts, got "
+                f"{member!r}; write it as the archive lists it (python -m zipfile -l ARCHIVE), e.g. data/file.csv")
+    return None
+
+
+def _either(words: list[str]) -> str:
+    return f"{', '.join(words[:-1])} or {words[-1]}" if len(words) > 1 else words[0]
 
 
 @dataclass(frozen=True)
@@ -216,33 +240,73 @@ class SourceConfig:
     sha256: str | None = None  # None: fetched unpinned, with a warning that prints the hash to pin
     kind: SourceKind = "text"
     role: SourceRole = "corpus"
-    text_field: str | None = None  # the record field (json, jsonl) or column (parquet) holding the text
-    filename: str | None = None  # name under data/raw/<role>/ and in the mirror; default: the URL's
+    text_field: str | None = None  # the record field (json, jsonl) or column (parquet, csv, tsv) holding the text
+    filename: str | None = None  # name under data/raw/<role>/ and in the mirror; default: the URL's (member's)
+    member: str | None = None  # the file to keep from the .zip archive at url; sha256 then pins the archive
+    member_sha256: str | None = None  # pins the member
+    label_field: str | None = None  # the record field or column holding a classification source's label
+    columns: list[str] | None = None  # a headerless csv/tsv file's column names, in order; None: row 1 names them
 
     @property
     def file_name(self) -> str:
-        # A URL's query and fragment (often a signed token) are no part of the file's name; a local path's
-        # '?' or '#' is.
-        path = urlparse(self.url).path if "://" in self.url else self.url
-        return self.filename or path.rstrip("/").rsplit("/", 1)[-1]
+        if self.filename:
+            return self.filename
+        return self.member.rsplit("/", 1)[-1] if self.member is not None else url_file_name(self.url)
 
     def problems(self) -> Iterator[Problem]:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):
             yield "name", f"must be letters, digits, '.', '_' or '-', got {self.name!r}"
-        if self.sha256 is not None and not _SHA256.fullmatch(self.sha256):
-            yield "sha256", f"must be 64 lowercase hex digits, got {self.sha256!r}"
+        for key in ("sha256", "member_sha256"):
+            value = getattr(self, key)
+            if value is not None and not _SHA256.fullmatch(value):
+                yield key, f"must be 64 lowercase hex digits, got {value!r}"
         if "://" in self.url and self.url.split("://", 1)[0] not in ("http", "https", "file"):
             yield "url", f"must be http(s)://, file:// or a local path, got {self.url!r}"
-        if self.role == "corpus" and self.kind != "text" and not self.text_field:
-            what = "column" if self.kind == "parquet" else "field"
-            yield "text_field", f"is required for a {self.kind} corpus: name the record {what} that holds the text"
+        bad_member = self.member is not None and member_problem(self.member)
+        if bad_member:
+            yield "member", bad_member
+        if self.member is None and self.member_sha256 is not None:
+            yield "member_sha256", ("pins a file inside a .zip archive, but member is not set: set member: to the "
+                                    "file's name in the archive, or remove member_sha256 (sha256 pins the file)")
+        yield from self._reading_problems()
+        if bad_member and not self.filename:
+            return  # the file's name is taken from the member: one problem, not two
         name = self.file_name
         if not name or name in (".", "..") or "/" in name or name == "manifest.json":
             yield "filename", f"must be a plain file name other than manifest.json, got {name!r}"
         elif name.startswith(TMP_PREFIX):
-            what = "" if self.filename else f"{name!r}, the name taken from url, "
+            what = "" if self.filename else f"{name!r}, the name taken from {'member' if self.member else 'url'}, "
             yield "filename", (f"{what}must not start with {TMP_PREFIX!r} (the prefix of temporary files, which "
                                f"cleanup deletes); set filename: to another name")
+
+    def _reading_problems(self) -> Iterator[Problem]:
+        """What keeps the next stage from reading the file: its kind, fields and columns for its role."""
+        holder = "column" if self.kind in ("parquet", *_DELIMITED) else "record field"
+        if self.role == "corpus" and self.kind != "text" and not self.text_field:
+            yield "text_field", f"is required for a {self.kind} corpus: name the {holder} that holds the text"
+        kinds = typing.get_args(SourceKind)
+        if self.role == "classification":
+            if self.kind == "text":
+                yield "kind", (f"must be {_either([k for k in kinds if k != 'text'])} for a classification source: "
+                               f"a text file has no label")
+            for key, holds in (("text_field", "text"), ("label_field", "label")):
+                if not getattr(self, key):
+                    yield key, f"is required for a classification source: name the {holder} that holds the {holds}"
+        elif self.kind in _DELIMITED:
+            yield "kind", (f"{self.kind} is for classification sources only; {self.role} sources must be "
+                           f"{_either([k for k in kinds if k not in _DELIMITED])}")
+        if self.columns is not None:
+            if self.kind not in _DELIMITED:
+                yield "columns", (f"names the columns of a headerless csv or tsv file; remove it for a {self.kind} "
+                                  f"source")
+            duplicates = sorted({c for c in self.columns if self.columns.count(c) > 1})
+            if duplicates:
+                named = ", ".join(map(repr, duplicates))
+                yield "columns", f"names {named} more than once; give each column its own name"
+            for key in ("text_field", "label_field"):
+                value = getattr(self, key)
+                if value and value not in self.columns:
+                    yield "columns", f"must contain {key} {value!r}, got {self.columns}; add it, or fix {key}"
 
 
 @dataclass(frozen=True)

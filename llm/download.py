@@ -13,6 +13,17 @@ Where it looks, in order:
    URLs and local paths are copied.
 The file appears under its final name only once its hash is verified.
 
+A source with a `member` keeps one file of the zip archive at the URL; its `sha256` pins the archive and
+`member_sha256` the member. Then:
+1. `dest` is kept if it has the pinned `member_sha256`;
+2. the mirror may hold the member itself, extracted, by the member's file name (checked by `member_sha256`);
+3. else the archive is fetched as in 2 and 3 above: from the mirror by the URL's file name, else from the URL,
+   to `.tmp-<dest's name>.zip` beside `dest`, verified by `sha256`. The member is extracted with `zipfile` to
+   a temporary name, verified by `member_sha256` and renamed to `dest`; the archive is deleted whether that
+   worked or not. A member missing from the archive, a file that is not a zip, or a hash of either that is
+   not the pinned one fails for good, leaving nothing behind; a transient failure of the archive's download
+   leaves its part file, which the next attempt resumes.
+
 How an http(s) download resumes. The bytes go to `.tmp-<name>.part`; when a download starts from byte 0, the
 response's validator (its strong ETag, else its Last-Modified) is written to the sidecar
 `.tmp-<name>.part.json` with a hash of the URL. Both names start with `.tmp-`, so cleanup removes them. A
@@ -46,6 +57,8 @@ import re
 import time
 import urllib.error
 import urllib.request
+import zipfile
+import zlib
 from dataclasses import dataclass
 from http.client import HTTPException
 from pathlib import Path
@@ -55,7 +68,7 @@ from urllib.parse import unquote, urlparse, urlsplit, urlunsplit
 from tqdm import tqdm
 
 from llm import faults
-from llm.config import DownloadConfig, SourceConfig
+from llm.config import SOURCE_ROLES, DownloadConfig, SourceConfig, bulleted, member_problem, url_file_name
 from llm.files import (TMP_PREFIX, atomic_path, fsync_file, read_json, remove_temporaries, replace_durably, sha256_file,
                        write_json_atomic)
 
@@ -88,6 +101,7 @@ class FetchResult:
     sha256: str
     bytes: int
     origin: Literal["present", "mirror", "local", "network"]
+    archive_sha256: str | None = None  # with a member: the archive's hash, measured if fetched, else the pinned one
 
 
 def mirror_folder(mirror_dir: str | Path | None = None) -> Path | None:
@@ -118,29 +132,21 @@ def fetch(
     timeout_s: float = 60.0,
     mirror_dir: str | Path | None = None,
     label: str | None = None,
+    member: str | None = None,
+    member_sha256: str | None = None,
 ) -> FetchResult:
-    """Make `dest` hold the file at `url` with hash `sha256` (None: unpinned). One attempt; see module doc."""
+    """Make `dest` hold the file at `url` with hash `sha256` (None: unpinned); with `member`, that file of the zip
+    archive at `url`, `sha256` then pinning the archive and `member_sha256` the member. One attempt; see module doc."""
     dest = Path(dest)
     label = label or dest.name
-    if dest.is_file() and sha256 is not None and sha256_file(dest) == sha256:
-        return FetchResult(dest, sha256, dest.stat().st_size, "present")
-
+    kept_sha256 = sha256 if member is None else member_sha256  # what the file at `dest` must hash to
+    if dest.is_file() and kept_sha256 is not None and sha256_file(dest) == kept_sha256:
+        return FetchResult(dest, kept_sha256, dest.stat().st_size, "present", None if member is None else sha256)
     mirror = mirror_folder(mirror_dir)
-    if mirror is not None and (mirror / dest.name).is_file():
-        candidate = mirror / dest.name
-        try:  # verified as it is copied: the mirror file is read once
-            return _result(dest, "mirror", _copy_verified(candidate, dest, sha256, label, url), sha256, label)
-        except ChecksumMismatch as exc:
-            log.warning("%s: mirror file %s has sha256 %s, not %s; ignoring it", label, candidate, exc.actual, sha256)
-
-    local = _local_path(url)
-    if local is not None:
-        if not local.is_file():
-            raise DownloadError(f"{label}: {local} does not exist; fix the source's url in params.yaml")
-        return _result(dest, "local", _copy_verified(local, dest, sha256, label, url), sha256, label)
-
-    actual = _http_fetch(url, dest, sha256, timeout_s=timeout_s, label=label)
-    return _result(dest, "network", actual, sha256, label)
+    if member is None:
+        origin, actual = _fetch_file(url, dest, sha256, dest.name, mirror, timeout_s=timeout_s, label=label)
+        return _result(dest, origin, actual, sha256, label)
+    return _fetch_member(url, dest, sha256, member, member_sha256, mirror, timeout_s=timeout_s, label=label)
 
 
 def fetch_with_retries(
@@ -153,11 +159,14 @@ def fetch_with_retries(
     timeout_s: float = 60.0,
     mirror_dir: str | Path | None = None,
     label: str | None = None,
+    member: str | None = None,
+    member_sha256: str | None = None,
 ) -> Path:
     """`fetch()` retried with exponential backoff on transient failures, for callers outside a flow."""
     for attempt in range(retries + 1):
         try:
-            return fetch(url, dest, sha256, timeout_s=timeout_s, mirror_dir=mirror_dir, label=label).path
+            return fetch(url, dest, sha256, timeout_s=timeout_s, mirror_dir=mirror_dir, label=label, member=member,
+                         member_sha256=member_sha256).path
         except TransientDownloadError as exc:
             if attempt == retries:
                 raise
@@ -170,10 +179,84 @@ def fetch_with_retries(
 # ---------------------------------------------------------------------------------------------------
 
 
-def _result(dest: Path, origin: str, actual: str, sha256: str | None, label: str) -> FetchResult:
+def _fetch_file(url: str, dest: Path, sha256: str | None, mirror_name: str, mirror: Path | None, *,
+                timeout_s: float, label: str) -> tuple[str, str]:
+    """Make `dest` hold the file at `url`, from the mirror's `mirror_name` if it has the pinned one, verified by
+    `sha256`; returns (where it came from, its sha256)."""
+    actual = _from_mirror(mirror, mirror_name, dest, sha256, label, url)
+    if actual is not None:
+        return "mirror", actual
+    local = _local_path(url)
+    if local is not None:
+        if not local.is_file():
+            raise DownloadError(f"{label}: {local} does not exist; fix the source's url in params.yaml")
+        return "local", _copy_verified(local, dest, sha256, label, url)
+    return "network", _http_fetch(url, dest, sha256, timeout_s=timeout_s, label=label)
+
+
+def _from_mirror(mirror: Path | None, name: str, dest: Path, sha256: str | None, label: str, url: str,
+                 member: str | None = None) -> str | None:
+    """The sha256 of the mirror's file `name` once copied to `dest`; None where the mirror has no such file or
+    another one (then the caller fetches it)."""
+    if mirror is None or not (mirror / name).is_file():
+        return None
+    try:  # verified as it is copied: the mirror file is read once
+        return _copy_verified(mirror / name, dest, sha256, label, url, member)
+    except ChecksumMismatch as exc:
+        log.warning("%s: mirror file %s has sha256 %s, not %s; ignoring it", label, mirror / name, exc.actual, sha256)
+        return None
+
+
+def _fetch_member(url: str, dest: Path, sha256: str | None, member: str, member_sha256: str | None,
+                  mirror: Path | None, *, timeout_s: float, label: str) -> FetchResult:
+    """Make `dest` hold `member` of the zip archive at `url`: from the mirror's copy of the member, else
+    extracted from the archive (the mirror's, else fetched) to a temporary name and verified."""
+    if problem := member_problem(member):  # params.yaml's are checked already; this guards other callers
+        raise DownloadError(f"{label}: member of {redact_url(url)} {problem}")
+    member_name = member.rsplit("/", 1)[-1]
+    actual = _from_mirror(mirror, member_name, dest, member_sha256, label, url, member)
+    if actual is not None:
+        return _result(dest, "mirror", actual, member_sha256, label, "member_sha256", sha256)
+    # Stable, so that a retry resumes its download; beside dest, so that the stage's cleanup of data/raw removes
+    # what a killed attempt left.
+    archive = dest.with_name(f"{TMP_PREFIX}{dest.name}.zip")
+    try:
+        origin, archive_sha256 = _fetch_file(url, archive, sha256, url_file_name(url), mirror, timeout_s=timeout_s,
+                                             label=label)
+        if sha256 is None:
+            _warn_unpinned(label, "sha256", "the archive", archive_sha256)
+        actual = _extract(archive, member, dest, member_sha256, label, url)
+    finally:
+        archive.unlink(missing_ok=True)
+    return _result(dest, origin, actual, member_sha256, label, "member_sha256", archive_sha256)
+
+
+def _extract(archive: Path, member: str, dest: Path, sha256: str | None, label: str, url: str) -> str:
+    """Write `member` of zip file `archive` to `dest` atomically, verified by `sha256`; returns its sha256."""
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            try:
+                info = zf.getinfo(member)
+            except KeyError:
+                files = [name for name in zf.namelist() if not name.endswith("/")]
+                raise DownloadError(f"{label}: the archive {redact_url(url)} has no member {member!r}; fix the "
+                                    f"source's member in params.yaml. Its files:{bulleted(files, 10)}") from None
+            with zf.open(info) as fin:
+                return _write_verified(fin, dest, sha256, label, url, member)
+    except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+        raise DownloadError(f"{label}: {redact_url(url)} is not a zip archive, or a corrupt one ({exc}); check the "
+                            f"source's url in params.yaml, or remove member: if the file is not an archive") from exc
+
+
+def _result(dest: Path, origin: str, actual: str, sha256: str | None, label: str, key: str = "sha256",
+            archive_sha256: str | None = None) -> FetchResult:
     if sha256 is None:
-        log.warning("%s: no sha256 pinned; the file fetched has sha256 %s: add it to params.yaml", label, actual)
-    return FetchResult(dest, actual, dest.stat().st_size, origin)  # type: ignore[arg-type]
+        _warn_unpinned(label, key, "the member extracted" if key == "member_sha256" else "the file fetched", actual)
+    return FetchResult(dest, actual, dest.stat().st_size, origin, archive_sha256)  # type: ignore[arg-type]
+
+
+def _warn_unpinned(label: str, key: str, what: str, actual: str) -> None:
+    log.warning("%s: no %s pinned; %s has sha256 %s: add it to params.yaml", label, key, what, actual)
 
 
 def _local_path(url: str) -> Path | None:
@@ -185,23 +268,33 @@ def _local_path(url: str) -> Path | None:
     return Path(url).expanduser()
 
 
-def _mismatch(label: str, url: str, expected: str, actual: str) -> ChecksumMismatch:
+def _mismatch(label: str, url: str, expected: str, actual: str, member: str | None = None) -> ChecksumMismatch:
+    what, key = (redact_url(url), "sha256") if member is None else (f"member {member!r} of {redact_url(url)}",
+                                                                  "member_sha256")
     return ChecksumMismatch(
-        f"{label}: sha256 mismatch for {redact_url(url)}: expected {expected}, got {actual}. The file was not kept; "
-        f"if the source changed on purpose, update its sha256 in params.yaml", actual
+        f"{label}: sha256 mismatch for {what}: expected {expected}, got {actual}. The file was not kept; "
+        f"if the source changed on purpose, update its {key} in params.yaml", actual
     )
 
 
-def _copy_verified(src: Path, dest: Path, sha256: str | None, label: str, url: str) -> str:
+def _copy_verified(src: Path, dest: Path, sha256: str | None, label: str, url: str, member: str | None = None) -> str:
     """Copy `src` to `dest` atomically, hashing as it goes; returns the sha256."""
+    with open(src, "rb") as fin:
+        return _write_verified(fin, dest, sha256, label, url, member)
+
+
+def _write_verified(fin: BinaryIO, dest: Path, sha256: str | None, label: str, url: str,
+                    member: str | None = None) -> str:
+    """Write what `fin` holds to `dest` atomically, hashing as it goes; returns the sha256. `member`: the name in
+    the archive at `url` that `fin` reads, for the error message."""
     with atomic_path(dest) as tmp:
         digest = hashlib.sha256()
-        with open(src, "rb") as fin, open(tmp, "wb") as fout:
+        with open(tmp, "wb") as fout:
             while chunk := fin.read(_CHUNK_BYTES):
                 digest.update(chunk)
                 fout.write(chunk)
         if sha256 is not None and digest.hexdigest() != sha256:
-            raise _mismatch(label, url, sha256, digest.hexdigest())
+            raise _mismatch(label, url, sha256, digest.hexdigest(), member)
         faults.pause_point("download.copy")
     return digest.hexdigest()
 
@@ -411,9 +504,13 @@ def manifest_entry(source: SourceConfig, result: FetchResult, raw_dir: str | Pat
         "role": source.role,
         "kind": source.kind,
         "text_field": source.text_field,
+        "label_field": source.label_field,
+        "columns": source.columns,
         "file": result.path.relative_to(raw_dir).as_posix(),
         "url": redact_url(source.url),  # the manifest goes to MLflow as an artifact
-        "sha256": result.sha256,
+        "member": source.member,
+        "sha256": result.sha256,  # of the file stored: the member, where there is one
+        "archive_sha256": result.archive_sha256,
         "bytes": result.bytes,
     }
 
@@ -433,7 +530,7 @@ def write_manifests(raw_dir: str | Path, entries: list[dict]) -> None:
     so DVC does not retokenize the corpus.
     """
     raw_dir = Path(raw_dir)
-    for role in ("corpus", "instructions"):
+    for role in SOURCE_ROLES:
         role_entries = [e for e in entries if e["role"] == role]
         (raw_dir / role).mkdir(parents=True, exist_ok=True)
         write_json_atomic(raw_dir / role / "manifest.json", {"sources": role_entries})
@@ -446,7 +543,7 @@ def prune_raw(raw_dir: str | Path, sources: list[SourceConfig]) -> list[Path]:
     raw_dir = Path(raw_dir)
     keep = {source_path(raw_dir, s) for s in sources}
     removed = []
-    for role in ("corpus", "instructions"):
+    for role in SOURCE_ROLES:
         folder = raw_dir / role
         remove_temporaries(folder)
         for path in sorted(folder.glob("*")) if folder.is_dir() else []:

@@ -10,16 +10,18 @@ from tests.conftest import ROOT
 def test_project_params_load():
     params = load_params(ROOT / "params.yaml")
     assert isinstance(params, Params)
-    assert [s.name for s in params.download.sources] == ["the-verdict", "tinyshakespeare", "instruction-data"]
+    assert [s.name for s in params.download.sources] == ["the-verdict", "tinyshakespeare", "instruction-data",
+                                                         "sms-spam"]
     assert params.download.sources[1].file_name == "tinyshakespeare.txt"
     assert params.download.sources[0].file_name == "the-verdict.txt"
+    assert params.download.sources[3].file_name == "SMSSpamCollection"  # the member's name, not the zip's
     assert params.serving == ServingConfig(max_new_tokens=1024, max_prompts=32)
 
 
 def test_every_problem_is_reported_with_its_key_path():
     data = {
         "tokenize": {"val_fraction": 1.5, "sead": 3, "tokens_per_shard": "many"},
-        "download": {"sources": [{"name": "x", "url": "ftp://host/x", "kind": "csv"}]},
+        "download": {"sources": [{"name": "x", "url": "ftp://host/x", "kind": "xml"}]},
         "pretrian": {},
     }
     with pytest.raises(ConfigError) as info:
@@ -27,7 +29,8 @@ def test_every_problem_is_reported_with_its_key_path():
     problems = dict(info.value.problems)
     assert problems["tokenize.sead"] == "unknown key; did you mean 'seed'?"
     assert problems["tokenize.tokens_per_shard"] == "must be an integer, got str 'many'"
-    assert problems["download.sources[0].kind"] == "must be one of 'text', 'json', 'jsonl', 'parquet', got 'csv'"
+    assert problems["download.sources[0].kind"] == ("must be one of 'text', 'json', 'jsonl', 'parquet', 'csv', "
+                                                    "'tsv', got 'xml'")
     assert problems["pretrian"].startswith("unknown key")
     assert "tokenize.sead: unknown key; did you mean 'seed'?" in str(info.value)
 
@@ -111,6 +114,76 @@ def test_source_filename_must_not_look_temporary():
     }
     ok = SourceConfig(name="b", url="https://h/.tmp-b.txt", filename="b.txt")
     assert list(ok.problems()) == []
+
+
+def source_problems(**settings) -> list[tuple[str, str]]:
+    """The problems params.yaml would show for one source of `settings` (beside a corpus, which the section needs)."""
+    sources = [{"name": "c", "url": "https://h/c.txt"}, {"name": "s", **settings}]
+    with pytest.raises(ConfigError) as info:
+        from_mapping(Params, {"download": {"sources": sources}})
+    return info.value.problems
+
+
+ARCHIVE = "https://h/sms.zip"
+TRAVERSAL = ("must be a relative path inside the archive, with '/' between folders and no '..' parts, got {!r}; "
+             "write it as the archive lists it (python -m zipfile -l ARCHIVE), e.g. data/file.csv")
+
+
+@pytest.mark.parametrize("member", ["../evil", "data/../../evil", "/etc/passwd", "C:/evil", "data\\spam.tsv"])
+def test_an_archive_member_that_could_escape_its_folder_is_refused(member):
+    assert source_problems(url=ARCHIVE, member=member) == [("download.sources[1].member", TRAVERSAL.format(member))]
+
+
+def test_archive_member_checks():
+    assert source_problems(url=ARCHIVE, member="data/") == [
+        ("download.sources[1].member", "must name a file inside the archive, got 'data/'")]
+    assert source_problems(url="https://h/s.txt", member_sha256="a" * 64) == [
+        ("download.sources[1].member_sha256", "pins a file inside a .zip archive, but member is not set: set member: "
+                                              "to the file's name in the archive, or remove member_sha256 (sha256 "
+                                              "pins the file)")]
+    assert source_problems(url=ARCHIVE, member="s.txt", member_sha256="ABC") == [
+        ("download.sources[1].member_sha256", "must be 64 lowercase hex digits, got 'ABC'")]
+    assert source_problems(url=ARCHIVE, member=".tmp-s.txt") == [
+        ("download.sources[1].filename", "'.tmp-s.txt', the name taken from member, must not start with '.tmp-' (the "
+                                         "prefix of temporary files, which cleanup deletes); set filename: to another "
+                                         "name")]
+    assert SourceConfig(name="s", url=ARCHIVE, member="data/spam.tsv").file_name == "spam.tsv"
+    assert SourceConfig(name="s", url=ARCHIVE, member="data/spam.tsv", filename="sms.tsv").file_name == "sms.tsv"
+    assert list(SourceConfig(name="s", url=ARCHIVE, member="data/spam.tsv", member_sha256="a" * 64).problems()) == []
+
+
+def test_classification_source_checks():
+    spam = {"url": "https://h/spam.tsv", "role": "classification", "kind": "tsv"}
+    assert source_problems(**spam) == [
+        ("download.sources[1].text_field", "is required for a classification source: name the column that holds "
+                                           "the text"),
+        ("download.sources[1].label_field", "is required for a classification source: name the column that holds "
+                                            "the label"),
+    ]
+    assert source_problems(**{**spam, "kind": "text"}, text_field="t", label_field="l") == [
+        ("download.sources[1].kind", "must be json, jsonl, parquet, csv or tsv for a classification source: a text "
+                                     "file has no label")]
+    assert source_problems(**spam, text_field="text", label_field="label", columns=["label", "body", "label"]) == [
+        ("download.sources[1].columns", "names 'label' more than once; give each column its own name"),
+        ("download.sources[1].columns", "must contain text_field 'text', got ['label', 'body', 'label']; add it, or "
+                                        "fix text_field"),
+    ]
+    good = SourceConfig(name="s", **spam, text_field="text", label_field="label", columns=["label", "text"])
+    assert list(good.problems()) == []
+    assert list(SourceConfig(name="s", **spam, text_field="text", label_field="label").problems()) == []  # a header
+
+
+def test_delimited_kinds_and_columns_are_for_classification_only():
+    assert source_problems(url="https://h/s.csv", kind="csv", text_field="text") == [
+        ("download.sources[1].kind", "csv is for classification sources only; corpus sources must be text, json, "
+                                     "jsonl or parquet")]
+    assert source_problems(url="https://h/s.tsv", kind="tsv", role="instructions") == [
+        ("download.sources[1].kind", "tsv is for classification sources only; instructions sources must be text, "
+                                     "json, jsonl or parquet")]
+    assert source_problems(url="https://h/s.jsonl", kind="jsonl", role="classification", text_field="text",
+                           label_field="label", columns=["text", "label"]) == [
+        ("download.sources[1].columns", "names the columns of a headerless csv or tsv file; remove it for a jsonl "
+                                        "source")]
 
 
 @pytest.mark.parametrize("written, shown", [(".nan", "nan"), (".inf", "inf"), ("-.inf", "-inf"), (".NaN", "nan")])

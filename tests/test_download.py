@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import json
 import os
 import socket
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -261,6 +263,207 @@ def test_local_paths_and_file_urls(tmp_path, body):
         dl.fetch(str(tmp_path / "missing.txt"), tmp_path / "c" / "missing.txt", None)
 
 
+# --- a member of a zip archive ------------------------------------------------------------------------
+
+MEMBER = "data/spam.tsv"
+ROWS = b"".join(b"ham\tsee you at %d\nspam\tWIN %d NOW\n" % (i, i) for i in range(2000))
+
+
+def make_zip(files: dict[str, bytes], compression: int = zipfile.ZIP_DEFLATED) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression) as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def archive() -> bytes:
+    return make_zip({"readme": b"about the data", "data/": b"", MEMBER: ROWS})
+
+
+@pytest.fixture
+def raw(tmp_path) -> Path:
+    """dest's folder, holding a file of another source: a failure must leave that, and only that."""
+    folder = tmp_path / "raw"
+    folder.mkdir()
+    (folder / "other.txt").write_text("another source's file")
+    return folder
+
+
+def test_archive_member_is_extracted_with_both_hashes_checked(raw, archive):
+    with FileServer(files={"/a.zip": archive}) as server:
+        result = dl.fetch(server.url("/a.zip"), raw / "spam.tsv", sha(archive), member=MEMBER, member_sha256=sha(ROWS))
+        again = dl.fetch(server.url("/a.zip"), raw / "spam.tsv", sha(archive), member=MEMBER, member_sha256=sha(ROWS))
+    assert (result.origin, result.sha256, result.archive_sha256, result.bytes) == ("network", sha(ROWS), sha(archive),
+                                                                                  len(ROWS))
+    assert (raw / "spam.tsv").read_bytes() == ROWS
+    assert (again.origin, len(server.requests)) == ("present", 1)
+    assert sorted(os.listdir(raw)) == ["other.txt", "spam.tsv"]  # no archive, part or sidecar left
+
+
+def test_an_archive_download_that_broke_off_resumes_and_leaves_only_the_member(raw, archive):
+    with FileServer(files={"/a.zip": archive}, truncate={"/a.zip": 1}) as server:
+        with pytest.raises(dl.TransientDownloadError):
+            dl.fetch(server.url("/a.zip"), raw / "spam.tsv", sha(archive), member=MEMBER, member_sha256=sha(ROWS))
+        assert sorted(os.listdir(raw)) == [".tmp-.tmp-spam.tsv.zip.part", ".tmp-.tmp-spam.tsv.zip.part.json",
+                                           "other.txt"]  # kept for the next attempt
+        dl.fetch(server.url("/a.zip"), raw / "spam.tsv", sha(archive), member=MEMBER, member_sha256=sha(ROWS))
+    assert server.requests == [("/a.zip", None), ("/a.zip", f"bytes={len(archive) // 2}-")]
+    assert (raw / "spam.tsv").read_bytes() == ROWS
+    assert sorted(os.listdir(raw)) == ["other.txt", "spam.tsv"]
+
+
+def test_archive_member_from_a_local_path_and_a_file_url(tmp_path, archive):
+    (tmp_path / "a.zip").write_bytes(archive)
+    for url, folder in [(str(tmp_path / "a.zip"), tmp_path / "x"), ((tmp_path / "a.zip").as_uri(), tmp_path / "y")]:
+        result = dl.fetch(url, folder / "spam.tsv", sha(archive), member=MEMBER, member_sha256=sha(ROWS))
+        assert (result.origin, (folder / "spam.tsv").read_bytes()) == ("local", ROWS)
+        assert os.listdir(folder) == ["spam.tsv"]
+
+
+def test_unpinned_archive_and_member_warn_with_the_hashes_to_pin(tmp_path, archive, caplog):
+    (tmp_path / "a.zip").write_bytes(archive)
+    with caplog.at_level("WARNING", logger="llm.download"):
+        dl.fetch(str(tmp_path / "a.zip"), tmp_path / "raw" / "spam.tsv", None, label="spam", member=MEMBER)
+    assert caplog.messages == [
+        f"spam: no sha256 pinned; the archive has sha256 {sha(archive)}: add it to params.yaml",
+        f"spam: no member_sha256 pinned; the member extracted has sha256 {sha(ROWS)}: add it to params.yaml",
+    ]
+
+
+def test_a_mirror_holding_the_member_needs_no_archive(tmp_path, archive, monkeypatch):
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    (mirror / "spam.tsv").write_bytes(ROWS)
+    monkeypatch.setenv(dl.MIRROR_ENV, str(mirror))
+    dest = tmp_path / "raw" / "spam.tsv"
+    # A port nothing listens on: only the mirror can have given the file.
+    result = dl.fetch(closed_port_url("/a.zip"), dest, sha(archive), member=MEMBER, member_sha256=sha(ROWS))
+    assert (result.origin, result.archive_sha256, dest.read_bytes()) == ("mirror", sha(archive), ROWS)
+    assert os.listdir(dest.parent) == ["spam.tsv"]
+
+
+def test_a_mirror_holding_the_archive_gives_the_member(raw, tmp_path, archive, caplog):
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    (mirror / "a.zip").write_bytes(archive)
+    (mirror / "spam.tsv").write_bytes(b"a stale copy of the member")  # not the pinned one: passed over
+    with caplog.at_level("WARNING", logger="llm.download"):
+        result = dl.fetch(closed_port_url("/path/a.zip?sig=x"), raw / "spam.tsv", sha(archive), mirror_dir=mirror,
+                          label="spam", member=MEMBER, member_sha256=sha(ROWS))
+    assert (result.origin, result.archive_sha256, (raw / "spam.tsv").read_bytes()) == ("mirror", sha(archive), ROWS)
+    assert caplog.messages == [f"spam: mirror file {mirror / 'spam.tsv'} has sha256 "
+                               f"{sha(b'a stale copy of the member')}, not {sha(ROWS)}; ignoring it"]
+    assert sorted(os.listdir(raw)) == ["other.txt", "spam.tsv"]
+
+
+def test_a_member_missing_from_the_archive_is_named_with_the_archives_files(raw):
+    files = {f"f{i:02}.txt": b"x" for i in range(12)}
+    archive = make_zip({"docs/": b"", **files})
+    with FileServer(files={"/a.zip": archive}) as server:
+        with pytest.raises(dl.DownloadError) as info:
+            dl.fetch_with_retries(server.url("/a.zip?sig=s3cr3t-sig"), raw / "spam.tsv", sha(archive), label="spam",
+                                  member="spam.tsv", retry_delay_s=0)
+    assert not isinstance(info.value, dl.TransientDownloadError) and len(server.requests) == 1
+    listed = "".join(f"\n  f{i:02}.txt" for i in range(10))
+    assert str(info.value) == (f"spam: the archive {server.url('/a.zip')} has no member 'spam.tsv'; fix the source's "
+                               f"member in params.yaml. Its files:{listed}\n  and 2 more")
+    assert os.listdir(raw) == ["other.txt"]
+
+
+def corrupted(archive: bytes, name: str) -> bytes:
+    """`archive` with a byte in the middle of `name`'s stored data changed."""
+    info = zipfile.ZipFile(io.BytesIO(archive)).getinfo(name)
+    at = info.header_offset + 30 + len(info.filename.encode()) + info.compress_size // 2  # no extra field written
+    return archive[:at] + bytes([archive[at] ^ 0xFF]) + archive[at + 1:]
+
+
+@pytest.mark.parametrize("case", ["not a zip", "truncated", "stored bytes changed", "deflated bytes changed"])
+def test_a_file_that_is_not_a_zip_or_is_corrupt_fails_for_good(raw, archive, case):
+    bad = {
+        "not a zip": lambda: b"<html>a page, not the archive</html>",
+        "truncated": lambda: archive[: len(archive) // 2],
+        "stored bytes changed": lambda: corrupted(make_zip({MEMBER: ROWS}, zipfile.ZIP_STORED), MEMBER),
+        "deflated bytes changed": lambda: corrupted(archive, MEMBER),
+    }[case]()
+    with FileServer(files={"/a.zip": bad}) as server:
+        with pytest.raises(dl.DownloadError) as info:  # pinned as served: the bytes are what the source holds
+            dl.fetch(server.url("/a.zip"), raw / "spam.tsv", sha(bad), label="spam", member=MEMBER,
+                     member_sha256=sha(ROWS))
+    assert not isinstance(info.value, (dl.TransientDownloadError, dl.ChecksumMismatch))
+    assert str(info.value).startswith(f"spam: {server.url('/a.zip')} is not a zip archive, or a corrupt one (")
+    assert str(info.value).endswith("); check the source's url in params.yaml, or remove member: if the file is not "
+                                    "an archive")
+    assert os.listdir(raw) == ["other.txt"]
+
+
+@pytest.mark.parametrize("where", ["http", "local"])
+def test_an_archive_of_another_hash_fails_for_good(raw, tmp_path, archive, where):
+    wrong = "0" * 64
+    (tmp_path / "a.zip").write_bytes(archive)
+    with FileServer(files={"/a.zip": archive}) as server:
+        url = server.url("/a.zip") if where == "http" else str(tmp_path / "a.zip")
+        with pytest.raises(dl.ChecksumMismatch) as info:
+            dl.fetch(url, raw / "spam.tsv", wrong, label="spam", member=MEMBER, member_sha256=sha(ROWS))
+    assert str(info.value) == (f"spam: sha256 mismatch for {url}: expected {wrong}, got {sha(archive)}. The file was "
+                               "not kept; if the source changed on purpose, update its sha256 in params.yaml")
+    assert os.listdir(raw) == ["other.txt"]
+
+
+@pytest.mark.parametrize("where", ["http", "local"])
+def test_a_member_of_another_hash_fails_for_good(raw, tmp_path, archive, where):
+    wrong = "0" * 64
+    (tmp_path / "a.zip").write_bytes(archive)
+    (raw / "spam.tsv").write_bytes(b"the member as it was")  # kept: a failed fetch replaces nothing
+    with FileServer(files={"/a.zip": archive}) as server:
+        url = server.url("/a.zip") if where == "http" else str(tmp_path / "a.zip")
+        with pytest.raises(dl.ChecksumMismatch) as info:
+            dl.fetch(url, raw / "spam.tsv", sha(archive), label="spam", member=MEMBER, member_sha256=wrong)
+    assert str(info.value) == (f"spam: sha256 mismatch for member {MEMBER!r} of {url}: expected {wrong}, got "
+                               f"{sha(ROWS)}. The file was not kept; if the source changed on purpose, update its "
+                               "member_sha256 in params.yaml")
+    assert sorted(os.listdir(raw)) == ["other.txt", "spam.tsv"]
+    assert (raw / "spam.tsv").read_bytes() == b"the member as it was"
+
+
+def test_an_entry_named_to_escape_the_folder_is_refused_and_a_safe_one_beside_it_kept(raw, tmp_path):
+    archive = make_zip({"../evil": b"outside", "/etc/evil": b"absolute", "good.tsv": ROWS})
+    (tmp_path / "a.zip").write_bytes(archive)
+    for member in ("../evil", "/etc/evil"):
+        with pytest.raises(dl.DownloadError) as info:  # params.yaml refuses these; fetch's other callers too
+            dl.fetch(str(tmp_path / "a.zip"), raw / "evil", sha(archive), label="x", member=member)
+        assert str(info.value) == (f"x: member of {tmp_path / 'a.zip'} must be a relative path inside the archive, "
+                                   f"with '/' between folders and no '..' parts, got {member!r}; write it as the "
+                                   "archive lists it (python -m zipfile -l ARCHIVE), e.g. data/file.csv")
+    assert os.listdir(raw) == ["other.txt"]
+    result = dl.fetch(str(tmp_path / "a.zip"), raw / "good.tsv", sha(archive), member="good.tsv",
+                      member_sha256=sha(ROWS))
+    assert result.path.read_bytes() == ROWS
+    assert sorted(os.listdir(raw)) == ["good.tsv", "other.txt"]
+    assert sorted(os.listdir(tmp_path)) == ["a.zip", "raw"]  # nothing written beside the folder either
+
+
+def test_the_manifest_entry_of_a_member_pins_the_stored_file_and_the_archive(tmp_path, archive):
+    (tmp_path / "a.zip").write_bytes(archive)
+    source = SourceConfig(name="spam", url=str(tmp_path / "a.zip"), sha256=sha(archive), member=MEMBER,
+                          member_sha256=sha(ROWS), kind="tsv", columns=["label", "text"], text_field="text",
+                          label_field="label", role="classification")
+    raw = tmp_path / "raw"
+    result = dl.fetch(source.url, dl.source_path(raw, source), source.sha256, member=source.member,
+                      member_sha256=source.member_sha256)
+    assert dl.manifest_entry(source, result, raw) == {
+        "name": "spam", "role": "classification", "kind": "tsv", "text_field": "text", "label_field": "label",
+        "columns": ["label", "text"], "file": "classification/spam.tsv", "url": source.url, "member": MEMBER,
+        "sha256": sha(ROWS), "archive_sha256": sha(archive), "bytes": len(ROWS),
+    }
+    dl.write_manifests(raw, [dl.manifest_entry(source, result, raw)])
+    assert [e["name"] for e in dl.read_manifest(raw, "classification")] == ["spam"]
+    assert dl.read_manifest(raw, "corpus") == [] and dl.read_manifest(raw, "instructions") == []
+    (raw / "classification" / "gone.tsv").write_text("a source since removed")
+    assert dl.prune_raw(raw, [source]) == [raw / "classification" / "gone.tsv"]
+
+
 SECRETS = ("s3cr3t-pw", "s3cr3t-sig")
 
 
@@ -335,25 +538,37 @@ def test_download_flow_retries_transient_failures_and_writes_manifests(tmp_path,
     import mlflow
 
     notes = b'[{"instruction": "i", "input": "", "output": "o"}]'
-    with FileServer(files={"/c.txt": body, "/notes.json": notes}, fail={"/c.txt": [503]}) as server:
+    spam = make_zip({MEMBER: ROWS})
+    with FileServer(files={"/c.txt": body, "/notes.json": notes, "/spam.zip": spam},
+                    fail={"/c.txt": [503], "/spam.zip": [503]}) as server:
         write_params(tmp_path / "params.yaml", [
             {"name": "c", "url": server.url("/c.txt?sig=s3cr3t-sig", "user:s3cr3t-pw"), "sha256": sha(body)},
             {"name": "notes", "url": server.url("/notes.json"), "sha256": sha(notes), "kind": "json",
              "role": "instructions"},
+            {"name": "spam", "url": server.url("/spam.zip"), "sha256": sha(spam), "member": MEMBER,
+             "member_sha256": sha(ROWS), "kind": "tsv", "columns": ["label", "text"], "text_field": "text",
+             "label_field": "label", "role": "classification"},
         ], experiment="test-download")
         raw = tmp_path / "raw"
         (raw / "corpus").mkdir(parents=True)
         (raw / "corpus" / "old.txt").write_text("from a source since removed")
         metrics = download(str(tmp_path / "params.yaml"), str(raw), str(tmp_path / "metrics.json"))
-    assert metrics == {"files": 2, "bytes": len(body) + len(notes)}
+    assert metrics == {"files": 3, "bytes": len(body) + len(notes) + len(ROWS)}
     assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
     assert sorted(p.name for p in (raw / "corpus").iterdir()) == ["c.txt", "manifest.json"]
     corpus = json.loads((raw / "corpus" / "manifest.json").read_text())["sources"]
-    assert corpus == [{"name": "c", "role": "corpus", "kind": "text", "text_field": None, "file": "corpus/c.txt",
-                       "url": server.url("/c.txt"), "sha256": sha(body), "bytes": len(body)}]
+    assert corpus == [{"name": "c", "role": "corpus", "kind": "text", "text_field": None, "label_field": None,
+                       "columns": None, "file": "corpus/c.txt", "url": server.url("/c.txt"), "member": None,
+                       "sha256": sha(body), "archive_sha256": None, "bytes": len(body)}]
+    assert sorted(p.name for p in (raw / "classification").iterdir()) == ["manifest.json", "spam.tsv"]
+    (classified,) = dl.read_manifest(raw, "classification")
+    assert (classified["file"], classified["sha256"], classified["archive_sha256"]) == ("classification/spam.tsv",
+                                                                                         sha(ROWS), sha(spam))
     everything = json.loads((raw / "manifest.json").read_text())["sources"]
-    assert [e["name"] for e in everything] == ["c", "notes"]
-    assert server.requests[-1][0] == "/c.txt?sig=s3cr3t-sig" and "Authorization" in server.headers[-1]
+    assert [e["name"] for e in everything] == ["c", "notes", "spam"]
+    # The sources are fetched concurrently: only c's requests (a 503, then the file) carry its credentials.
+    assert [path for path, _ in server.requests if path.startswith("/c.txt")] == ["/c.txt?sig=s3cr3t-sig"] * 2
+    assert sum("Authorization" in headers for headers in server.headers) == 2
 
     # What the run logged to MLflow (the session's store, see conftest): the settings and the manifest.
     client = mlflow.MlflowClient()
