@@ -40,9 +40,9 @@ def serving_limits(model_config: Mapping[str, Any] | None) -> dict[str, int]:
     return {key: int((model_config or {}).get(key, value)) for key, value in defaults.items()}
 
 
-def check_request(limits: Mapping[str, int], prompts: int, max_new_tokens: int) -> None:
+def check_request(limits: Mapping[str, int], prompts: int, max_new_tokens: int, what: str = "prompts") -> None:
     if prompts > limits["max_prompts"]:
-        raise MlflowException(f"{prompts} prompts is above this model's limit of {limits['max_prompts']} prompts "
+        raise MlflowException(f"{prompts} {what} is above this model's limit of {limits['max_prompts']} {what} "
                               f"per request (serving.max_prompts in params.yaml)", error_code=INVALID_PARAMETER_VALUE)
     if max_new_tokens > limits["max_new_tokens"]:
         raise MlflowException(f"max_new_tokens {max_new_tokens} is above this model's limit of "

@@ -33,7 +33,7 @@ class TextClassifier(mlflow.pyfunc.PythonModel):
         import pandas as pd
 
         texts = [str(t) for t in (model_input["text"] if hasattr(model_input, "columns") else model_input)]
-        check_request(serving_limits(getattr(context, "model_config", None)), len(texts), 0)
+        check_request(serving_limits(getattr(context, "model_config", None)), len(texts), 0, what="texts")
         rows = [{"label": label, "probability": probs[label], **{f"p_{k}": v for k, v in probs.items()}}
                 for label, probs in self.classifier(texts)]
         return pd.DataFrame(rows, columns=["label", "probability", *(f"p_{k}" for k in self.classifier.labels)])

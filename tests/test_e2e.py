@@ -15,7 +15,7 @@ from ruamel.yaml import YAML
 from tests.conftest import SHARED_DATA, shared_file
 from tests.project import dvc, git, make_repo, stage_env, stages_run
 
-STAGES = ["download", "tokenize", "pretrain", "finetune", "evaluate"]
+STAGES = ["download", "tokenize", "pretrain", "finetune", "classify", "evaluate"]
 TINY = {
     "model": {"preset": "tiny"},
     "pretrain": {"max_steps": 6, "batch_size": 4, "global_batch_size": 4, "eval_interval": 3, "eval_batches": 2,
@@ -23,6 +23,8 @@ TINY = {
     "finetune": {"epochs": None, "max_steps": 4, "batch_size": 4, "global_batch_size": 4, "eval_interval": 2,
                  "eval_batches": 2, "sample_interval": 4, "checkpoint_interval": 2, "log_interval": 2,
                  "max_length": 64},
+    "classify": {"epochs": None, "max_steps": 4, "batch_size": 4, "global_batch_size": 4, "eval_interval": 2,
+                 "eval_batches": 2, "checkpoint_interval": 2, "log_interval": 2, "max_length": 32},
     "evaluate": {"test_records": 4, "max_new_tokens": 8, "examples": 2, "batch_size": 4},
 }
 
@@ -55,7 +57,9 @@ def test_a_fresh_clone_runs_the_pipeline_and_keeps_its_promises(tmp_path, prefec
 
     for path in ("data/raw/manifest.json", "data/shards/manifest.json", "data/checkpoints/pretrain/model.safetensors",
                  "data/checkpoints/finetune/model.safetensors", "data/checkpoints/finetune/split.json",
-                 "data/eval/report.md", "data/eval/responses.json", "plots/pretrain/loss.png"):
+                 "data/eval/report.md", "data/eval/responses.json", "plots/pretrain/loss.png",
+                 "data/checkpoints/classify/split.json", "plots/classify/confusion.png", "plots/classify/accuracy.png",
+                 "metrics/classify.md"):
         assert (clone / path).is_file(), path
     for stage in STAGES:
         assert json.loads((clone / f"metrics/{stage}.json").read_text()), stage
@@ -70,6 +74,10 @@ def test_a_fresh_clone_runs_the_pipeline_and_keeps_its_promises(tmp_path, prefec
     champion = client.get_model_version_by_alias("gpt-instruct", "champion")
     assert champion.tags["stage"] == "finetune"
     assert client.get_registered_model("gpt-base").latest_versions
+    classifier = client.get_registered_model("gpt-classifier").latest_versions[0]
+    assert classifier.tags["stage"] == "classify"
+    scores = json.loads((clone / "metrics/classify.json").read_text())
+    assert 0 <= scores["test_accuracy"] <= 1 and {"test_f1_ham", "test_f1_spam", "val_loss"} <= set(scores)
 
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterStartTime
@@ -90,7 +98,7 @@ def test_a_fresh_clone_runs_the_pipeline_and_keeps_its_promises(tmp_path, prefec
     with (clone / "llm/hardware.py").open("a") as module:
         module.write("# edited\n")
     stale = re.findall(r"^(\w+):\s*$", dvc(clone, "status", env=env), flags=re.MULTILINE)
-    assert set(stale) == {"pretrain", "finetune", "evaluate"}
+    assert set(stale) == {"pretrain", "finetune", "classify", "evaluate"}
     git(clone, "checkout", "llm/hardware.py")
 
     # Share the results: the lock, metrics and plots in git, data and checkpoints in the DVC remote.

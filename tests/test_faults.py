@@ -11,7 +11,6 @@ run per stage, a killed one either continued by its rerun or marked FAILED, neve
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import signal
