@@ -61,6 +61,11 @@ def inference_dtype(device: torch.device, precision: str = "auto") -> torch.dtyp
     return train_dtype(device, precision)
 
 
+def precision_name(dtype: torch.dtype) -> str:
+    """How params.yaml names a dtype that train_dtype or inference_dtype chose: what a run records."""
+    return "bf16" if dtype == torch.bfloat16 else "fp32"
+
+
 def autocast(device: torch.device, dtype: torch.dtype) -> AbstractContextManager:
     """Mixed precision for the forward pass; the weights and the optimizer stay fp32."""
     if dtype == torch.float32:
