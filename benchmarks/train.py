@@ -29,7 +29,7 @@ from torch import nn
 
 from benchmarks.tokenize import build_corpus
 from llm.config import TokenizeConfig, TrainConfig
-from llm.hardware import measured_matmul_flops
+from llm.hardware import measured_matmul_flops, precision_name
 from llm.model import GPT, model_config
 from llm.shards import RandomWindows, TokenStream
 from llm.tokenize import tokenize_corpus
@@ -104,7 +104,7 @@ def reference_runner(tokens: torch.Tensor, dtype: torch.dtype, compile_: bool):
 # --- ours: the project's trainer ---------------------------------------------------------------------
 
 def ours_runner(shards: Path, work: Path, dtype: torch.dtype, compile_: bool):
-    precision = "bf16" if dtype == torch.bfloat16 else "fp32"
+    precision = precision_name(dtype)
     model = GPT(model_config("cpu-small", dropout=0.0))
     T = model.config.context_length
     windows = RandomWindows(TokenStream.from_manifest(shards, "train"), T, BATCH, seed=0)

@@ -3,8 +3,9 @@
     python -m flows.evaluate                                       (what `dvc repro evaluate` runs)
 
 Writes `data/eval/` (responses.json in the book's shape, report.md, losses.png) and
-`metrics/evaluate.json` (for `dvc metrics show/diff`), logs all of it to MLflow, and gives the evaluated
-fine-tuned version the `champion` alias when its scores are at least the current champion's.
+`metrics/evaluate.json` (for `dvc metrics show/diff`; `precision_used` says whether it computed in fp32,
+the default, or bf16), logs all of it to MLflow (the precision as the run's tag `precision_used`), and gives
+the evaluated fine-tuned version the `champion` alias when its scores are at least the current champion's.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ def evaluate(params_file: str = "params.yaml", base_dir: str = "data/checkpoints
         base_version = registered_version(base_dir, base_name, "pretrain", params.serving)
         version = registered_version(finetuned_dir, tuned_name, "finetune", params.serving)
         promoted, previous = promote_if_better(tuned_name, version, {k: metrics[k] for k in SCORES if k in metrics})
-        t.set_tags({"evaluated_model": f"{tuned_name}/{version}", "promoted": str(promoted)})
+        t.set_tags({"evaluated_model": f"{tuned_name}/{version}", "promoted": str(promoted),
+                    "precision_used": measured.precision})
         with atomic_dir(out_dir) as tmp:
             write_responses(tmp / RESPONSES_FILE, measured.responses)
             report = write_report(tmp, Evaluation(
@@ -60,11 +62,12 @@ def evaluate(params_file: str = "params.yaml", base_dir: str = "data/checkpoints
             faults.pause_point("evaluate.write")
         for path in sorted(Path(out_dir).iterdir()):
             t.log_artifact(path, "eval")
-    write_metrics(metrics_file, metrics)
+    recorded = {**metrics, "precision_used": measured.precision}  # a string: MLflow's metrics take numbers only
+    write_metrics(metrics_file, recorded)
     verdict = ("promoted to champion" if promoted else f"not promoted: version {previous} stays champion")
     stage_logger().info("evaluate: %s version %s %s; report %s; judge %s", tuned_name, version, verdict,
                         Path(out_dir) / report.name, measured.judge.summary())
-    return metrics
+    return recorded
 
 
 if __name__ == "__main__":

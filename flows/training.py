@@ -26,8 +26,9 @@ def tracked_training(
 ) -> dict:
     """Run `train` as one MLflow run (continued after a kill), log whatever of its history the run lacks,
     then write its metrics and loss plots, log the model and register it. `score`, if given, measures the
-    trained model in the run (logging what it draws) and returns figures for the metrics file. Under
-    torchrun only rank 0 locks, tracks, logs and writes."""
+    trained model in the run (logging what it draws) and returns figures for the metrics file. The dtype
+    training computed in (`precision: auto` picks it by the host) is the run's tag `precision_used` and a
+    key of the metrics file. Under torchrun only rank 0 locks, tracks, logs and writes."""
     dist = distributed.from_env()
     # A resumed run continues its MLflow run; under torchrun the other ranks report to memory only.
     run = (tracked_run(stage, out_dir=out_dir, experiment=experiment, params_file=params_file,
@@ -49,11 +50,13 @@ def tracked_training(
                 result = dataclasses.replace(result, metrics={**result.metrics, **scored})
             version = log_gpt_model(out_dir, registered_model, {"stage": stage, "run_id": t.run_id},
                                     serving=load_params(params_file).serving)
-            t.set_tags({"registered_model_version": str(version)})
+            t.set_tags({"registered_model_version": str(version), "precision_used": result.precision_used})
             write_registration(out_dir, registered_model, str(version), t.run_id)
     finally:
         distributed.shutdown()
-    write_metrics(metrics_file, result.metrics)
-    stage_logger().info("%s: %s; registered %s version %s", stage,
-                        ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items()), registered_model, version)
-    return result.metrics
+    recorded = {**result.metrics, "precision_used": result.precision_used}  # a string: not an MLflow metric
+    write_metrics(metrics_file, recorded)
+    stage_logger().info("%s: %s, in %s; registered %s version %s", stage,
+                        ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items()), result.precision_used,
+                        registered_model, version)
+    return recorded

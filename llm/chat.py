@@ -18,10 +18,9 @@ from typing import TextIO
 
 import torch
 
-from llm.checkpoint import CheckpointError, load_model, read_config, require_language_model
-from llm.config import ConfigError, from_mapping
-from llm.generate import Sampling, decode_stream, stream
-from llm.hardware import inference_dtype
+from llm.checkpoint import CheckpointError, read_config, require_language_model
+from llm.config import INFERENCE_PRECISION, ConfigError, Precision, from_mapping
+from llm.generate import Sampling, add_precision_option, decode_stream, load_for_inference, stream
 from llm.instructions import Record, prompt_text
 from llm.tokenizer import TokenizerError, get_tokenizer
 
@@ -33,14 +32,13 @@ def instruction(line: str) -> Record:
     return Record(instruction=text.strip(), input=extra.strip(), output="")
 
 
-def chat(checkpoint: Path, sampling: Sampling, max_new_tokens: int, device: str, precision: str = "auto",
-         lines: TextIO = sys.stdin, out: TextIO = sys.stdout) -> None:
+def chat(checkpoint: Path, sampling: Sampling, max_new_tokens: int, device: str,
+         precision: Precision = INFERENCE_PRECISION, lines: TextIO = sys.stdin, out: TextIO = sys.stdout) -> None:
     config = read_config(checkpoint)
     require_language_model(config, checkpoint)
     style = config.extra.get("prompt_style", "alpaca")
     tokenizer = get_tokenizer(config.tokenizer)
-    model = load_model(checkpoint, device)
-    model.to(inference_dtype(torch.device(device), precision))
+    model = load_for_inference(checkpoint, device, precision)
     interactive = lines.isatty()
     while True:
         if interactive:
@@ -67,8 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                        help="auto: bf16 weights where the hardware runs bf16 fast")
+    add_precision_option(parser)
     args = parser.parse_args(argv)
     try:
         sampling = from_mapping(Sampling, {"temperature": args.temperature, "top_k": args.top_k,

@@ -383,7 +383,11 @@ class ModelSection:
 
 
 Device = Literal["auto", "cpu", "cuda", "mps"]
-Precision = Literal["auto", "fp32", "bf16"]
+Precision = Literal["auto", "fp32", "bf16"]  # what each means: llm/hardware.py
+PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
+# Inference's default is fp32, not auto: bf16 rounding changes greedy text, so that evaluation, serving and
+# generation would give results that depend on the CPU. bf16 (or auto) is the user's choice.
+INFERENCE_PRECISION: Precision = "fp32"
 
 
 @dataclass(frozen=True)
@@ -587,7 +591,7 @@ class JudgeConfig:
 @dataclass(frozen=True)
 class EvaluateConfig:
     device: Device = "auto"
-    precision: Precision = "auto"
+    precision: Precision = INFERENCE_PRECISION  # fp32: the same scores on any machine; bf16/auto: faster
     batch_size: int = 8  # val windows per forward pass, for perplexity
     generate_batch_size: int = 8  # test prompts generated together
     max_new_tokens: int = 128  # the book generates up to 256

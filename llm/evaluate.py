@@ -8,6 +8,9 @@
 - Exact match and ROUGE-L F1 against the reference outputs; optionally an LLM judge's 0-100 score.
 - A few test prompts answered by both models, side by side, for the report.
 
+All of it is computed in fp32 unless `evaluate.precision` asks for bf16, so that the figures and answers
+are the same whichever machine runs the stage (llm/hardware.py has the rule).
+
 `evaluate_models` only measures; the flow decides on promotion in the registry and writes the report.
 """
 
@@ -21,7 +24,7 @@ import torch
 from llm.checkpoint import SPLIT_FILE, load_model, read_config, read_history
 from llm.config import EvaluateConfig
 from llm.generate import Sampling
-from llm.hardware import inference_dtype, resolve_device, train_dtype
+from llm.hardware import inference_dtype, precision_name, resolve_device
 from llm.instructions import TEMPLATES, prompt_text, read_split
 from llm.judge import JudgeResult, judge_responses
 from llm.perplexity import PerplexityResult, perplexity
@@ -43,6 +46,7 @@ class Measurements:
     judge: JudgeResult
     examples: list[Example]
     histories: dict[str, dict]
+    precision: str  # what the losses and answers were computed in: fp32 or bf16
 
     def metrics(self) -> dict[str, float]:
         """The headline numbers, for metrics/evaluate.json (`dvc metrics diff`) and MLflow."""
@@ -64,7 +68,7 @@ def evaluate_models(config: EvaluateConfig, base_dir: str | Path, finetuned_dir:
                     shards_dir: str | Path) -> Measurements:
     base_dir, finetuned_dir = Path(base_dir), Path(finetuned_dir)
     device = resolve_device(config.device)
-    dtype = train_dtype(device, config.precision)
+    dtype = inference_dtype(device, config.precision)  # fp32 unless asked: scores independent of the host
     autocast_dtype = None if dtype == torch.float32 else dtype
     manifest = read_manifest(shards_dir)
     saved = {folder: read_config(folder) for folder in (base_dir, finetuned_dir)}
@@ -78,8 +82,10 @@ def evaluate_models(config: EvaluateConfig, base_dir: str | Path, finetuned_dir:
     val = TokenStream.from_manifest(shards_dir, "val")
     losses = [perplexity(model, val, model.config.context_length, config.batch_size, device, autocast_dtype)
               for model in (base, finetuned)]
-    for model in (base, finetuned):  # answers are generated with bf16 weights where that is fast
-        model.to(inference_dtype(device, config.precision))
+    # Decoding reads every weight for each token: bf16 weights (where asked for) halve the bytes, where
+    # autocast would convert the fp32 ones at every step.
+    for model in (base, finetuned):
+        model.to(dtype)
 
     if not (finetuned_dir / SPLIT_FILE).is_file():
         raise FileNotFoundError(f"{finetuned_dir / SPLIT_FILE} not found: run the finetune stage first "
@@ -103,4 +109,5 @@ def evaluate_models(config: EvaluateConfig, base_dir: str | Path, finetuned_dir:
         examples=[Example(prompt=p, expected=r.output, base=b["model_response"], finetuned=f["model_response"])
                   for p, r, b, f in zip(prompts, tests, shown, responses)],
         histories={"pretrain": read_history(base_dir), "finetune": read_history(finetuned_dir)},
+        precision=precision_name(dtype),
     )

@@ -1,9 +1,10 @@
 """Text generation: greedy and sampled decoding with a KV cache, batched prompts, and a command.
 
     python -m llm.generate --checkpoint data/checkpoints/pretrain --prompt "Every effort moves you"
-        [--max-new-tokens 50] [--temperature 0.8] [--top-k 50] [--top-p 0.95] [--seed 1]
+        [--max-new-tokens 50] [--temperature 0.8] [--top-k 50] [--top-p 0.95] [--seed 1] [--precision bf16]
 
-prints the continuation (not the prompt) as it is generated; `--temperature 0` decodes greedily.
+prints the continuation (not the prompt) as it is generated; `--temperature 0` decodes greedily. It computes
+in fp32 unless `--precision` asks for bf16 (llm/hardware.py: why), so greedy text is the same on any machine.
 
 What is computed, whatever the path: each new token comes from the model's logits at the last position
 of the last `context_length` tokens (a longer prompt is cropped to its end), exactly as a plain loop of
@@ -33,7 +34,7 @@ import torch
 from torch import Tensor
 
 from llm.checkpoint import CheckpointError, load_model, read_config, require_language_model
-from llm.config import ConfigError, Problem, check_range, from_mapping
+from llm.config import INFERENCE_PRECISION, PRECISIONS, ConfigError, Precision, Problem, check_range, from_mapping
 from llm.hardware import inference_dtype
 from llm.model import GPT, eval_mode
 from llm.tokenizer import TokenizerError, get_tokenizer
@@ -191,8 +192,23 @@ def decode_stream(tokenizer: tiktoken.Encoding, token_ids: Iterable[int]) -> Ite
         yield text
 
 
+def load_for_inference(checkpoint: str | Path, device: torch.device | str = "cpu",
+                       precision: Precision = INFERENCE_PRECISION) -> GPT:
+    """The checkpoint's model on `device`, in the dtype that `precision` picks there (fp32 by default, the
+    same text on any machine: llm/hardware.py); what the commands and the served model generate with."""
+    model = load_model(checkpoint, device)
+    return model.to(inference_dtype(torch.device(device), precision))
+
+
 # ---------------------------------------------------------------------------------------------------
 # The command
+
+
+def add_precision_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--precision", choices=PRECISIONS, default=INFERENCE_PRECISION,
+                        help=f"{INFERENCE_PRECISION} (the default): the same tokens on any machine; bf16: bf16 "
+                             "weights, about twice the tokens/s where the hardware runs bf16 natively, but tokens "
+                             "that can change with the machine; auto: bf16 where it runs fast, else fp32")
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -206,8 +222,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                        help="auto: bf16 weights where the hardware runs bf16 fast (about twice the tokens/s)")
+    add_precision_option(parser)
     parser.add_argument("--no-cache", action="store_true", help="recompute every position at every step")
     return parser.parse_args(argv)
 
@@ -224,8 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if config.model.vocab_size != tokenizer.n_vocab:
             raise CheckpointError(f"{args.checkpoint}: the model's vocab_size {config.model.vocab_size} does "
                                   f"not match tokenizer {config.tokenizer!r} ({tokenizer.n_vocab} tokens)")
-        model = load_model(args.checkpoint, args.device)
-        model.to(inference_dtype(torch.device(args.device), args.precision))
+        model = load_for_inference(args.checkpoint, args.device, args.precision)
         prompt = tokenizer.encode(args.prompt, allowed_special="all") or [tokenizer.eot_token]
         if len(prompt) > config.model.context_length:
             print(f"note: the prompt has {len(prompt)} tokens; the model sees its last "

@@ -1,4 +1,17 @@
-"""The machine a run uses: its device, the precision it trains in, and its peak FLOP/s for MFU.
+"""The machine a run uses: its device, the precision it computes in, and its peak FLOP/s for MFU.
+
+The precision rule: training computes in bf16 where the hardware runs bf16 natively (`precision: auto`,
+its default), inference always in fp32 unless you ask for bf16. Inference is the evaluate stage (its
+perplexity, answers and scores), the served MLflow model, `llm.generate` and `llm.chat`; asking is
+`evaluate.precision: bf16` in params.yaml or `--precision bf16`, and `auto` there means bf16 where it is fast.
+
+Why inference does not default to auto: bf16 keeps 8 bits of mantissa, enough to swap the two likeliest
+tokens now and then, and greedy text then parts from fp32's for good (a GPT-2 converted from transformers
+did so after 9 tokens on a CPU with AVX512-BF16). With an auto default, the evaluate stage's answers and
+scores would change with the machine that ran `dvc repro`. In fp32 they are the same on every CPU and on
+CUDA to fp32 rounding (PyTorch leaves TF32 matmuls off by default, and nothing here turns them on): only
+a near-tie of two logits could still part. Training's auto stays: its weights depend on the host's
+arithmetic anyway, and each training run records the dtype it used (`precision_used`).
 
 MFU (model FLOPs utilisation) is the share of the hardware's peak that the model's useful FLOPs reach.
 On CUDA the peak comes from the card's datasheet (dense bf16); on a CPU, which has no datasheet figure
@@ -12,6 +25,8 @@ import time
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
+
+from llm.config import INFERENCE_PRECISION, PRECISIONS, Precision
 
 # Dense bf16 tensor-core peaks from NVIDIA's datasheets, by a substring of the device name.
 _CUDA_BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12,
@@ -48,17 +63,25 @@ def bf16_is_fast(device: torch.device) -> bool:
     return False
 
 
-def train_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
+def train_dtype(device: torch.device, precision: Precision = "auto") -> torch.dtype:
     """The autocast dtype: bf16 where asked for or (auto) where fast, else fp32 (no autocast)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "bf16" or (precision == "auto" and bf16_is_fast(device)):
         return torch.bfloat16
     return torch.float32
 
 
-def inference_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
-    """The dtype to generate in: bf16 weights where the hardware runs bf16 fast. Decoding a token is a
-    one-row product with every weight, bound by reading them: half the bytes, about twice the tokens/s."""
+def inference_dtype(device: torch.device, precision: Precision = INFERENCE_PRECISION) -> torch.dtype:
+    """The dtype to generate in: each choice means what it means for training, but the default is fp32 (the
+    module's docstring says why). bf16 weights roughly double the tokens/s where bf16 is native: decoding a
+    token is a one-row product with every weight, bound by reading them, and bf16 halves the bytes."""
     return train_dtype(device, precision)
+
+
+def precision_name(dtype: torch.dtype) -> Precision:
+    """How params.yaml names a dtype that train_dtype or inference_dtype chose: what a run records."""
+    return "bf16" if dtype == torch.bfloat16 else "fp32"
 
 
 def autocast(device: torch.device, dtype: torch.dtype) -> AbstractContextManager:

@@ -9,8 +9,9 @@ from this repository:
          -d '{"inputs": {"prompt": ["Every effort moves you"]}, "params": {"max_new_tokens": 20}}'
 
 Input: a column `prompt` (strings). Params: max_new_tokens, temperature (0: greedy), top_k, top_p, seed.
-Output: the completions, prompt not included. tiktoken needs its BPE files: with no network, set
-TIKTOKEN_CACHE_DIR in the serving environment.
+Output: the completions, prompt not included, computed in fp32 on the CPU, so that they do not depend on
+the machine that serves them (llm/hardware.py has the precision rule). tiktoken needs its BPE files: with
+no network, set TIKTOKEN_CACHE_DIR in the serving environment.
 
 A request may ask for at most `max_prompts` prompts and `max_new_tokens` tokens, the `serving` section
 of params.yaml as it was when the model was logged (its `model_config`); above either the model raises
@@ -52,15 +53,12 @@ def check_request(limits: Mapping[str, int], prompts: int, max_new_tokens: int, 
 
 class TextGenerator(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
-        import torch
-
-        from llm.checkpoint import load_model, read_config
-        from llm.hardware import inference_dtype
+        from llm.checkpoint import read_config
+        from llm.generate import load_for_inference
         from llm.tokenizer import get_tokenizer
 
         checkpoint = Path(context.artifacts["checkpoint"])
-        self.model = load_model(checkpoint)
-        self.model.to(inference_dtype(torch.device("cpu")))  # bf16 where the CPU runs it fast
+        self.model = load_for_inference(checkpoint)  # in fp32: the same completions on whichever CPU serves it
         self.tokenizer = get_tokenizer(read_config(checkpoint).tokenizer)
 
     def predict(self, context, model_input, params: dict | None = None) -> list[str]:

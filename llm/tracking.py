@@ -619,7 +619,7 @@ def load_logged_gpt(model_uri: str, device: str = "cpu"):
 
     from llm.checkpoint import load_model
 
-    # The checkpoint itself, in fp32: the pyfunc would give the model it serves, in bf16 where fast.
+    # The checkpoint itself, not the pyfunc: that would give a wrapper that only generates text.
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
     return load_model(local / "artifacts" / "checkpoint", device)
 

@@ -4,10 +4,11 @@
     result = trainer.fit()
 
 One optimizer step accumulates `global_batch_size / (batch_size * world_size)` micro-batches under bf16
-autocast where the device runs it fast, clips the gradient norm, and steps AdamW on a warmup + cosine
-schedule. Every `log_interval` steps it reports loss, learning rate, gradient norm, tokens/s and MFU to
-the tracker (no MLflow here), and shows them on a progress bar; it evaluates on fixed val batches,
-writes sample generations, and saves resumable checkpoints.
+autocast where the device runs it fast (`precision: auto`; the result's `precision_used` says which),
+clips the gradient norm, and steps AdamW on a warmup + cosine schedule. Every `log_interval` steps it
+reports loss, learning rate, gradient norm, tokens/s and MFU to the tracker (no MLflow here), and shows
+them on a progress bar; it evaluates on fixed val batches, writes sample generations, and saves
+resumable checkpoints.
 
 Resume is exact: a checkpoint holds the weights, the optimizer and scheduler, the data position and the
 history, and the random state needs no saving because dropout is reseeded from (seed, rank, step) at
@@ -40,7 +41,7 @@ from llm import distributed, faults
 from llm.checkpoint import MODEL_FILE, ResumeStore, history_from_json, settings_digest, unwrap, write_final
 from llm.config import TrainConfig
 from llm.distributed import Dist
-from llm.hardware import autocast, peak_flops, resolve_device, train_dtype
+from llm.hardware import autocast, peak_flops, precision_name, resolve_device, train_dtype
 from llm.model import eval_mode
 from llm.optim import adamw, warmup_cosine
 from llm.sampler import check_global_batch
@@ -88,16 +89,29 @@ class Progress:
     # The train losses of the steps since the last report: saved, so that a resumed run reports the
     # same mean over the same steps as a run never interrupted.
     pending_losses: list[float] = field(default_factory=list)
+    # The dtype of each process that computed part of the run, in order ("fp32", "bf16"): precision may
+    # change on resume, and auto picks by the host, so a run resumed elsewhere may have used both.
+    precisions: list[str] = field(default_factory=list)
 
     def record(self, metrics: dict[str, float]) -> None:
         for name, value in metrics.items():
             self.history.setdefault(name, []).append((self.step, value))
+
+    def computed_in(self, precision: str) -> None:
+        if self.precisions[-1:] != [precision]:
+            self.precisions.append(precision)
+
+    @property
+    def precision_used(self) -> str:
+        """What metrics files and the MLflow run record: "bf16", "fp32", or e.g. "fp32 then bf16"."""
+        return " then ".join(self.precisions)
 
 
 @dataclass(frozen=True)
 class TrainResult:
     progress: Progress
     metrics: dict[str, float]  # the final figures, for metrics/<stage>.json
+    precision_used: str  # Progress.precision_used, recorded beside the metrics
     model: nn.Module  # the trained GPT (unwrapped from compile and DDP), on the training device
 
 
@@ -155,6 +169,8 @@ class Trainer:
     def fit(self) -> TrainResult:
         resumed = self._resume()  # replaces self.progress: read it only after
         cfg, progress = self.config, self.progress
+        if not resumed or progress.step < self.max_steps:  # a resumed run with no step left computes nothing
+            progress.computed_in(precision_name(self.dtype))
         if not resumed:
             self._report(self.evaluation())  # the starting point of the curve
         window_time, window_tokens = 0.0, 0
@@ -194,7 +210,7 @@ class Trainer:
                     self.save_checkpoint()
                 faults.pause_point("train.step")
         self.save_final()
-        return TrainResult(progress, self.final_metrics(), self.gpt)
+        return TrainResult(progress, self.final_metrics(), progress.precision_used, self.gpt)
 
     def _optimizer_step(self) -> tuple[float, float, int]:
         """One optimizer step over `accum` micro-batches: (mean loss, gradient norm, tokens processed)."""
@@ -282,6 +298,7 @@ class Trainer:
                 state={"step": progress.step, "tokens": progress.tokens, "fingerprint": progress.fingerprint,
                        "run_id": progress.run_id, "batches": self.train_batches.state_dict(),
                        "history": progress.history, "pending_losses": progress.pending_losses,
+                       "precisions": progress.precisions,
                        "settings": self.settings})
         distributed.barrier(self.dist)
         return folder
@@ -306,7 +323,9 @@ class Trainer:
         self.progress = Progress(step=state["step"], tokens=state["tokens"], fingerprint=state["fingerprint"],
                                  run_id=self.progress.run_id or state.get("run_id"),
                                  history=history_from_json(state["history"]),
-                                 pending_losses=list(state.get("pending_losses", [])))
+                                 pending_losses=list(state.get("pending_losses", [])),
+                                 # a checkpoint older than this record: the dtype of its steps is unknown
+                                 precisions=list(state.get("precisions", ["unknown"])))
         log.info("resumed from %s at step %d", resumed.folder, self.progress.step)
         return True
 

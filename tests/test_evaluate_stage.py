@@ -82,7 +82,7 @@ def test_evaluate_flow_measures_reports_and_promotes(tmp_path, monkeypatch, pref
     assert [r["instruction"] for r in responses] == [r.instruction for r in records[8:]]
     assert all(set(r) == {"instruction", "input", "output", "model_response"} for r in responses)
     assert json.loads((tmp_path / "metrics/evaluate.json").read_text()) == metrics
-    assert metrics["test_records"] == 4 and "judge_score" not in metrics
+    assert metrics["test_records"] == 4 and "judge_score" not in metrics and metrics["precision_used"] == "fp32"
     assert metrics["val_loss_base"] == pytest.approx(metrics["val_loss_finetuned"])  # the same weights
     report = (tmp_path / "data/eval/report.md").read_text()
     assert "gpt-instruct version 1" in report and "skipped: no judge configured" in report
@@ -92,6 +92,7 @@ def test_evaluate_flow_measures_reports_and_promotes(tmp_path, monkeypatch, pref
     assert str(client.get_model_version_by_alias("gpt-instruct", "champion").version) == "1"
     (run,) = client.search_runs([client.get_experiment_by_name("test-evaluate").experiment_id])
     assert run.data.metrics["rouge_l_f1"] == metrics["rouge_l_f1"] and run.data.tags["promoted"] == "True"
+    assert run.data.tags["precision_used"] == "fp32"
     assert {a.path for a in client.list_artifacts(run.info.run_id, "eval")} >= {"eval/report.md",
                                                                                 "eval/responses.json"}
 

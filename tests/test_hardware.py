@@ -1,4 +1,5 @@
-"""The precision a run picks: bf16 only where the CPU computes in bf16 natively, whatever oneDNN accepts."""
+"""The precision a run picks: training's auto is bf16 only where the CPU computes in bf16 natively, whatever
+oneDNN accepts; inference is fp32 unless asked, wherever bf16 is fast."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from types import MappingProxyType
 import pytest
 import torch
 
-from llm.hardware import bf16_is_fast, inference_dtype, train_dtype
+from llm.hardware import bf16_is_fast, inference_dtype, precision_name, train_dtype
 
 CPU = torch.device("cpu")
 AVX512 = {"architecture": "x86_64", "avx2": True, "avx512_f": True, "avx512_bw": True, "avx512_vl": True,
@@ -30,7 +31,8 @@ def test_cpu_bf16_is_fast_only_with_native_bf16(monkeypatch, features, fast):
     pretend_cpu(monkeypatch, **features)
     assert bf16_is_fast(CPU) is fast
     expected = torch.bfloat16 if fast else torch.float32
-    assert train_dtype(CPU) == inference_dtype(CPU) == expected
+    assert train_dtype(CPU) == inference_dtype(CPU, "auto") == expected
+    assert inference_dtype(CPU) == torch.float32  # the default: the same text on any CPU
 
 
 def test_an_explicit_precision_overrides_the_hardware(monkeypatch):
@@ -38,3 +40,9 @@ def test_an_explicit_precision_overrides_the_hardware(monkeypatch):
     assert train_dtype(CPU, "bf16") == torch.bfloat16
     pretend_cpu(monkeypatch, **{**AVX512, "amx_bf16": True})
     assert train_dtype(CPU, "fp32") == torch.float32
+
+
+def test_a_dtype_is_named_as_params_yaml_names_it_and_a_bad_precision_is_refused():
+    assert (precision_name(train_dtype(CPU, "bf16")), precision_name(inference_dtype(CPU))) == ("bf16", "fp32")
+    with pytest.raises(ValueError, match="precision must be one of auto, fp32, bf16, got 'fp16'"):
+        inference_dtype(CPU, "fp16")

@@ -37,7 +37,7 @@ def test_pretrain_flow_tracks_registers_and_writes_dvc_outputs(tmp_path, monkeyp
     metrics = pretrain()
 
     assert json.loads((tmp_path / "metrics/pretrain.json").read_text()) == metrics
-    assert metrics["steps"] == 12 and metrics["val_loss"] < 5.5
+    assert metrics["steps"] == 12 and metrics["val_loss"] < 5.5 and metrics["precision_used"] == "fp32"
     with open(tmp_path / "plots/pretrain/val_loss.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in rows] == [0, 4, 8, 12]
@@ -49,6 +49,7 @@ def test_pretrain_flow_tracks_registers_and_writes_dvc_outputs(tmp_path, monkeyp
     assert run.info.status == "FINISHED" and run.info.run_name == "pretrain"
     assert run.data.params["pretrain.lr"] == "0.003" and run.data.params["model.n_layer"] == "2"
     assert run.data.tags["pipeline.stage"] == "pretrain" and "pipeline.params_sha256" in run.data.tags
+    assert run.data.tags["precision_used"] == "fp32"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [2, 4, 6, 8, 10, 12]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
     assert artifacts == {"samples/step-000006.txt", "samples/step-000012.txt"}

@@ -49,6 +49,7 @@ def test_loss_falls_and_everything_is_reported(tmp_path, shards):
     val = tracker.series("val_loss")
     assert val[0][0] == 0 and val[0][1] > 5.5  # about ln(512) = 6.2 at the start
     assert val[-1] == (20, result.metrics["val_loss"]) and val[-1][1] < val[0][1] - 2
+    assert result.precision_used == "fp32"
     assert [s for s, _ in tracker.series("train_loss")] == list(range(2, 21, 2))
     for name in ("lr", "grad_norm", "tokens_per_s", "mfu", "tokens"):
         assert len(tracker.series(name)) == 10
@@ -119,9 +120,10 @@ def test_settings_that_leave_the_weights_alone_resume(tmp_path, shards):
     shutil.rmtree(out / "resume" / "step-000010")  # as if killed after step 9's checkpoint
     tracker = MemoryTracker()
     changed = dict(log_interval=1, eval_interval=7, eval_batches=1, sample_interval=0, checkpoint_interval=4,
-                   keep_checkpoints=3, sample_prompt=" of", registered_model="other", precision="fp32")
-    run_pretrain(params(max_steps=10, **changed), shards, out, tracker=tracker)
+                   keep_checkpoints=3, sample_prompt=" of", registered_model="other", precision="bf16")
+    result = run_pretrain(params(max_steps=10, **changed), shards, out, tracker=tracker)
     assert [step for step, _ in tracker.series("train_loss")] == [10]  # resumed at step 9: one step left
+    assert result.precision_used == "fp32 then bf16"
     assert not list((out / "resume").glob("superseded-*"))
 
 
