@@ -1,35 +1,58 @@
-"""Training throughput: the project's trainer against a minimal nanoGPT-style loop, in one run.
+"""Training throughput: the project's trainer against nanoGPT as written, in one run.
 
-    python -m benchmarks.train [--steps 12] [--no-compile]
+    python -m benchmarks.train [--steps 4] [--rounds 5] [--no-compile]
 
-Both sides train the same shape (the `cpu-small` preset: 4 layers, n_embd 256, context 256, GPT-2's
-50,257-token vocabulary, dropout 0) on the same token shards (tinyshakespeare), batches of 8 x 256:
-- reference: a plain GPT written here as nanoGPT writes it (SDPA attention, `lm_head` then
-  `F.cross_entropy`), AdamW, random windows from a tensor, and nothing else;
+Both sides train the same shape (the `cpu-small` preset: 4 layers, 4 heads, n_embd 256, context 256,
+GPT-2's 50,257-token vocabulary, biases, head tied to the token embedding, dropout 0) on the same
+tokens (tinyshakespeare, tokenized into shards by the tokenize stage), batches of 8 x 256, with the
+same AdamW (lr 1e-3 warmed up over 2 steps then cosine to 1e-4 over the run, betas 0.9/0.95, weight
+decay 0.1 on matrices only, gradient norm clipped at 1.0):
+- reference: nanoGPT's `model.py`, vendored unchanged in what it computes (benchmarks/nanogpt.py: its
+  init, N(0, 0.02) with the residual projections at 0.02/sqrt(2 * n_layer), SDPA attention, `lm_head`
+  over every position then `F.cross_entropy`, and its `configure_optimizers`), trained by the loop of
+  nanoGPT's `train.py`: random windows from one token tensor (`torch.randint` offsets, `torch.stack`
+  of the x and y slices, the next batch fetched right after the forward), the autocast context, one
+  micro-batch a step, `loss.backward()`, clipping, `optimizer.step()`, `zero_grad(set_to_none=True)`,
+  `get_lr`'s warmup + cosine set on the param groups each step, `loss.item()` every step (its
+  log_interval is 1);
 - ours: `llm.train.Trainer` with `llm.model.GPT` (head and loss fused in chunks, llm/loss.py),
-  memory-mapped `RandomWindows`, progress reporting, tracking and a checkpoint at the end.
-Each side first tries its settings (fp32 or bf16 autocast, eager or `torch.compile`) and keeps its
-fastest; then the two are timed in alternating rounds so that a busy spell of the machine lands on
-both. Tokens/s excludes the warm-up (and compilation). MFU is measured against this machine's own
-matmul rate in the training dtype. Last line: `train_vs_reference=R`, the median of the rounds'
-ratios (goal: at least 1.2).
+  memory-mapped `RandomWindows`, progress reporting, tracking and a checkpoint after each round.
+Each side first tries its settings, fp32 or bf16 autocast, eager or `torch.compile` (which needs a C++
+compiler: a setting that fails is skipped, with the reason), and keeps its fastest. nanoGPT fuses
+AdamW only on CUDA and, on a CPU, autocasts nothing (its `ctx` is a nullcontext there); both are
+offered to it anyway, each side at its fastest: bf16 as one of its settings, and the fused CPU AdamW
+kernel (what ours uses) tried on its fastest setting, kept if faster. Then the two winners are timed
+in alternating (paired) rounds, the order swapped each round, so that a busy spell of the machine
+lands on both. Tokens/s excludes the warm-up step (and compilation); ours also excludes the
+evaluation and checkpoint that end each of its rounds. MFU is measured against this machine's own
+matmul rate in the training dtype.
+
+Sanity checks, printed and asserted (a benchmark that measures a broken model is worthless): every
+tried setting's step-0 loss is within 0.3 of ln(50257) = 10.82, and each winner's mean loss over the
+last round is at least 1.0 below its step-0 loss. Last line: `train_vs_nanogpt=R`, the median of the
+rounds' ratios of tokens/s (goal: at least 1.2).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import inspect
+import io
+import math
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
+from benchmarks import nanogpt
 from benchmarks.tokenize import build_corpus
 from llm.config import TokenizeConfig, TrainConfig
-from llm.hardware import measured_matmul_flops, precision_name
+from llm.hardware import measured_matmul_flops
 from llm.model import GPT, model_config
 from llm.shards import RandomWindows, TokenStream
 from llm.tokenize import tokenize_corpus
@@ -37,153 +60,231 @@ from llm.tracking import MemoryTracker
 from llm.train import Trainer
 
 BATCH = 8
+LR, MIN_LR, WARMUP_LR_STEPS = 1e-3, 1e-4, 2  # ours: TrainConfig's lr and min_lr; both sides warm up 2 steps
+WEIGHT_DECAY, BETAS, GRAD_CLIP = 0.1, (0.9, 0.95), 1.0
+WARMUP = 1  # untimed steps of each setting first (compilation, the optimizer's state); its loss is step 0's
+STEP0_TOLERANCE = 0.3  # around ln(vocab): an initialised model predicts nearly uniformly
+MIN_LOSS_DROP = 1.0  # the last round's mean loss under step 0's by at least this
+
+# A runner trains its own model n more steps and returns (tokens/s over those steps, their mean loss).
+Runner = Callable[[int], tuple[float, float]]
 
 
-# --- the reference: nanoGPT's model and loop, minimal -----------------------------------------------
+@dataclass(frozen=True)
+class Setting:
+    dtype: torch.dtype
+    compile: bool
+    fused_adamw: bool = False  # the reference only: nanoGPT fuses on CUDA alone; ours always fuses
 
-class RefBlock(nn.Module):
-    def __init__(self, n_embd: int, n_head: int):
-        super().__init__()
-        self.n_head = n_head
-        self.ln_1, self.ln_2 = nn.LayerNorm(n_embd), nn.LayerNorm(n_embd)
-        self.c_attn, self.c_proj = nn.Linear(n_embd, 3 * n_embd), nn.Linear(n_embd, n_embd)
-        self.mlp = nn.Sequential(nn.Linear(n_embd, 4 * n_embd), nn.GELU(approximate="tanh"),
-                                 nn.Linear(4 * n_embd, n_embd))
-
-    def forward(self, x):
-        B, T, C = x.shape
-        q, k, v = self.c_attn(self.ln_1(x)).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C)
-        x = x + self.c_proj(y)
-        return x + self.mlp(self.ln_2(x))
+    def __str__(self) -> str:
+        text = f"{str(self.dtype).removeprefix('torch.')} {'compiled' if self.compile else 'eager'}"
+        return text + (" fused-AdamW" if self.fused_adamw else "")
 
 
-class RefGPT(nn.Module):
-    def __init__(self, vocab_size: int, context_length: int, n_embd: int, n_head: int, n_layer: int):
-        super().__init__()
-        self.wte, self.wpe = nn.Embedding(vocab_size, n_embd), nn.Embedding(context_length, n_embd)
-        self.h = nn.ModuleList(RefBlock(n_embd, n_head) for _ in range(n_layer))
-        self.ln_f = nn.LayerNorm(n_embd)
-        self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight
+# --- the reference: nanoGPT's model.py (vendored) and train.py's loop --------------------------------
 
-    def forward(self, idx, targets):
-        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1]))
-        for block in self.h:
-            x = block(x)
-        logits = self.lm_head(self.ln_f(x))
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+def reference_runner(tokens: torch.Tensor, setting: Setting, total_steps: int) -> Runner:
+    cfg = model_config("cpu-small", dropout=0.0)
+    block_size = cfg.context_length
+    torch.manual_seed(1337)  # train.py's seed
+    with contextlib.redirect_stdout(io.StringIO()):  # its prints (parameter counts, fused or not), per setting
+        model = nanogpt.GPT(nanogpt.GPTConfig(block_size=block_size, vocab_size=cfg.vocab_size,
+                                              n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                                              dropout=0.0, bias=True))
+        # configure_optimizers reads device_type for one thing only, whether to fuse: asking for 'cuda'
+        # here is how the fused kernel (on the CPU, where these parameters are) is offered to it.
+        optimizer = model.configure_optimizers(WEIGHT_DECAY, LR, BETAS,
+                                               "cuda" if setting.fused_adamw else "cpu")
+    assert all(group.get("fused") == (setting.fused_adamw or None) for group in optimizer.param_groups)
+    step_model = torch.compile(model) if setting.compile else model
+    ctx = (contextlib.nullcontext() if setting.dtype == torch.float32
+           else torch.autocast(device_type="cpu", dtype=setting.dtype))
 
+    def get_batch():
+        ix = torch.randint(len(tokens) - block_size, (BATCH,))
+        x = torch.stack([tokens[i:i + block_size] for i in ix])
+        y = torch.stack([tokens[i + 1:i + 1 + block_size] for i in ix])
+        return x, y
 
-def reference_runner(tokens: torch.Tensor, dtype: torch.dtype, compile_: bool):
-    cfg = model_config("cpu-small")
-    torch.manual_seed(0)
-    model = RefGPT(cfg.vocab_size, cfg.context_length, cfg.n_embd, cfg.n_head, cfg.n_layer)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95))
-    step_model = torch.compile(model) if compile_ else model
-    T = cfg.context_length
+    def get_lr(it: int) -> float:  # train.py's, with warmup_iters, lr_decay_iters and min_lr set as ours
+        if it < WARMUP_LR_STEPS:
+            return LR * (it + 1) / (WARMUP_LR_STEPS + 1)
+        if it > total_steps:
+            return MIN_LR
+        decay_ratio = (it - WARMUP_LR_STEPS) / (total_steps - WARMUP_LR_STEPS)
+        assert 0 <= decay_ratio <= 1
+        coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))
+        return MIN_LR + coeff * (LR - MIN_LR)
 
-    def steps(n: int) -> float:
+    iter_num = 0
+    X, Y = get_batch()
+
+    def steps(n: int) -> tuple[float, float]:
+        nonlocal iter_num, X, Y
+        losses = []
         start = time.perf_counter()
         for _ in range(n):
-            ix = torch.randint(len(tokens) - T - 1, (BATCH,))
-            x = torch.stack([tokens[i:i + T] for i in ix])
-            y = torch.stack([tokens[i + 1:i + 1 + T] for i in ix])
-            with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-                loss = step_model(x, y)
+            lr = get_lr(iter_num)
+            for param_group in optimizer.param_groups:
+                param_group["lr"] = lr
+            with ctx:
+                _logits, loss = step_model(X, Y)
+            X, Y = get_batch()  # as train.py: the next batch while (on a GPU) the forward runs
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(step_model.parameters(), GRAD_CLIP)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        return n * BATCH * T / (time.perf_counter() - start)
+            losses.append(loss.item())
+            iter_num += 1
+        return n * BATCH * block_size / (time.perf_counter() - start), sum(losses) / n
 
     return steps
+
+
+def reference_params() -> int:
+    cfg = model_config("cpu-small", dropout=0.0)
+    with contextlib.redirect_stdout(io.StringIO()):
+        model = nanogpt.GPT(nanogpt.GPTConfig(block_size=cfg.context_length, vocab_size=cfg.vocab_size,
+                                              n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                                              dropout=0.0, bias=True))
+    return model.get_num_params(non_embedding=False)
 
 
 # --- ours: the project's trainer ---------------------------------------------------------------------
 
-def ours_runner(shards: Path, work: Path, dtype: torch.dtype, compile_: bool):
-    precision = precision_name(dtype)
+def ours_runner(shards: Path, work: Path, setting: Setting, total_steps: int) -> Runner:
+    torch.manual_seed(1337)
     model = GPT(model_config("cpu-small", dropout=0.0))
     T = model.config.context_length
     windows = RandomWindows(TokenStream.from_manifest(shards, "train"), T, BATCH, seed=0)
     val = [windows.next_batch()]
-    trainer: Trainer | None = None
+    config = TrainConfig(device="cpu", precision="bf16" if setting.dtype == torch.bfloat16 else "fp32",
+                         compile=setting.compile, batch_size=BATCH, global_batch_size=BATCH,
+                         max_steps=total_steps, lr=LR, min_lr=MIN_LR, warmup_steps=WARMUP_LR_STEPS,
+                         weight_decay=WEIGHT_DECAY, beta1=BETAS[0], beta2=BETAS[1], grad_clip=GRAD_CLIP,
+                         log_interval=10**9, eval_interval=10**9, eval_batches=1, sample_interval=0,
+                         checkpoint_interval=10**9)
+    # One Trainer (compiled once) whose schedule spans the whole benchmark (total_steps); its step budget
+    # is raised by n for each call: every fit() resumes its own last checkpoint, trains n steps and reports
+    # their tokens/s and mean loss in one window, which covers the optimizer steps only (not the evaluation
+    # and checkpoint that end each fit).
+    trainer = Trainer(model, windows, val, config, tempfile.mkdtemp(dir=work), settings={"bench": 1},
+                      tracker=MemoryTracker())
+    done = 0
 
-    def steps(n: int) -> float:
-        # One Trainer (compiled once), its step budget raised by n for each round: every fit() resumes
-        # its own last checkpoint, trains n steps and reports their tokens/s in one window, which covers
-        # the optimizer steps only (not the evaluation and checkpoint that end each fit).
-        nonlocal trainer
-        if trainer is None:
-            config = TrainConfig(device="cpu", precision=precision, compile=compile_, batch_size=BATCH,
-                                 global_batch_size=BATCH, max_steps=n, warmup_steps=1, log_interval=10**9,
-                                 eval_interval=10_000, eval_batches=1, sample_interval=0, checkpoint_interval=10_000)
-            trainer = Trainer(model, windows, val, config, tempfile.mkdtemp(dir=work), settings={"bench": 1},
-                              tracker=MemoryTracker())
-        else:
-            trainer.max_steps += n
+    def steps(n: int) -> tuple[float, float]:
+        nonlocal done
+        trainer.max_steps = done + n
         trainer.fit()  # reports once, at its last step: one window over the n steps
-        return trainer.progress.history["tokens_per_s"][-1][1]
+        done += n
+        history = trainer.progress.history
+        assert history["train_loss"][-1][0] == done
+        return history["tokens_per_s"][-1][1], history["train_loss"][-1][1]
 
     return steps
 
 
-def fastest(name: str, make, settings, probe_steps: int):
-    """Try each (dtype, compile) setting; keep the fastest runner (after a warm-up that compiles)."""
-    best = None
-    for dtype, compile_ in settings:
-        try:
-            run = make(dtype, compile_)
-            run(2)  # warm-up: compilation, allocator
-            rate = run(probe_steps)
-        except Exception as exc:  # a missing C++ compiler makes torch.compile fail on the CPU
-            print(f"  {name} {dtype} compile={compile_}: failed ({type(exc).__name__}: {exc})")
-            continue
-        print(f"  {name} {str(dtype).removeprefix('torch.')} compile={compile_}: {rate:,.0f} tokens/s")
-        if best is None or rate > best[0]:
-            best = (rate, run, dtype, compile_)
+# --- the comparison ----------------------------------------------------------------------------------
+
+@dataclass
+class Winner:
+    setting: Setting
+    run: Runner
+    rate: float
+    step0_loss: float
+
+
+def try_setting(name: str, make: Callable[[Setting], Runner], setting: Setting, probe_steps: int,
+                limit: float) -> Winner | None:
+    try:
+        run = make(setting)
+        _, step0 = run(WARMUP)  # compiles, allocates; its loss is the untrained model's
+        rate, _ = run(probe_steps)
+    except Exception as exc:  # noqa: BLE001 (a missing C++ compiler makes torch.compile fail on the CPU)
+        print(f"  {name} {setting}: failed, skipped ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
+        return None
+    print(f"  {name} {setting}: {rate:,.0f} tokens/s, step-0 loss {step0:.3f}")
+    assert abs(step0 - limit) <= STEP0_TOLERANCE, (
+        f"{name} {setting}: step-0 loss {step0:.3f} is not within {STEP0_TOLERANCE} of ln(vocab) = {limit:.3f}")
+    return Winner(setting, run, rate, step0)
+
+
+def fastest(name: str, make: Callable[[Setting], Runner], settings: list[Setting], probe_steps: int,
+            limit: float, fused_retry: bool = False) -> Winner:
+    """Try each setting on a fresh model (a warm-up step, then probe_steps timed); keep the fastest."""
+    tried = [try_setting(name, make, s, probe_steps, limit) for s in settings]
+    best = max((w for w in tried if w), key=lambda w: w.rate, default=None)
+    if best is None:
+        raise SystemExit(f"{name}: every setting failed")
+    if fused_retry and "fused" in inspect.signature(torch.optim.AdamW).parameters:
+        fused = try_setting(name, make, Setting(best.setting.dtype, best.setting.compile, fused_adamw=True),
+                            probe_steps, limit)
+        if fused and fused.rate > best.rate:
+            best = fused
+    print(f"  {name} keeps {best.setting}")
     return best
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=12, help="optimizer steps per timed round")
+    parser.add_argument("--steps", type=int, default=4, help="optimizer steps per side per timed round")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile settings")
+    parser.add_argument("--probe-steps", type=int, default=2, help="timed steps when choosing a setting")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile settings")
     args = parser.parse_args()
-    # Both dtypes, eager and compiled: which is fastest depends on the CPU (bf16 wins only where the CPU
-    # computes it natively) and on the side (compile fuses the reference's loss, as ours already is).
-    settings = [(torch.float32, False), (torch.bfloat16, False)]
+    started = time.perf_counter()
+    settings = [Setting(torch.float32, False), Setting(torch.bfloat16, False)]
     if not args.no_compile:
-        settings += [(torch.float32, True), (torch.bfloat16, True)]
+        settings += [Setting(torch.float32, True), Setting(torch.bfloat16, True)]
+    # Every runner follows one schedule: warm-up, probe, then the rounds (a trial's runner stops early).
+    total_steps = WARMUP + args.probe_steps + args.rounds * args.steps
+    cfg = model_config("cpu-small", dropout=0.0)
+    uniform_loss = math.log(cfg.vocab_size)
+    ours_params = GPT(cfg).num_params(non_embedding=False)
+    assert reference_params() == ours_params, (reference_params(), ours_params)
 
     with tempfile.TemporaryDirectory() as tmp:
         raw = build_corpus(Path(tmp), 2)
         tokenize_corpus(raw, Path(tmp) / "shards", TokenizeConfig())
         stream = TokenStream.from_manifest(Path(tmp) / "shards", "train")
         tokens = torch.from_numpy(stream.window(0, len(stream)).astype("int64"))
-        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, cpu-small, batch {BATCH} x 256")
-        print("choosing each side's fastest setting:")
-        ref = fastest("reference", lambda d, c: reference_runner(tokens, d, c), settings, args.steps)
-        ours = fastest("ours", lambda d, c: ours_runner(Path(tmp) / "shards", Path(tmp), d, c), settings, args.steps)
-        rates: dict[str, list[float]] = {"reference": [], "ours": []}
-        for _ in range(args.rounds):  # alternate, so a slow spell of the machine hits both
-            rates["reference"].append(ref[1](args.steps))
-            rates["ours"].append(ours[1](args.steps))
+        caps = torch.cpu.get_capabilities()
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {caps.get('cpu_name', 'CPU')}, "
+              f"AVX512-BF16 {'yes' if caps.get('avx512_bf16') else 'no'}, AMX-BF16 "
+              f"{'yes' if caps.get('amx_bf16') else 'no'}; cpu-small ({ours_params:,} parameters on both sides), "
+              f"batch {BATCH} x {cfg.context_length}, {len(tokens):,} training tokens")
+        print(f"choosing each side's fastest setting ({WARMUP} warm-up step, then {args.probe_steps} timed):")
+        ref = fastest("nanoGPT", lambda s: reference_runner(tokens, s, total_steps), settings, args.probe_steps,
+                      uniform_loss, fused_retry=True)
+        ours = fastest("ours", lambda s: ours_runner(Path(tmp) / "shards", Path(tmp), s, total_steps), settings,
+                       args.probe_steps, uniform_loss)
+        rates: dict[str, list[float]] = {"nanoGPT": [], "ours": []}
+        losses: dict[str, list[float]] = {"nanoGPT": [], "ours": []}
+        print(f"timed rounds ({args.steps} steps a side, alternating which goes first):")
+        for i in range(args.rounds):
+            order = [("nanoGPT", ref), ("ours", ours)]
+            for name, side in order if i % 2 == 0 else order[::-1]:
+                rate, loss = side.run(args.steps)
+                rates[name].append(rate)
+                losses[name].append(loss)
+            ratio = rates["ours"][-1] / rates["nanoGPT"][-1]
+            print(f"  round {i + 1}: nanoGPT {rates['nanoGPT'][-1]:,.0f} tokens/s (loss {losses['nanoGPT'][-1]:.3f}), "
+                  f"ours {rates['ours'][-1]:,.0f} (loss {losses['ours'][-1]:.3f}), ours/nanoGPT {ratio:.2f}")
 
-    flops_per_token = GPT(model_config("cpu-small", dropout=0.0)).flops_per_token()
-    for name, (_, _, dtype, compile_) in (("reference", ref), ("ours", ours)):
+    flops_per_token = GPT(cfg).flops_per_token()
+    for name, side in (("nanoGPT", ref), ("ours", ours)):
         rate = statistics.median(rates[name])
-        mfu = rate * flops_per_token / measured_matmul_flops(dtype)
-        print(f"{name}: {rate:,.0f} tokens/s (rounds: {', '.join(f'{r:,.0f}' for r in rates[name])}), "
-              f"{str(dtype).removeprefix('torch.')}, compile={compile_}, MFU {mfu:.1%} of the measured "
-              f"{measured_matmul_flops(dtype) / 1e9:,.0f} GFLOP/s")
+        peak = measured_matmul_flops(side.setting.dtype)
+        print(f"{name}: {rate:,.0f} tokens/s median ({side.setting}), MFU {rate * flops_per_token / peak:.1%} of "
+              f"the measured {peak / 1e9:,.0f} GFLOP/s; step-0 loss {side.step0_loss:.3f}, last round's "
+              f"{losses[name][-1]:.3f}")
+        assert losses[name][-1] < side.step0_loss - MIN_LOSS_DROP, (
+            f"{name}: the loss did not fall (step 0 {side.step0_loss:.3f}, last round {losses[name][-1]:.3f})")
     # Each round's two runs are neighbours in time: their ratio cancels most of a busy spell of the machine.
-    paired = [o / r for o, r in zip(rates["ours"], rates["reference"])]
-    print(f"ours / reference per round: {', '.join(f'{p:.2f}' for p in paired)}")
-    print(f"train_vs_reference={statistics.median(paired):.2f}")
+    paired = [o / r for o, r in zip(rates["ours"], rates["nanoGPT"])]
+    print(f"ours / nanoGPT per round: {', '.join(f'{p:.2f}' for p in paired)}; "
+          f"benchmark took {time.perf_counter() - started:.0f} s")
+    print(f"train_vs_nanogpt={statistics.median(paired):.2f}")
 
 
 if __name__ == "__main__":

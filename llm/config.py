@@ -194,6 +194,14 @@ def check_range(
         yield key, f"must be in {closed[0]}{left}, {right}{closed[1]}, got {value!r}"
 
 
+def check_fractions(key: str, value: float, other_key: str, other: float, rest: str) -> Iterator[Problem]:
+    """Two splits' shares of the records, each in (0, 1), which must leave some records for split `rest`."""
+    yield from check_range(key, value, 0, 1, closed="()")
+    yield from check_range(other_key, other, 0, 1, closed="()")
+    if value + other >= 1:
+        yield other_key, f"{key} + {other_key} must leave some records for {rest}, got {value} + {other}"
+
+
 def check_positive(key: str, value: float) -> Iterator[Problem]:
     if value <= 0:
         yield key, f"must be > 0, got {value!r}"
@@ -508,11 +516,7 @@ class FinetuneConfig(TuneConfig):
 
     def problems(self) -> Iterator[Problem]:
         yield from super().problems()
-        yield from check_range("train_fraction", self.train_fraction, 0, 1, closed="()")
-        yield from check_range("test_fraction", self.test_fraction, 0, 1, closed="()")
-        if self.train_fraction + self.test_fraction >= 1:
-            yield "test_fraction", (f"train_fraction + test_fraction must leave some records for val, got "
-                                    f"{self.train_fraction} + {self.test_fraction}")
+        yield from check_fractions("train_fraction", self.train_fraction, "test_fraction", self.test_fraction, "val")
         if self.max_length is not None:
             yield from check_range("max_length", self.max_length, 2)
 
@@ -548,11 +552,7 @@ class ClassifyConfig(TuneConfig):
 
     def problems(self) -> Iterator[Problem]:
         yield from super().problems()
-        yield from check_range("train_fraction", self.train_fraction, 0, 1, closed="()")
-        yield from check_range("val_fraction", self.val_fraction, 0, 1, closed="()")
-        if self.train_fraction + self.val_fraction >= 1:
-            yield "val_fraction", (f"train_fraction + val_fraction must leave some records for test, got "
-                                   f"{self.train_fraction} + {self.val_fraction}")
+        yield from check_fractions("train_fraction", self.train_fraction, "val_fraction", self.val_fraction, "test")
         if self.max_length is not None:
             yield from check_range("max_length", self.max_length, 1)
         if self.trainable == "lora" and not self.lora_rank:

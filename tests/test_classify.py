@@ -253,3 +253,23 @@ def test_a_classifier_and_a_language_model_refuse_each_others_jobs(trained, tmp_
     with pytest.raises(Exception, match=r"classify.init_from: .* is a classifier already"):
         run_classify(params(init_from=str(trained)), raw_folder(tmp_path, toy_rows(30)), lm, tmp_path / "out",
                      tracker=MemoryTracker())
+
+
+def test_classify_settings_and_data_are_checked_in_the_users_words(tmp_path):
+    from llm.config import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        params(train_fraction=0.8, val_fraction=0.2, trainable="lora", lora_rank=0, max_length=0)
+    assert caught.value.problems == [
+        ("classify.val_fraction", "train_fraction + val_fraction must leave some records for test, got 0.8 + 0.2"),
+        ("classify.max_length", "must be in [1, inf], got 0"),
+        ("classify.lora_rank", "must be positive with trainable: lora (e.g. 16)")]
+    start = tiny_lm(tmp_path / "lm")
+    with pytest.raises(FileNotFoundError, match=r"classify.data: no downloaded source 'spam' with role classification "
+                                                r"\(downloaded: toy\); add it to download.sources or fix the name"):
+        run_classify(params(data="spam"), raw_folder(tmp_path / "a", toy_rows(30)), start, tmp_path / "out",
+                     tracker=MemoryTracker())
+    one_class = [("ham", text) for _, text in toy_rows(30)]
+    with pytest.raises(ClassificationDataError, match=r"every record has the label 'ham'; a classifier needs at least "
+                                                      r"two classes"):
+        run_classify(params(), raw_folder(tmp_path / "b", one_class), start, tmp_path / "out", tracker=MemoryTracker())
