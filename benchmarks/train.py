@@ -1,12 +1,12 @@
 """Training throughput: the project's trainer against nanoGPT as written, in one run.
 
-    python -m benchmarks.train [--steps 4] [--rounds 5] [--no-compile]
+    python -m benchmarks.train [--steps 3] [--rounds 5] [--probe-steps 2] [--no-compile]
 
 Both sides train the same shape (the `cpu-small` preset: 4 layers, 4 heads, n_embd 256, context 256,
 GPT-2's 50,257-token vocabulary, biases, head tied to the token embedding, dropout 0) on the same
-tokens (tinyshakespeare, tokenized into shards by the tokenize stage), batches of 8 x 256, with the
-same AdamW (lr 1e-3 warmed up over 2 steps then cosine to 1e-4 over the run, betas 0.9/0.95, weight
-decay 0.1 on matrices only, gradient norm clipped at 1.0):
+tokens (tinyshakespeare repeated to 2 MB, tokenized into shards by the tokenize stage), batches of
+8 x 256, with the same AdamW (lr 1e-3 warmed up over 2 steps then cosine to 1e-4 over the run, betas
+0.9/0.95, weight decay 0.1 on matrices only, gradient norm clipped at 1.0):
 - reference: nanoGPT's `model.py`, vendored unchanged in what it computes (benchmarks/nanogpt.py: its
   init, N(0, 0.02) with the residual projections at 0.02/sqrt(2 * n_layer), SDPA attention, `lm_head`
   over every position then `F.cross_entropy`, and its `configure_optimizers`), trained by the loop of
@@ -18,14 +18,17 @@ decay 0.1 on matrices only, gradient norm clipped at 1.0):
 - ours: `llm.train.Trainer` with `llm.model.GPT` (head and loss fused in chunks, llm/loss.py),
   memory-mapped `RandomWindows`, progress reporting, tracking and a checkpoint after each round.
 Each side first tries its settings, fp32 or bf16 autocast, eager or `torch.compile` (which needs a C++
-compiler: a setting that fails is skipped, with the reason), and keeps its fastest. nanoGPT fuses
-AdamW only on CUDA and, on a CPU, autocasts nothing (its `ctx` is a nullcontext there); both are
-offered to it anyway, each side at its fastest: bf16 as one of its settings, and the fused CPU AdamW
-kernel (what ours uses) tried on its fastest setting, kept if faster. Then the two winners are timed
-in alternating (paired) rounds, the order swapped each round, so that a busy spell of the machine
-lands on both. Tokens/s excludes the warm-up step (and compilation); ours also excludes the
-evaluation and checkpoint that end each of its rounds. MFU is measured against this machine's own
-matmul rate in the training dtype.
+compiler: a setting that fails is skipped, with the reason), each on a fresh model: one untimed warm-up
+step each (compilation), then one step of each in turn, `--probe-steps` times over; it keeps the
+setting whose best step was fastest. nanoGPT fuses AdamW only on CUDA and, on a CPU, autocasts nothing
+(its `ctx` is a nullcontext there); both are offered to it anyway, each side at its fastest: bf16 as
+one of its settings, and the fused CPU AdamW kernel (which ours uses) tried against its fastest
+setting, in turn with it, and kept if faster. Then the two winners are timed in alternating (paired)
+rounds, the order swapped each round, so that a busy spell of the machine lands on both. Tokens/s
+covers the optimizer steps only: not the warm-up (nor compilation), nor, for ours, the evaluation and
+checkpoint that end each of its rounds. MFU is measured against this machine's own matmul rate in the
+training dtype. A run takes about 4 minutes on 2 busy cores once torch.compile's cache is warm (the
+first run on a machine compiles from scratch: minutes more).
 
 Sanity checks, printed and asserted (a benchmark that measures a broken model is worthless): every
 tried setting's step-0 loss is within 0.3 of ln(50257) = 10.82, and each winner's mean loss over the
@@ -44,7 +47,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -187,49 +190,56 @@ def ours_runner(shards: Path, work: Path, setting: Setting, total_steps: int) ->
 # --- the comparison ----------------------------------------------------------------------------------
 
 @dataclass
-class Winner:
+class Trial:
     setting: Setting
     run: Runner
-    rate: float
     step0_loss: float
+    rates: list[float] = field(default_factory=list)  # one a probe step
+
+    @property
+    def rate(self) -> float:
+        return max(self.rates)  # its best step: a busy moment of the machine only lowers the others
 
 
-def try_setting(name: str, make: Callable[[Setting], Runner], setting: Setting, probe_steps: int,
-                limit: float) -> Winner | None:
-    try:
-        run = make(setting)
-        _, step0 = run(WARMUP)  # compiles, allocates; its loss is the untrained model's
-        rate, _ = run(probe_steps)
-    except Exception as exc:  # noqa: BLE001 (a missing C++ compiler makes torch.compile fail on the CPU)
-        print(f"  {name} {setting}: failed, skipped ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
-        return None
-    print(f"  {name} {setting}: {rate:,.0f} tokens/s, step-0 loss {step0:.3f}")
-    assert abs(step0 - limit) <= STEP0_TOLERANCE, (
-        f"{name} {setting}: step-0 loss {step0:.3f} is not within {STEP0_TOLERANCE} of ln(vocab) = {limit:.3f}")
-    return Winner(setting, run, rate, step0)
-
-
-def fastest(name: str, make: Callable[[Setting], Runner], settings: list[Setting], probe_steps: int,
-            limit: float, fused_retry: bool = False) -> Winner:
-    """Try each setting on a fresh model (a warm-up step, then probe_steps timed); keep the fastest."""
-    tried = [try_setting(name, make, s, probe_steps, limit) for s in settings]
-    best = max((w for w in tried if w), key=lambda w: w.rate, default=None)
-    if best is None:
+def warm_up(name: str, make: Callable[[Setting], Runner], settings: list[Setting], limit: float) -> list[Trial]:
+    """A fresh model for each setting, one untimed step each (compilation, the optimizer's state): its
+    loss is the untrained model's, checked against ln(vocab). A setting that fails is skipped."""
+    trials = []
+    for setting in settings:
+        try:
+            run = make(setting)
+            _, step0 = run(WARMUP)
+        except Exception as exc:  # noqa: BLE001 (a missing C++ compiler makes torch.compile fail on the CPU)
+            print(f"  {name} {setting}: failed, skipped ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
+            continue
+        assert abs(step0 - limit) <= STEP0_TOLERANCE, (
+            f"{name} {setting}: step-0 loss {step0:.3f} is not within {STEP0_TOLERANCE} of ln(vocab) = {limit:.3f}")
+        trials.append(Trial(setting, run, step0))
+    if not trials:
         raise SystemExit(f"{name}: every setting failed")
-    if fused_retry and "fused" in inspect.signature(torch.optim.AdamW).parameters:
-        fused = try_setting(name, make, Setting(best.setting.dtype, best.setting.compile, fused_adamw=True),
-                            probe_steps, limit)
-        if fused and fused.rate > best.rate:
-            best = fused
-    print(f"  {name} keeps {best.setting}")
-    return best
+    return trials
+
+
+def fastest(name: str, trials: list[Trial], probe_steps: int) -> Trial:
+    """Time one step of each trial in turn, probe_steps times over (so that a busy spell of the machine
+    is spread over all of them), and keep the trial whose best step was fastest."""
+    for trial in trials:
+        trial.rates = []
+    for _ in range(probe_steps):
+        for trial in trials:
+            trial.rates.append(trial.run(1)[0])
+    for trial in trials:
+        steps = ", ".join(f"{r:,.0f}" for r in trial.rates)
+        print(f"  {name} {trial.setting}: {trial.rate:,.0f} tokens/s (best of {steps}), "
+              f"step-0 loss {trial.step0_loss:.3f}")
+    return max(trials, key=lambda t: t.rate)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=4, help="optimizer steps per side per timed round")
+    parser.add_argument("--steps", type=int, default=3, help="optimizer steps per side per timed round")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--probe-steps", type=int, default=2, help="timed steps when choosing a setting")
+    parser.add_argument("--probe-steps", type=int, default=2, help="timed steps of each setting when choosing")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile settings")
     args = parser.parse_args()
     started = time.perf_counter()
@@ -248,16 +258,27 @@ def main() -> None:
         tokenize_corpus(raw, Path(tmp) / "shards", TokenizeConfig())
         stream = TokenStream.from_manifest(Path(tmp) / "shards", "train")
         tokens = torch.from_numpy(stream.window(0, len(stream)).astype("int64"))
+
+        def make_ref(setting: Setting) -> Runner:
+            return reference_runner(tokens, setting, total_steps)
+
+        def make_ours(setting: Setting) -> Runner:
+            return ours_runner(Path(tmp) / "shards", Path(tmp), setting, total_steps)
+
         caps = torch.cpu.get_capabilities()
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {caps.get('cpu_name', 'CPU')}, "
               f"AVX512-BF16 {'yes' if caps.get('avx512_bf16') else 'no'}, AMX-BF16 "
               f"{'yes' if caps.get('amx_bf16') else 'no'}; cpu-small ({ours_params:,} parameters on both sides), "
               f"batch {BATCH} x {cfg.context_length}, {len(tokens):,} training tokens")
-        print(f"choosing each side's fastest setting ({WARMUP} warm-up step, then {args.probe_steps} timed):")
-        ref = fastest("nanoGPT", lambda s: reference_runner(tokens, s, total_steps), settings, args.probe_steps,
-                      uniform_loss, fused_retry=True)
-        ours = fastest("ours", lambda s: ours_runner(Path(tmp) / "shards", Path(tmp), s, total_steps), settings,
-                       args.probe_steps, uniform_loss)
+        print(f"choosing each side's fastest setting ({WARMUP} warm-up step each, then {args.probe_steps} "
+              f"timed in turn):")
+        ref = fastest("nanoGPT", warm_up("nanoGPT", make_ref, settings, uniform_loss), args.probe_steps)
+        if "fused" in inspect.signature(torch.optim.AdamW).parameters:  # the fused CPU kernel, on its fastest
+            fused = Setting(ref.setting.dtype, ref.setting.compile, fused_adamw=True)
+            ref = fastest("nanoGPT", [ref, *warm_up("nanoGPT", make_ref, [fused], uniform_loss)], args.probe_steps)
+        print(f"  nanoGPT keeps {ref.setting}")
+        ours = fastest("ours", warm_up("ours", make_ours, settings, uniform_loss), args.probe_steps)
+        print(f"  ours keeps {ours.setting}")
         rates: dict[str, list[float]] = {"nanoGPT": [], "ours": []}
         losses: dict[str, list[float]] = {"nanoGPT": [], "ours": []}
         print(f"timed rounds ({args.steps} steps a side, alternating which goes first):")
@@ -268,8 +289,9 @@ def main() -> None:
                 rates[name].append(rate)
                 losses[name].append(loss)
             ratio = rates["ours"][-1] / rates["nanoGPT"][-1]
-            print(f"  round {i + 1}: nanoGPT {rates['nanoGPT'][-1]:,.0f} tokens/s (loss {losses['nanoGPT'][-1]:.3f}), "
-                  f"ours {rates['ours'][-1]:,.0f} (loss {losses['ours'][-1]:.3f}), ours/nanoGPT {ratio:.2f}")
+            print(f"  round {i + 1}: nanoGPT {rates['nanoGPT'][-1]:,.0f} tokens/s (mean loss "
+                  f"{losses['nanoGPT'][-1]:.3f}), ours {rates['ours'][-1]:,.0f} (mean loss {losses['ours'][-1]:.3f}), "
+                  f"ours/nanoGPT {ratio:.2f}")
 
     flops_per_token = GPT(cfg).flops_per_token()
     for name, side in (("nanoGPT", ref), ("ours", ours)):

@@ -14,8 +14,9 @@ score is on the same records.
 
 The classifier is the starting GPT with its head replaced by an `n_embd -> num_classes` one (a
 `ModelConfig` with `num_classes`), trained by llm.train.Trainer like every other stage. Texts are cut
-at `max_length` tokens and right-padded with end-of-text; a causal model classifies from its last real
-token (or the mean over real tokens, `pooling: mean`), which the padding after it cannot reach.
+at `max_length` tokens and right-padded with end-of-text to the longest text of their batch; a causal
+model classifies from its last real token (or the mean over real tokens, `pooling: mean`), which the
+padding after it cannot reach.
 """
 
 from __future__ import annotations
@@ -239,20 +240,25 @@ def encode_texts(texts: Sequence[LabeledText], labels: Sequence[str], tokenizer:
             for tokens, t in zip(ids, texts)]
 
 
-def collate(examples: Sequence[Example], pad_id: int, length: int) -> Batch:
-    """Inputs (B, length), right-padded with `pad_id`, and targets (B, length): the class id at every real
-    token and IGNORE_INDEX at the padding, which is what a classifier GPT's forward takes."""
-    inputs = torch.full((len(examples), length), pad_id, dtype=torch.long)
-    targets = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
+def collate(examples: Sequence[Example], pad_id: int) -> Batch:
+    """Inputs (B, T), right-padded with `pad_id` to the batch's longest text, and targets (B, T): the class id
+    at every real token and IGNORE_INDEX at the padding, which is what a classifier GPT's forward takes.
+
+    The book pads every batch to the longest training text; padding to the batch's own longest gives the
+    same predictions (no real token sees the padding after it) with far fewer positions, most texts being
+    short."""
+    width = max(len(e.ids) for e in examples)
+    inputs = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    targets = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
     for row, example in enumerate(examples):
         inputs[row, :len(example.ids)] = torch.tensor(example.ids, dtype=torch.long)
         targets[row, :len(example.ids)] = example.label
     return inputs, targets
 
 
-def fixed_batches(examples: Sequence[Example], batch_size: int, pad_id: int, length: int) -> list[Batch]:
+def fixed_batches(examples: Sequence[Example], batch_size: int, pad_id: int) -> list[Batch]:
     """Every example once, in order: the same batches at every evaluation."""
-    return [collate(examples[i:i + batch_size], pad_id, length) for i in range(0, len(examples), batch_size)]
+    return [collate(examples[i:i + batch_size], pad_id) for i in range(0, len(examples), batch_size)]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -360,11 +366,16 @@ class Prepared:
     split: Split
     examples: dict[str, list[Example]]
     pad_id: int
-    length: int
+    length: int  # max_length: the tokens a text is cut to
+
+    @property
+    def truncated(self) -> dict[str, int]:
+        """Per split, the texts cut at `length`."""
+        return {name: sum(e.cut for e in found) for name, found in self.examples.items()}
 
     def batches(self, name: str, batch_size: int, limit: int | None = None) -> list[Batch]:
         return fixed_batches(self.examples[name][:None if limit is None else limit * batch_size], batch_size,
-                             self.pad_id, self.length)
+                             self.pad_id)
 
 
 def prepare(raw_dir: str | Path, config: ClassifyConfig, out_dir: Path, tokenizer: str, context_length: int, *,
@@ -373,12 +384,13 @@ def prepare(raw_dir: str | Path, config: ClassifyConfig, out_dir: Path, tokenize
     longest = max(len(ids) for ids in get_tokenizer(tokenizer).encode_ordinary_batch([t.text for t in split.train]))
     length = min(config.max_length or longest, context_length)
     examples = {name: encode_texts(getattr(split, name), split.labels, tokenizer, length) for name in SPLITS}
-    for name, found in examples.items():
-        cut = sum(e.cut for e in found)
+    prepared = Prepared(split, examples, get_tokenizer(tokenizer).eot_token, length)
+    for name, cut in prepared.truncated.items():
         if cut and warn:
-            log.warning("classify: %d of %d %s texts are longer than %d tokens and are cut to it%s", cut, len(found),
-                        name, length, "" if length == context_length else "; raise classify.max_length to keep more")
-    return Prepared(split, examples, get_tokenizer(tokenizer).eot_token, length)
+            log.warning("classify: %d of %d %s texts are longer than %d tokens and are cut to it%s", cut,
+                        len(examples[name]), name, length,
+                        "" if length == context_length else "; raise classify.max_length to keep more")
+    return prepared
 
 
 def run_classify(params: Params, raw_dir: str | Path, pretrain_dir: str | Path, out_dir: str | Path, *,
@@ -397,7 +409,7 @@ def run_classify(params: Params, raw_dir: str | Path, pretrain_dir: str | Path, 
     if config.epochs is not None:
         steps = math.ceil(config.epochs * steps_per_epoch(len(data.examples["train"]), config.global_batch_size))
         config = dataclasses.replace(config, max_steps=max(1, steps), max_tokens=None)
-    batches = EpochBatches(data.examples["train"], functools.partial(collate, pad_id=data.pad_id, length=data.length),
+    batches = EpochBatches(data.examples["train"], functools.partial(collate, pad_id=data.pad_id),
                            config.batch_size, config.seed, global_batch_size=config.global_batch_size,
                            rank=dist.rank, world_size=dist.world_size)
     # As the book's train_classifier_simple: at every evaluation, accuracy on the first eval_batches batches.
@@ -407,7 +419,7 @@ def run_classify(params: Params, raw_dir: str | Path, pretrain_dir: str | Path, 
         return {f"{name}_accuracy": accuracy(model, b) for name, b in watched.items()}
 
     extra = {"stage": "classify", "init_from": config.init_from, "labels": data.split.labels,
-             "max_length": data.length, "trainable": config.trainable,
+             "max_length": data.length, "truncated_texts": data.truncated, "trainable": config.trainable,
              "trainable_parameters": trainable_parameters(model)}
     trainer = Trainer(model, batches, watched["val"], config, out_dir,
                       settings=settings or run_settings(params, raw_dir, pretrain_dir), tracker=tracker,
@@ -435,9 +447,9 @@ def final_scores(model: GPT, out_dir: str | Path, batch_size: int) -> Scores:
     metrics: dict[str, float] = {}
     for name in SPLITS:
         examples = encode_texts(getattr(split, name), split.labels, saved.tokenizer, length)
-        found, matrix = scores(model, fixed_batches(examples, batch_size, pad_id, length), split.labels, name)
+        found, matrix = scores(model, fixed_batches(examples, batch_size, pad_id), split.labels, name)
         metrics.update(found)  # the loop ends on test: `examples` and `matrix` are the test split's
-    probs, predicted, _ = predict(model, fixed_batches(examples, batch_size, pad_id, length))
+    probs, predicted, _ = predict(model, fixed_batches(examples, batch_size, pad_id))
     wrong = [{"text": t.text, "label": t.label, "predicted": split.labels[p], "probability": round(probs[i, p].item(), 4)}
              for i, (t, p) in enumerate(zip(split.test, predicted.tolist())) if split.labels[p] != t.label]
     return Scores(metrics, split.labels, matrix, wrong)
@@ -495,7 +507,7 @@ class Classifier:
                     for e in encode_texts(records, self.labels, self.tokenizer, self.length)]
         if not examples:
             return []
-        probs, predicted, _ = predict(self.model, fixed_batches(examples, self.batch_size, self.pad_id, self.length))
+        probs, predicted, _ = predict(self.model, fixed_batches(examples, self.batch_size, self.pad_id))
         return [(self.labels[p], {label: probs[i, j].item() for j, label in enumerate(self.labels)})
                 for i, p in enumerate(predicted.tolist())]
 

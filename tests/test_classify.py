@@ -133,10 +133,10 @@ def test_the_sms_spam_collection_balances_and_splits_as_the_book_does():
 # The classifier
 
 
-def test_collate_pads_right_and_marks_the_real_tokens():
-    x, y = collate([classify.Example((5, 6, 7), 1), classify.Example((8,), 0)], pad_id=99, length=4)
-    assert x.tolist() == [[5, 6, 7, 99], [8, 99, 99, 99]]
-    assert y.tolist() == [[1, 1, 1, IGNORE_INDEX], [0, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]]
+def test_collate_pads_right_to_the_longest_and_marks_the_real_tokens():
+    x, y = collate([classify.Example((5, 6, 7), 1), classify.Example((8,), 0)], pad_id=99)
+    assert x.tolist() == [[5, 6, 7], [8, 99, 99]]
+    assert y.tolist() == [[1, 1, 1], [0, IGNORE_INDEX, IGNORE_INDEX]]
 
 
 @pytest.mark.parametrize("pooling", ["last", "mean"])
@@ -147,9 +147,9 @@ def test_padding_never_changes_a_prediction(pooling, attention):
     model = classifier_from(lm, num_classes=3, pooling=pooling, seed=0).eval()
     text = classify.Example(tuple(torch.randint(0, 50000, (5,)).tolist()), 0)
     longer = classify.Example(tuple(torch.randint(0, 50000, (17,)).tolist()), 1)
-    alone = model.class_logits(*_inputs(collate([text], 50256, 5)))
+    alone = model.class_logits(*_inputs(collate([text], 50256)))
     for pad_id in (50256, 0):
-        padded = model.class_logits(*_inputs(collate([text, longer], pad_id, 20)))
+        padded = model.class_logits(*_inputs(collate([text, longer], pad_id)))
         torch.testing.assert_close(padded[0], alone[0], atol=1e-5, rtol=1e-5)
 
 
@@ -181,6 +181,8 @@ def test_only_the_last_block_the_final_norm_and_the_head_train(tmp_path):
         else:
             assert torch.equal(p, before[name]), f"{name} changed, but it is frozen"
     assert result.metrics["steps"] == 3 and "val_accuracy" in result.metrics  # 28 train texts, 8 a step
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert saved["labels"] == ["ham", "spam"] and saved["truncated_texts"]["train"] == 0
 
 
 def test_a_classifier_learns_and_a_killed_run_resumes_to_the_same_weights(tmp_path):
