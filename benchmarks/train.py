@@ -1,6 +1,6 @@
 """Training throughput: the project's trainer against nanoGPT as written, in one run.
 
-    python -m benchmarks.train [--steps 3] [--rounds 5] [--probe-steps 2] [--no-compile]
+    python -m benchmarks.train [--steps 2] [--rounds 5] [--probe-steps 2] [--no-compile]
 
 Both sides train the same shape (the `cpu-small` preset: 4 layers, 4 heads, n_embd 256, context 256,
 GPT-2's 50,257-token vocabulary, biases, head tied to the token embedding, dropout 0) on the same
@@ -27,7 +27,7 @@ setting, in turn with it, and kept if faster. Then the two winners are timed in 
 rounds, the order swapped each round, so that a busy spell of the machine lands on both. Tokens/s
 covers the optimizer steps only: not the warm-up (nor compilation), nor, for ours, the evaluation and
 checkpoint that end each of its rounds. MFU is measured against this machine's own matmul rate in the
-training dtype. A run takes about 4 minutes on 2 busy cores once torch.compile's cache is warm (the
+training dtype. A run takes about 5 minutes on 2 busy cores once torch.compile's cache is warm (the
 first run on a machine compiles from scratch: minutes more).
 
 Sanity checks, printed and asserted (a benchmark that measures a broken model is worthless): every
@@ -237,7 +237,7 @@ def fastest(name: str, trials: list[Trial], probe_steps: int) -> Trial:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=3, help="optimizer steps per side per timed round")
+    parser.add_argument("--steps", type=int, default=2, help="optimizer steps per side per timed round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--probe-steps", type=int, default=2, help="timed steps of each setting when choosing")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile settings")
@@ -281,7 +281,8 @@ def main() -> None:
         print(f"  ours keeps {ours.setting}")
         rates: dict[str, list[float]] = {"nanoGPT": [], "ours": []}
         losses: dict[str, list[float]] = {"nanoGPT": [], "ours": []}
-        print(f"timed rounds ({args.steps} steps a side, alternating which goes first):")
+        print(f"timed rounds ({args.steps} steps a side, alternating which goes first; settings chosen in "
+              f"{time.perf_counter() - started:.0f} s):")
         for i in range(args.rounds):
             order = [("nanoGPT", ref), ("ours", ours)]
             for name, side in order if i % 2 == 0 else order[::-1]:
