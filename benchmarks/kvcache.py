@@ -7,10 +7,11 @@ Greedy decoding of 256 new tokens from a one-token prompt (end-of-text) with the
 on them). The 1 + 255 tokens fed in fill the context exactly, so the cached run never falls back to
 recomputation. Both paths produce the same tokens (checked first), and both run the head on the last
 position only, so the ratio is the cache's own gain. Median of 5 interleaved repeats after a warm-up,
-in fp32 and, where the CPU runs bf16 fast, in bf16, the dtype the project generates in there (about
-four minutes on 2 cores, with the batch and the book's loop below). Also printed: the head's time per
-token, a floor no cache removes, and the speed-up at the batch of 8 prompts the evaluate stage decodes
-with (`evaluate.generate_batch_size`): there the head's weights are read once for 8 rows.
+in fp32, the dtype the project generates in by default on every host, and, where the CPU runs bf16
+natively, in bf16 (`--precision bf16`; about four minutes on 2 cores, with the batch and the book's loop
+below). Also printed: the head's time per token, a floor no cache removes, and the speed-up at the batch
+of 8 prompts the evaluate stage decodes with (`evaluate.generate_batch_size`): there the head's weights
+are read once for 8 rows.
 
 Two more figures put the headline in context, both from this run:
 - the book's loop (`generate_text_simple`: the whole window through the model and the head at every
@@ -19,8 +20,9 @@ Two more figures put the headline in context, both from this run:
   fp32), so it takes at least those bytes over the rate this machine reads memory at (timed as a sum
   over the head's weights); the uncached step over that floor bounds the speed-up, overheads aside.
 
-The last line is the single prompt's cached tokens/s over uncached tokens/s in the dtype the project
-generates in: `kvcache_speedup=...`.
+The headline is the evaluate stage's batch: its last line is the cached tokens/s over uncached tokens/s
+for 8 prompts in fp32, `kvcache_speedup=...`. For one prompt, what to improve is printed beside it: the
+cached step's time over its memory floor.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import torch
 from benchmarks.common import time_interleaved
 from llm.config import EvaluateConfig
 from llm.generate import generate
-from llm.hardware import inference_dtype, measured_matmul_flops
+from llm.hardware import bf16_is_fast, inference_dtype, measured_matmul_flops, precision_name
 from llm.model import GPT, model_config
 
 NEW_TOKENS = 256
@@ -98,25 +100,26 @@ def main() -> None:
         raise SystemExit("cached and uncached decoding disagree: fix that before timing them")
     if cached[0] != book_generate(model, [EOT], NEW_TOKENS):
         raise SystemExit("the book's loop and ours disagree: fix that before timing them")
-    fast = inference_dtype(torch.device("cpu"))
-    project = "fp32" if fast == torch.float32 else "bf16"  # what the project generates in on this machine
+    project = inference_dtype(torch.device("cpu"))  # what the project generates in by default
     print(f"matmul fp32 {measured_matmul_flops(torch.float32) / 1e9:.0f} GFLOP/s, "
-          f"bf16 {measured_matmul_flops(torch.bfloat16) / 1e9:.0f} GFLOP/s: the project generates in {project} "
-          f"here (bf16 where the CPU computes it natively)")
+          f"bf16 {measured_matmul_flops(torch.bfloat16) / 1e9:.0f} GFLOP/s: the project generates in "
+          f"{precision_name(project)} by default, on every host")
     steps = {"fp32": measure(model, "fp32")}
     floor = {"fp32": cached_step_floor(model)}
-    if project == "bf16":
-        model.to(fast)
+    batched = measure(model, "fp32", batch_size=EVALUATE_BATCH, repeats=3)
+    if bf16_is_fast(torch.device("cpu")):  # bf16 is a choice (--precision bf16) where the CPU computes it
+        model.to(torch.bfloat16)
         steps["bf16"] = measure(model, "bf16")
         floor["bf16"] = cached_step_floor(model)
-    batched = measure(model, project, batch_size=EVALUATE_BATCH, repeats=3)
     for dtype, step in steps.items():
         print(f"{dtype}, one prompt: the cache is {step['no cache'] / step['KV cache']:.2f}x faster than our "
               f"uncached decoding (at most {step['no cache'] / floor[dtype]:.1f}x on this machine) and "
-              f"{step['book loop'] / step['KV cache']:.2f}x faster than the book's loop")
-    print(f"{project}, {EVALUATE_BATCH} prompts: the cache is {batched['no cache'] / batched['KV cache']:.2f}x "
-          "faster than our uncached decoding")
-    print(f"kvcache_speedup={steps[project]['no cache'] / steps[project]['KV cache']:.1f}")
+              f"{step['book loop'] / step['KV cache']:.2f}x faster than the book's loop; a cached step takes "
+              f"{step['KV cache'] * 1e3:.2f} ms, {step['KV cache'] / floor[dtype]:.1f}x its memory floor of "
+              f"{floor[dtype] * 1e3:.2f} ms (what to improve)")
+    print(f"fp32, {EVALUATE_BATCH} prompts (the evaluate stage's batch): the cache is "
+          f"{batched['no cache'] / batched['KV cache']:.2f}x faster than our uncached decoding")
+    print(f"kvcache_speedup={batched['no cache'] / batched['KV cache']:.1f}")
 
 
 if __name__ == "__main__":
