@@ -110,6 +110,35 @@ def test_book_initialisation_is_pytorchs_default_of_each_layer():
     assert model_config("gpt2-book").init == "book" and model_config("gpt2").init == "gpt2"
 
 
+def test_book_initialisation_gives_the_books_starting_weights_and_model():
+    from benchmarks.book_ch05 import GPT_CONFIG_124M, GPTModel
+
+    torch.manual_seed(123)
+    model = GPT(model_config("gpt2-book", vocab_size=VOCAB, context_length=64, n_embd=64, n_head=2, n_layer=2))
+    torch.manual_seed(123)  # the book's GPTModel creates its layers in the same order, so draws the same numbers
+    reference = GPTModel({**GPT_CONFIG_124M, "vocab_size": VOCAB, "context_length": 64, "emb_dim": 64,
+                          "n_heads": 2, "n_layers": 2})
+    book = reference.state_dict()
+    theirs = {"wte.weight": book["tok_emb.weight"], "wpe.weight": book["pos_emb.weight"],
+              "ln_f.weight": book["final_norm.scale"], "ln_f.bias": book["final_norm.shift"],
+              "lm_head.weight": book["out_head.weight"]}
+    for i in range(2):
+        block = {k.removeprefix(f"trf_blocks.{i}."): v for k, v in book.items() if k.startswith(f"trf_blocks.{i}.")}
+        theirs |= {f"h.{i}.{k}": v for k, v in {
+            "ln_1.weight": block["norm1.scale"], "ln_1.bias": block["norm1.shift"],
+            "attn.c_attn.weight": torch.cat([block[f"att.W_{w}.weight"] for w in ("query", "key", "value")]),
+            "attn.c_proj.weight": block["att.out_proj.weight"], "attn.c_proj.bias": block["att.out_proj.bias"],
+            "ln_2.weight": block["norm2.scale"], "ln_2.bias": block["norm2.shift"],
+            "mlp.c_fc.weight": block["ff.layers.0.weight"], "mlp.c_fc.bias": block["ff.layers.0.bias"],
+            "mlp.c_proj.weight": block["ff.layers.2.weight"], "mlp.c_proj.bias": block["ff.layers.2.bias"]}.items()}
+    ours = model.state_dict()
+    assert set(theirs) == set(ours)
+    for name, weight in ours.items():
+        assert torch.equal(weight, theirs[name]), name
+    idx = tokens(2, 64)  # and the same function of them, to float32 rounding
+    torch.testing.assert_close(model.eval()(idx), reference.eval()(idx), rtol=1e-4, atol=1e-4)
+
+
 def test_either_init_is_seeded_and_loads_into_an_empty_model():
     for init in ("gpt2", "book"):
         config = model_config("tiny", vocab_size=VOCAB, init=init)
