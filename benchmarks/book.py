@@ -33,9 +33,9 @@ eval mode, ours the mean over the steps since the last report, with dropout on. 
 two final models are then measured alike: eval mode, fp32, the mean loss over the book's 18 train windows
 and its 2 val windows.
 
-Both wall times, final losses and curves are printed. The book's loop takes most of a run: on 2 busy cores
-(load average 4) an epoch of it took 5 minutes, so `--epochs 1` runs 9 minutes and the full 10 epochs about
-an hour. Last line: `book_speedup=R` (goal: at least 3).
+Both wall times, final losses and curves are printed. The book's loop takes most of a run: on 2 shared cores
+(load average 2 to 7) `--epochs 1` ran 9 minutes and `--epochs 3` 19, so the full 10 epochs take about an
+hour. Last line: `book_speedup=R` (goal: at least 3).
 """
 
 from __future__ import annotations
