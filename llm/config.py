@@ -373,6 +373,7 @@ class ModelSection:
     qkv_bias: bool | None = None
     tie_weights: bool | None = None
     attention: Literal["sdpa", "explicit"] | None = None
+    init: Literal["gpt2", "book"] | None = None  # the starting weights: GPT-2's, or PyTorch's defaults (the book's)
 
     def overrides(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)

@@ -1,4 +1,4 @@
-"""The GPT model: the book's architecture with GPT-2's names, shapes and initialisation.
+"""The GPT model: the book's architecture with GPT-2's names and shapes.
 
     token ids (B, T) -> token + position embeddings -> dropout -> n_layer x Block -> LayerNorm -> head
 
@@ -6,8 +6,11 @@
 
 Attention has two implementations behind `ModelConfig.attention`: the book's explicit one (scores,
 an upper-triangular mask buffer, softmax, dropout) and PyTorch's fused `scaled_dot_product_attention`
-(the default); they agree to float32 rounding. Text generation (llm/generate.py) runs the same
-forward with a `KVCache`, a padding mask for left-padded batches, and position ids derived from it.
+(the default); they agree to float32 rounding. `ModelConfig.init` picks the starting weights: GPT-2's
+N(0, 0.02) (the default), or PyTorch's default of each layer, which the book's `GPTModel` trains from
+(the `gpt2-book` preset's: the book's chapter 5 curve depends on it). Text generation (llm/generate.py)
+runs the same forward with a `KVCache`, a padding mask for left-padded batches, and position ids
+derived from it.
 
     from llm.model import GPT, model_config
     model = GPT(model_config("tiny"))
@@ -34,6 +37,7 @@ from llm.loss import IGNORE_INDEX, linear_cross_entropy  # noqa: F401 (IGNORE_IN
 
 AttentionKind = Literal["sdpa", "explicit"]
 Pooling = Literal["last", "mean"]
+WeightInit = Literal["gpt2", "book"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,10 @@ class ModelConfig:
     qkv_bias: bool = True  # biases on the query, key and value projections (GPT-2 has them)
     tie_weights: bool = True  # the head shares the token embedding matrix, as in GPT-2
     attention: AttentionKind = "sdpa"
+    # gpt2: GPT-2's N(0, 0.02), zero biases, residual projections scaled down by depth. book: PyTorch's
+    # default of each layer, as the book's GPTModel keeps it (Linear: uniform within 1/sqrt(fan_in);
+    # Embedding: N(0, 1); LayerNorm: ones and zeros). Only construction reads it: loaded weights replace it.
+    init: WeightInit = "gpt2"
     # A classifier (the book's chapter 6): the head maps n_embd to num_classes, and a sequence is
     # classified from its last real token (or the mean over its real tokens). None: a language model.
     num_classes: int | None = None
@@ -90,9 +98,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpt2-medium": {**_GPT2, "n_layer": 24, "n_head": 16, "n_embd": 1024},  # 355M
     "gpt2-large": {**_GPT2, "n_layer": 36, "n_head": 20, "n_embd": 1280},  # 774M
     "gpt2-xl": {**_GPT2, "n_layer": 48, "n_head": 25, "n_embd": 1600},  # 1558M
-    # The book's GPT_CONFIG_124M: GPT-2's shape without qkv biases or weight tying (163M parameters).
+    # The book's GPT_CONFIG_124M: GPT-2's shape without qkv biases or weight tying (163M parameters), and
+    # the book's initialisation.
     "gpt2-book": {**_GPT2, "n_layer": 12, "n_head": 12, "n_embd": 768, "dropout": 0.1,
-                  "qkv_bias": False, "tie_weights": False},
+                  "qkv_bias": False, "tie_weights": False, "init": "book"},
     # Small enough for a CPU: `tiny` for tests, `cpu-small` to pretrain on a laptop in minutes.
     "tiny": {**_GPT2, "context_length": 64, "n_layer": 2, "n_head": 2, "n_embd": 64},
     "cpu-small": {**_GPT2, "context_length": 256, "n_layer": 4, "n_head": 4, "n_embd": 256, "dropout": 0.1},
@@ -237,12 +246,8 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.num_classes or config.vocab_size, bias=False)
         if config.tie_weights:
             self.lm_head.weight = self.wte.weight
-        self.apply(self._init_weights)
-        # GPT-2 scales the layers that write into the residual stream by 1/sqrt(its 2 * n_layer writes),
-        # so the residual's variance does not grow with depth.
-        for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        if config.init == "gpt2":  # else each layer keeps the initialisation PyTorch gave it above
+            self._init_gpt2()
 
     @classmethod
     def empty(cls, config: ModelConfig, device: torch.device | str = "cpu") -> GPT:
@@ -257,6 +262,14 @@ class GPT(nn.Module):
             if block.attn.explicit:
                 block.attn.mask = future_mask(config.context_length, device)
         return model
+
+    def _init_gpt2(self) -> None:
+        self.apply(self._init_weights)
+        # GPT-2 scales the layers that write into the residual stream by 1/sqrt(its 2 * n_layer writes),
+        # so the residual's variance does not grow with depth.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:

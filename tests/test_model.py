@@ -90,6 +90,91 @@ def test_weight_tying_and_gpt2_initialisation():
     assert GPT(model_config("tiny", qkv_bias=False)).h[0].attn.c_attn.bias is None
 
 
+def test_book_initialisation_is_pytorchs_default_of_each_layer():
+    torch.manual_seed(0)
+    book = GPT(model_config("tiny", n_embd=128, init="book", tie_weights=False))
+    assert math.isclose(book.wte.weight.std().item(), 1.0, rel_tol=0.05)  # nn.Embedding: N(0, 1)
+    assert math.isclose(book.wpe.weight.std().item(), 1.0, rel_tol=0.05)
+    linears = [m for m in book.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 2 * 4 + 1  # c_attn, attn.c_proj, c_fc, mlp.c_proj per block, and the head
+    for linear in linears:  # nn.Linear: kaiming-uniform, within 1/sqrt(fan_in), as are its biases
+        bound = 1 / math.sqrt(linear.in_features)
+        assert linear.weight.abs().max() <= bound
+        assert linear.weight.abs().max() > 0.9 * bound  # spread over the whole interval, not N(0, 0.02)
+        if linear.bias is not None:
+            assert linear.bias.abs().max() <= bound and linear.bias.abs().sum() > 0
+    assert all((block.ln_1.weight == 1).all() and (block.ln_1.bias == 0).all() for block in book.h)
+    gpt2 = GPT(model_config("tiny", n_embd=128))
+    assert math.isclose(gpt2.wte.weight.std().item(), 0.02, rel_tol=0.05)
+    assert math.isclose(gpt2.h[0].mlp.c_fc.weight.std().item(), 0.02, rel_tol=0.05)
+    assert model_config("gpt2-book").init == "book" and model_config("gpt2").init == "gpt2"
+
+
+def test_book_initialisation_gives_the_books_starting_weights_and_model():
+    from benchmarks.book_ch05 import GPT_CONFIG_124M, GPTModel
+
+    torch.manual_seed(123)
+    model = GPT(model_config("gpt2-book", vocab_size=VOCAB, context_length=64, n_embd=64, n_head=2, n_layer=2))
+    torch.manual_seed(123)  # the book's GPTModel creates its layers in the same order, so draws the same numbers
+    reference = GPTModel({**GPT_CONFIG_124M, "vocab_size": VOCAB, "context_length": 64, "emb_dim": 64,
+                          "n_heads": 2, "n_layers": 2})
+    book = reference.state_dict()
+    theirs = {"wte.weight": book["tok_emb.weight"], "wpe.weight": book["pos_emb.weight"],
+              "ln_f.weight": book["final_norm.scale"], "ln_f.bias": book["final_norm.shift"],
+              "lm_head.weight": book["out_head.weight"]}
+    for i in range(2):
+        block = {k.removeprefix(f"trf_blocks.{i}."): v for k, v in book.items() if k.startswith(f"trf_blocks.{i}.")}
+        theirs |= {f"h.{i}.{k}": v for k, v in {
+            "ln_1.weight": block["norm1.scale"], "ln_1.bias": block["norm1.shift"],
+            "attn.c_attn.weight": torch.cat([block[f"att.W_{w}.weight"] for w in ("query", "key", "value")]),
+            "attn.c_proj.weight": block["att.out_proj.weight"], "attn.c_proj.bias": block["att.out_proj.bias"],
+            "ln_2.weight": block["norm2.scale"], "ln_2.bias": block["norm2.shift"],
+            "mlp.c_fc.weight": block["ff.layers.0.weight"], "mlp.c_fc.bias": block["ff.layers.0.bias"],
+            "mlp.c_proj.weight": block["ff.layers.2.weight"], "mlp.c_proj.bias": block["ff.layers.2.bias"]}.items()}
+    ours = model.state_dict()
+    assert set(theirs) == set(ours)
+    for name, weight in ours.items():
+        assert torch.equal(weight, theirs[name]), name
+    idx = tokens(2, 64)  # and the same function of them, to float32 rounding
+    torch.testing.assert_close(model.eval()(idx), reference.eval()(idx), rtol=1e-4, atol=1e-4)
+
+
+def test_either_init_is_seeded_and_loads_into_an_empty_model():
+    for init in ("gpt2", "book"):
+        config = model_config("tiny", vocab_size=VOCAB, init=init)
+        torch.manual_seed(1)
+        first, second = GPT(config), GPT(config)
+        torch.manual_seed(1)
+        again = GPT(config)
+        assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))
+        assert not torch.equal(first.wte.weight, second.wte.weight)
+        empty = GPT.empty(config)
+        empty.load_state_dict(first.state_dict())
+        idx = tokens(2, 12)
+        torch.testing.assert_close(empty(idx), first(idx), rtol=0, atol=0)
+
+
+def test_a_checkpoint_config_without_init_loads_as_gpt2():
+    saved = model_config("tiny").to_dict()
+    del saved["init"]
+    assert ModelConfig.from_dict(saved).init == "gpt2"
+
+
+def test_the_model_section_of_params_offers_every_field_of_a_language_model():
+    import dataclasses
+    import typing
+
+    from llm.config import ModelSection
+
+    section = {f.name: f for f in dataclasses.fields(ModelSection)}
+    config = {f.name: f for f in dataclasses.fields(ModelConfig)}
+    assert set(section) - {"preset"} == set(config) - {"num_classes", "pooling"}  # the classify stage sets those
+    hints, section_hints = typing.get_type_hints(ModelConfig), typing.get_type_hints(ModelSection)
+    for name in ("attention", "init"):
+        choices, _none = typing.get_args(section_hints[name])  # Literal[...] | None
+        assert typing.get_args(choices) == typing.get_args(hints[name]), name
+
+
 @pytest.mark.parametrize(
     "preset, params",
     [("gpt2", 124_439_808), ("gpt2-medium", 354_823_168), ("gpt2-large", 774_030_080),

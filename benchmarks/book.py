@@ -1,0 +1,249 @@
+"""The book's chapter 5 pretraining run: the book's own loop against the pipeline's pretrain stage, in one run.
+
+    python -m benchmarks.book [--epochs 10]
+
+Both sides train the book's GPT_CONFIG_124M (163M parameters: 12 layers, 12 heads, n_embd 768, context
+256, dropout 0.1, no qkv biases, an untied head) from the same starting weights (PyTorch's default
+initialisation drawn after torch.manual_seed(123): tests/test_model.py checks that the `gpt2-book` preset
+draws the book's) on the-verdict, fetched by llm.download from recipes/book-ch05.yaml's source (the
+mirror in $LLM_MIRROR_DIR where there is no network), for `--epochs` of the book's epochs:
+- the book: benchmarks/book_ch05.py, the book's GPTModel trained by its `train_model_simple` as the
+  book's notebook runs it: fp32, the full logits then F.cross_entropy, AdamW (lr 4e-4, weight decay 0.1),
+  batches of 2 fixed stride-256 windows of the first 90% of the text's characters, shuffled, 9 an epoch;
+  train and val evaluated over 5 batches every 5 steps, a greedy 50-token sample after every epoch;
+- the pipeline: `llm.pretrain.run_pretrain` with the recipe's params as they are (precision auto: bf16
+  autocast on a CPU that runs it fast; SDPA attention; the head and loss fused; fused AdamW), on shards
+  that `llm.tokenize.tokenize_corpus` writes from the same file with the recipe's tokenize section (its
+  last 10% of characters held out), for the same number of steps; its evaluation at step 0, every 5
+  steps, a sample every epoch, its checkpoints and the final model included.
+The recipe is checked against the book's settings first (a benchmark of other settings is no comparison).
+
+Timed, on each side: from building the model to the end of training (the book: its notebook's training
+cell; ours: run_pretrain whole, but not the MLflow logging and Prefect flow that the stage wraps it in).
+Not timed: reading the text, building the book's loaders, tokenizing the shards.
+
+Speed at equal val loss, the headline: each side's val curve is its val loss at each evaluation, with the
+seconds since its start. The target is the worse side's best val loss plus 0.1,
+    target = max(min(book's val losses), min(ours)) + 0.1,
+a loss both sides reach; each side's time is that of its first evaluation at or below the target, and
+`book_speedup` = the book's time / ours. Each side's val loss is its own measure, the book's over its val
+loader (the held-out text's 2 windows at stride 256), ours over the pipeline's fixed val batches (2 windows
+spread over the val split). So are the train losses each reports: the book's over 5 shuffled batches in
+eval mode, ours the mean over the steps since the last report, with dropout on. For a like comparison the
+two final models are then measured alike: eval mode, fp32, the mean loss over the book's 18 train windows
+and its 2 val windows.
+
+Both wall times, final losses and curves are printed. The book's loop takes most of a run: on 2 shared cores
+(load average 2 to 7) `--epochs 1` ran 9 minutes and `--epochs 3` 19, so the full 10 epochs take about an
+hour. Last line: `book_speedup=R` (goal: at least 3).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import tiktoken
+import torch
+from torch.utils.data import DataLoader
+
+from benchmarks import book_ch05 as book
+from llm.config import Params, load_params
+from llm.download import fetch, manifest_entry, source_path, write_manifests
+from llm.pretrain import run_pretrain
+from llm.tokenize import tokenize_corpus
+from llm.tracking import MemoryTracker
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "book-ch05.yaml"
+MARGIN = 0.1  # the target: the worse side's best val loss plus this
+
+
+@dataclass(frozen=True)
+class Point:
+    seconds: float  # since the side started
+    step: int  # optimizer steps taken
+    train_loss: float
+    val_loss: float
+
+
+@dataclass(frozen=True)
+class Side:
+    name: str
+    seconds: float
+    curve: list[Point]
+    train_loss: float  # the final model's, measured alike on both sides (eval mode, fp32)
+    val_loss: float
+
+    def best(self) -> Point:
+        return min(self.curve, key=lambda p: p.val_loss)
+
+    def first_at(self, target: float) -> Point:
+        return next(p for p in self.curve if p.val_loss <= target)
+
+
+class TimedTracker(MemoryTracker):
+    """A MemoryTracker that also notes when each report arrived (time.perf_counter())."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.times: list[float] = []
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        super().log_metrics(metrics, step)
+        self.times.append(time.perf_counter())
+
+
+def load_average() -> str:
+    return ", ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def fetch_corpus(params: Params, raw: Path) -> Path:
+    """data/raw as the download stage leaves it, with the recipe's corpus sources only; the one text file."""
+    sources = [s for s in params.download.sources if s.role == "corpus"]
+    if len(sources) != 1 or sources[0].kind != "text":
+        raise SystemExit(f"{RECIPE}: the book pretrains on one text file (the-verdict); its download section has "
+                         f"corpus sources {[s.name for s in sources]}")
+    entries = [manifest_entry(s, fetch(s.url, source_path(raw, s), s.sha256, timeout_s=params.download.timeout_s),
+                              raw) for s in sources]
+    write_manifests(raw, entries)
+    return raw / entries[0]["file"]
+
+
+def check_recipe(params: Params, steps_per_epoch: int) -> None:
+    """Refuse a recipe whose settings are not the book's, naming each that differs."""
+    cfg, model, train = book.GPT_CONFIG_124M, params.model.build(), params.pretrain
+    wanted = {
+        "model.vocab_size": (model.vocab_size, cfg["vocab_size"]),
+        "model.context_length": (model.context_length, cfg["context_length"]),
+        "model.n_embd": (model.n_embd, cfg["emb_dim"]), "model.n_head": (model.n_head, cfg["n_heads"]),
+        "model.n_layer": (model.n_layer, cfg["n_layers"]), "model.dropout": (model.dropout, cfg["drop_rate"]),
+        "model.qkv_bias": (model.qkv_bias, cfg["qkv_bias"]), "model.tie_weights": (model.tie_weights, False),
+        "model.init": (model.init, "book"), "tokenize.val_fraction": (params.tokenize.val_fraction,
+                                                                       round(1 - book.TRAIN_RATIO, 6)),
+        "pretrain.init_from": (train.init_from, "scratch"), "pretrain.seed": (train.seed, book.SEED),
+        "pretrain.batch_size": (train.batch_size, book.BATCH_SIZE),
+        "pretrain.global_batch_size": (train.global_batch_size, book.BATCH_SIZE),
+        "pretrain.lr": (train.lr, book.LEARNING_RATE), "pretrain.min_lr": (train.min_lr, book.LEARNING_RATE),
+        "pretrain.warmup_steps": (train.warmup_steps, 0), "pretrain.weight_decay": (train.weight_decay,
+                                                                                   book.WEIGHT_DECAY),
+        "pretrain.beta1": (train.beta1, 0.9), "pretrain.beta2": (train.beta2, 0.999),  # torch's AdamW defaults
+        "pretrain.grad_clip": (train.grad_clip, 0.0), "pretrain.max_tokens": (train.max_tokens, None),
+        "pretrain.max_steps": (train.max_steps, book.NUM_EPOCHS * steps_per_epoch),
+        "pretrain.eval_interval": (train.eval_interval, book.EVAL_FREQ),
+        "pretrain.eval_batches": (train.eval_batches, book.EVAL_ITER),
+        "pretrain.sample_interval": (train.sample_interval, steps_per_epoch),
+        "pretrain.sample_prompt": (train.sample_prompt, book.START_CONTEXT),
+        "pretrain.sample_tokens": (train.sample_tokens, book.SAMPLE_TOKENS),
+    }
+    differ = [f"{key} is {ours!r}, the book's {theirs!r}" for key, (ours, theirs) in wanted.items() if ours != theirs]
+    if differ:
+        raise SystemExit(f"{RECIPE} is not the book's run; set it back:\n  " + "\n  ".join(differ))
+
+
+def mean_loss(loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], loader: DataLoader) -> float:
+    with torch.no_grad():
+        return sum(loss(x, y).item() for x, y in loader) / len(loader)
+
+
+def run_book(loaders: tuple[DataLoader, DataLoader], measure: tuple[DataLoader, DataLoader],
+             tokenizer: tiktoken.Encoding, epochs: int) -> Side:
+    started = time.perf_counter()
+    model, history = book.main(*loaders, tokenizer, num_epochs=epochs,
+                               log=lambda line: print(f"  {time.perf_counter() - started:6.0f} s  {line}", flush=True))
+    seconds = time.perf_counter() - started
+    curve = [Point(t - started, step + 1, tr, va) for t, step, tr, va in
+             zip(history.times, history.steps, history.train_losses, history.val_losses)]
+    model.eval()
+    device = next(model.parameters()).device
+    train_loss, val_loss = (mean_loss(lambda x, y: book.calc_loss_batch(x, y, model, device), loader)
+                            for loader in measure)
+    return Side("book", seconds, curve, train_loss, val_loss)
+
+
+def run_ours(params: Params, shards: Path, out: Path, measure: tuple[DataLoader, DataLoader], steps: int) -> Side:
+    params = dataclasses.replace(params, pretrain=dataclasses.replace(params.pretrain, max_steps=steps))
+    tracker = TimedTracker()
+    started = time.perf_counter()
+    result = run_pretrain(params, shards, out, tracker=tracker)
+    seconds = time.perf_counter() - started
+    train = dict(tracker.series("train_loss"))
+    curve = [Point(t - started, step, train.get(step, float("nan")), m["val_loss"])
+             for t, (step, m) in zip(tracker.times, tracker.metrics) if "val_loss" in m]
+    for point in curve:
+        print(f"  {point.seconds:6.0f} s  step {point.step:3d}: train loss {point.train_loss:.3f}, "
+              f"val loss {point.val_loss:.3f}")
+    last_sample = max(tracker.texts) if tracker.texts else None
+    if last_sample:
+        print(f"  {last_sample}: {tracker.texts[last_sample]!r}")
+    print(f"  precision {result.precision_used}, {result.metrics.get('tokens_per_s', 0):,.0f} tokens/s at the end")
+    model = result.model.eval()
+    device = next(model.parameters()).device
+    train_loss, val_loss = (mean_loss(lambda x, y: model(x.to(device), y.to(device)), loader) for loader in measure)
+    return Side("ours", seconds, curve, train_loss, val_loss)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--epochs", type=int, default=book.NUM_EPOCHS, help="the book's epochs, on both sides")
+    args = parser.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # a run logged to a file shows its progress as it goes
+    started = time.perf_counter()
+    params = load_params(RECIPE)
+    caps = torch.cpu.get_capabilities()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {caps.get('cpu_name', 'CPU')}, AVX512-BF16 "
+          f"{'yes' if caps.get('avx512_bf16') else 'no'}; load average {load_average()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        text_path = fetch_corpus(params, Path(tmp) / "raw")
+        text = text_path.read_text(encoding="utf-8")
+        tokenizer = tiktoken.get_encoding("gpt2")
+        loaders = book.book_loaders(text, tokenizer)
+        train_loader, val_loader = loaders
+        steps_per_epoch = len(train_loader)
+        check_recipe(params, steps_per_epoch)
+        split_idx = int(book.TRAIN_RATIO * len(text))
+        context = book.GPT_CONFIG_124M["context_length"]
+        measure = (book.create_dataloader_v1(text[:split_idx], tokenizer, book.BATCH_SIZE, context, context,
+                                             shuffle=False, drop_last=False), val_loader)
+        tokenized = tokenize_corpus(Path(tmp) / "raw", Path(tmp) / "shards", params.tokenize)
+        splits = tokenized.manifest["splits"]
+        print(f"{text_path.name}: {len(text):,} characters; the book: {len(train_loader.dataset)} train windows "
+              f"({steps_per_epoch} batches an epoch), {len(val_loader.dataset)} val windows; the pipeline's shards: "
+              f"{splits['train']['tokens']:,} train and {splits['val']['tokens']:,} val tokens; {RECIPE.name} "
+              f"has the book's settings ({params.pretrain.max_steps} steps = {book.NUM_EPOCHS} epochs)")
+
+        steps = args.epochs * steps_per_epoch
+        print(f"the book's loop, {args.epochs} epochs ({steps} steps), fp32:")
+        ref = run_book(loaders, measure, tokenizer, args.epochs)
+        print(f"  {ref.seconds:.0f} s; load average {load_average()}")
+        gc.collect()
+        print(f"the pipeline's pretrain stage, {steps} steps, precision {params.pretrain.precision}:")
+        ours = run_ours(params, Path(tmp) / "shards", Path(tmp) / "pretrain", measure, steps)
+        print(f"  {ours.seconds:.0f} s; load average {load_average()}")
+
+    print(f"wall time: the book {ref.seconds:.0f} s, ours {ours.seconds:.0f} s ({ref.seconds / ours.seconds:.2f}x)")
+    for side, how in ((ref, "eval mode, 5 shuffled batches"), (ours, "the mean over the last steps, dropout on")):
+        last = side.curve[-1]
+        print(f"{side.name} at its last evaluation (step {last.step}): train loss {last.train_loss:.3f} ({how}), "
+              f"val loss {last.val_loss:.3f}; best val {side.best().val_loss:.3f} at step {side.best().step}")
+    print(f"the final models measured alike (eval mode, fp32, the book's {len(measure[0].dataset)} train and "
+          f"{len(measure[1].dataset)} val windows): the book train {ref.train_loss:.3f} val {ref.val_loss:.3f}; ours "
+          f"train {ours.train_loss:.3f} val {ours.val_loss:.3f}")
+    target = max(ref.best().val_loss, ours.best().val_loss) + MARGIN
+    at = {side.name: side.first_at(target) for side in (ref, ours)}
+    print(f"equal val loss: target {target:.3f} (the worse best + {MARGIN}); the book reaches it at step "
+          f"{at['book'].step} after {at['book'].seconds:.0f} s, ours at step {at['ours'].step} after "
+          f"{at['ours'].seconds:.0f} s; benchmark took {time.perf_counter() - started:.0f} s")
+    print(f"book_speedup={at['book'].seconds / at['ours'].seconds:.2f}")
+
+
+if __name__ == "__main__":
+    main()
