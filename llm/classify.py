@@ -26,7 +26,6 @@ import dataclasses
 import functools
 import json
 import logging
-import math
 import os
 import sys
 from collections.abc import Sequence
@@ -47,7 +46,7 @@ from llm.files import atomic_path, read_json, sha256_file, write_json_atomic
 from llm.imports import code_fingerprint
 from llm.lora import apply_lora, merge_lora, trainable_parameters
 from llm.model import GPT, IGNORE_INDEX, ModelConfig, eval_mode
-from llm.sampler import EpochBatches, steps_per_epoch
+from llm.sampler import EpochBatches, steps_for_epochs
 from llm.starting import starting_model, starting_weights
 from llm.tokenizer import get_tokenizer
 from llm.train import Batch, Trainer, TrainResult
@@ -231,13 +230,19 @@ class Example:
 
 
 def encode_texts(texts: Sequence[LabeledText], labels: Sequence[str], tokenizer: str,
-                 max_length: int) -> list[Example]:
+                 max_length: int | None = None) -> list[Example]:
     """Each text's tokens, at most `max_length`, with its class id. `encode_ordinary` reads an
     "<|endoftext|>" in a text as plain text, so no text holds the padding token."""
     ids = get_tokenizer(tokenizer).encode_ordinary_batch([t.text for t in texts])
     index = {label: i for i, label in enumerate(labels)}
-    return [Example(tuple(tokens[:max_length]), index[t.label], len(tokens) > max_length)
-            for tokens, t in zip(ids, texts)]
+    return cut_to([Example(tuple(tokens), index[t.label]) for tokens, t in zip(ids, texts)], max_length)
+
+
+def cut_to(examples: Sequence[Example], max_length: int | None) -> list[Example]:
+    """The examples cut at `max_length` tokens, those cut marked."""
+    if max_length is None:
+        return list(examples)
+    return [Example(e.ids[:max_length], e.label, e.cut or len(e.ids) > max_length) for e in examples]
 
 
 def collate(examples: Sequence[Example], pad_id: int) -> Batch:
@@ -311,10 +316,10 @@ def accuracy(model: GPT, batches: Sequence[Batch]) -> float:
     return (predicted == truth).float().mean().item()
 
 
-def scores(model: GPT, batches: Sequence[Batch], labels: Sequence[str], split: str) -> tuple[dict[str, float], list]:
-    """`split`'s loss, accuracy and per-class precision, recall and F1 (flat keys, for metrics/classify.json),
-    and its confusion matrix (rows: true class, columns: predicted)."""
-    probs, predicted, truth = predict(model, batches)
+def scores(probs: Tensor, predicted: Tensor, truth: Tensor, labels: Sequence[str],
+           split: str) -> tuple[dict[str, float], list]:
+    """`split`'s loss, accuracy and per-class precision, recall and F1 from `predict`'s output (flat keys, for
+    metrics/classify.json), and its confusion matrix (rows: true class, columns: predicted)."""
     loss = F.nll_loss(probs.clamp(min=1e-12).log(), truth).item()
     n = len(labels)
     matrix = torch.zeros(n, n, dtype=torch.long)
@@ -381,9 +386,9 @@ class Prepared:
 def prepare(raw_dir: str | Path, config: ClassifyConfig, out_dir: Path, tokenizer: str, context_length: int, *,
             warn: bool = True) -> Prepared:
     split = prepare_split(raw_dir, config, out_dir)
-    longest = max(len(ids) for ids in get_tokenizer(tokenizer).encode_ordinary_batch([t.text for t in split.train]))
-    length = min(config.max_length or longest, context_length)
-    examples = {name: encode_texts(getattr(split, name), split.labels, tokenizer, length) for name in SPLITS}
+    whole = {name: encode_texts(getattr(split, name), split.labels, tokenizer) for name in SPLITS}
+    length = min(config.max_length or max(len(e.ids) for e in whole["train"]), context_length)
+    examples = {name: cut_to(found, length) for name, found in whole.items()}
     prepared = Prepared(split, examples, get_tokenizer(tokenizer).eot_token, length)
     for name, cut in prepared.truncated.items():
         if cut and warn:
@@ -398,17 +403,14 @@ def run_classify(params: Params, raw_dir: str | Path, pretrain_dir: str | Path, 
                  settings: dict[str, Any] | None = None) -> TrainResult:
     """Train the classifier and leave it (LoRA merged), its history and `split.json` in `out_dir`."""
     config, out_dir = params.classify, Path(out_dir)
-    overrides = {} if config.dropout is None else {"dropout": config.dropout}
-    lm, tokenizer = starting_model(config.init_from, pretrain_dir, section="classify", **overrides)
+    lm, tokenizer = starting_model(config.init_from, pretrain_dir, section="classify", dropout=config.dropout)
     if lm.config.is_classifier:
         raise CheckpointError(f"classify.init_from: {config.init_from} is a classifier already; start from a "
                               f"language model (the pretrain stage's, a GPT-2 size or its folder)")
     data = prepare(raw_dir, config, out_dir, tokenizer, lm.config.context_length, warn=dist.is_main)
     model = classifier_from(lm, len(data.split.labels), config.pooling, config.seed)
     set_trainable(model, config)
-    if config.epochs is not None:
-        steps = math.ceil(config.epochs * steps_per_epoch(len(data.examples["train"]), config.global_batch_size))
-        config = dataclasses.replace(config, max_steps=max(1, steps), max_tokens=None)
+    config = steps_for_epochs(config, len(data.examples["train"]))  # epochs, where set, decide the length of the run
     batches = EpochBatches(data.examples["train"], functools.partial(collate, pad_id=data.pad_id),
                            config.batch_size, config.seed, global_batch_size=config.global_batch_size,
                            rank=dist.rank, world_size=dist.world_size)
@@ -447,10 +449,11 @@ def final_scores(model: GPT, out_dir: str | Path, batch_size: int) -> Scores:
     metrics: dict[str, float] = {}
     for name in SPLITS:
         examples = encode_texts(getattr(split, name), split.labels, saved.tokenizer, length)
-        found, matrix = scores(model, fixed_batches(examples, batch_size, pad_id), split.labels, name)
-        metrics.update(found)  # the loop ends on test: `examples` and `matrix` are the test split's
-    probs, predicted, _ = predict(model, fixed_batches(examples, batch_size, pad_id))
-    wrong = [{"text": t.text, "label": t.label, "predicted": split.labels[p], "probability": round(probs[i, p].item(), 4)}
+        probs, predicted, truth = predict(model, fixed_batches(examples, batch_size, pad_id))
+        found, matrix = scores(probs, predicted, truth, split.labels, name)
+        metrics.update(found)  # the loop ends on test: `probs`, `predicted` and `matrix` are the test split's
+    wrong = [{"text": t.text, "label": t.label, "predicted": split.labels[p],
+              "probability": round(probs[i, p].item(), 4)}
              for i, (t, p) in enumerate(zip(split.test, predicted.tolist())) if split.labels[p] != t.label]
     return Scores(metrics, split.labels, matrix, wrong)
 

@@ -12,9 +12,7 @@ nothing special). The book's recipe, GPT-2 medium for 2 epochs at lr 5e-5, is `i
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +25,7 @@ from llm.download import downloaded_source
 from llm.instructions import (Example, InstructionBatches, Split, count_truncated, encode_records, learnable,
                               load_records, prompt_text, split_records, validation_batches, write_split)
 from llm.lora import apply_lora, merge_lora, trainable_parameters
-from llm.sampler import steps_per_epoch
+from llm.sampler import steps_for_epochs
 from llm.pretrain import prompt_sampler
 from llm.starting import starting_model, starting_weights
 from llm.tokenizer import get_tokenizer
@@ -101,8 +99,7 @@ def run_finetune(params: Params, raw_dir: str | Path, pretrain_dir: str | Path, 
     """Fine-tune and leave the model (LoRA merged), its history and `split.json` in `out_dir`."""
     config, out_dir = params.finetune, Path(out_dir)
     data = instruction_file(raw_dir, config.instructions)
-    overrides = {} if config.dropout is None else {"dropout": config.dropout}
-    model, tokenizer = starting_model(config.init_from, pretrain_dir, section="finetune", **overrides)
+    model, tokenizer = starting_model(config.init_from, pretrain_dir, section="finetune", dropout=config.dropout)
     split = prepare_split(data, config, out_dir)
     pad_id = get_tokenizer(tokenizer).eot_token
     max_length = min(config.max_length or model.config.context_length, model.config.context_length)
@@ -111,9 +108,7 @@ def run_finetune(params: Params, raw_dir: str | Path, pretrain_dir: str | Path, 
     train, val = (learnable(encoded[name], **shape) for name in ("train", "val"))
     cut = fitting_report(encoded, {"train": train, "val": val}, max_length, model.config.context_length,
                          warn=dist.is_main)
-    if config.epochs is not None:  # epochs decide the length of the run
-        steps = math.ceil(config.epochs * steps_per_epoch(len(train), config.global_batch_size))
-        config = dataclasses.replace(config, max_steps=max(1, steps), max_tokens=None)
+    config = steps_for_epochs(config, len(train))  # epochs, where set, decide the length of the run
     if config.lora_rank:
         torch.manual_seed(config.seed)  # the adapters' initialisation
         apply_lora(model, config.lora_rank, config.lora_alpha, config.lora_targets)

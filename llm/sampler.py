@@ -15,13 +15,19 @@ share it; they differ only in how a list of examples becomes a batch (`collate`)
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Callable, Sequence
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 import numpy as np
 from torch import Tensor
 
+if TYPE_CHECKING:
+    from llm.config import TuneConfig
+
 T = TypeVar("T")
+C = TypeVar("C", bound="TuneConfig")
 Batch = tuple[Tensor, Tensor]
 
 
@@ -32,6 +38,14 @@ def steps_per_epoch(n_examples: int, global_batch_size: int) -> int:
         raise ValueError(f"{n_examples} training examples are fewer than one global batch of "
                          f"{global_batch_size}; lower global_batch_size or use more records")
     return steps
+
+
+def steps_for_epochs(config: C, n_examples: int) -> C:
+    """`config` with `max_steps` set by its `epochs` (passes over `n_examples`), where it sets them."""
+    if config.epochs is None:
+        return config
+    steps = math.ceil(config.epochs * steps_per_epoch(n_examples, config.global_batch_size))
+    return dataclasses.replace(config, max_steps=max(1, steps), max_tokens=None)
 
 
 def check_global_batch(batch_size: int, global_batch_size: int, world_size: int) -> int:

@@ -28,9 +28,10 @@ def start_folder(init_from: str, pretrain_dir: str | Path, section: str) -> Path
 
 def starting_model(init_from: str, pretrain_dir: str | Path, *, section: str, **overrides: Any) -> tuple[GPT, str]:
     """The trained model `init_from` names (a GPT-2 size or a folder) and its tokenizer; `overrides` change
-    settings that leave the weights as they are (dropout, attention)."""
+    settings that leave the weights as they are (dropout, attention), None keeping the model's own."""
     from llm import gpt2_weights
 
+    overrides = {key: value for key, value in overrides.items() if value is not None}
     if init_from in gpt2_weights.SIZES:
         weights = gpt2_weights.download_gpt2(init_from)
         return gpt2_weights.gpt2_from_files(weights, gpt2_weights.model_config(init_from, **overrides)), "gpt2"
