@@ -212,7 +212,7 @@ def check_positive(key: str, value: float) -> Iterator[Problem]:
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 SourceKind = Literal["text", "json", "jsonl", "parquet", "csv", "tsv"]
-SourceRole = Literal["corpus", "instructions", "classification"]
+SourceRole = Literal["corpus", "instructions", "classification", "preference"]
 SOURCE_ROLES: tuple[str, ...] = typing.get_args(SourceRole)  # one folder under data/raw/ each
 _DELIMITED = ("csv", "tsv")
 
@@ -564,6 +564,48 @@ class ClassifyConfig(TuneConfig):
 
 
 @dataclass(frozen=True)
+class PreferenceConfig(TuneConfig):
+    """Preference tuning with DPO (the book's chapter 7 bonus): the instruction model taught to prefer
+    each pair's chosen response over its rejected one, against a frozen copy of itself.
+
+    The defaults are the book's (beta 0.1, lr 5e-6, weight decay 0.01, batch 8, one epoch, no dropout) but
+    for the learning rate, which params.yaml sets for the small CPU model (it has the figures)."""
+
+    init_from: str = "finetune"  # the finetune stage's model, a GPT-2 size, or a checkpoint folder
+    data: str = "instruction-data-with-preference"  # the download source (role: preference) to learn from
+    prompt_style: Literal["alpaca", "phi3"] | None = None  # None: the starting model's (its config.json)
+    beta: float = 0.1  # how far from the reference the policy may move: DPO's temperature
+    # Each response's log-probability: the mean over its tokens (the book's), or their sum (the DPO paper's)
+    logprob: Literal["mean", "sum"] = "mean"
+    max_length: int | None = None  # cut prompt + response to this many tokens; None: the model's context
+    # A record that is not an object, lacks a field or has chosen == rejected: refused with its index
+    # (false), or left out and counted (true; the book's file has 6 pairs whose two responses are equal).
+    skip_invalid: bool = False
+    train_fraction: float = 0.85  # the same split as finetune's, so that its test records are the same
+    test_fraction: float = 0.10
+    split_seed: int | None = None
+    registered_model: str = "gpt-instruct"  # a new version of the instruction model
+    seed: int = 123
+    dropout: float | None = 0.0
+    lr: float = 5e-6
+    min_lr: float = 5e-6
+    warmup_steps: int = 0
+    weight_decay: float = 0.01
+    eval_interval: int = 25
+    eval_batches: int = 4
+    checkpoint_interval: int = 25
+    sample_interval: int = 50
+    sample_tokens: int = 48
+
+    def problems(self) -> Iterator[Problem]:
+        yield from super().problems()
+        yield from check_positive("beta", self.beta)
+        yield from check_fractions("train_fraction", self.train_fraction, "test_fraction", self.test_fraction, "val")
+        if self.max_length is not None:
+            yield from check_range("max_length", self.max_length, 2)
+
+
+@dataclass(frozen=True)
 class JudgeConfig:
     """An optional LLM judge (llm/judge.py): an Ollama-compatible server and the model that scores."""
 
@@ -666,6 +708,7 @@ class Params:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     serving: ServingConfig = field(default_factory=ServingConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)

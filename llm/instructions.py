@@ -26,10 +26,10 @@ import dataclasses
 import functools
 import hashlib
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 import torch
 
@@ -64,14 +64,15 @@ def load_records(path: str | Path, kind: Literal["json", "jsonl"] | None = None)
     """
     path = Path(path)
     kind = kind or ("jsonl" if path.suffix == ".jsonl" else "json")
-    records = [_record(value, f"{path}: {where}") for where, value in _values(path, kind)]
+    records = [_record(value, f"{path}: {where}") for where, value in json_values(path, kind)]
     if not records:
         raise InstructionDataError(f"{path}: holds no records")
     return records
 
 
-def _values(path: Path, kind: str) -> Iterator[tuple[str, Any]]:
-    """(where, parsed value) for each record of the file."""
+def json_values(path: Path, kind: str) -> Iterator[tuple[str, Any]]:
+    """(where, parsed value) for each record of a JSON list or JSON Lines file, `where` as errors name
+    it ("record 17", "record 17 (line 18)")."""
     try:
         text = path.read_bytes().decode("utf-8-sig")  # -sig: a byte order mark is no part of the JSON
     except FileNotFoundError:
@@ -95,7 +96,7 @@ def _values(path: Path, kind: str) -> Iterator[tuple[str, Any]]:
         raise InstructionDataError(f"{path}: not valid JSON at line {exc.lineno} column {exc.colno}: "
                                    f"{exc.msg}{hint}") from None
     if not isinstance(data, list):
-        raise InstructionDataError(f"{path}: must hold a list of records, got {_kind(data)} "
+        raise InstructionDataError(f"{path}: must hold a list of records, got {json_kind(data)} "
                                    "(for one record per line, name the file .jsonl)")
     for index, value in enumerate(data):
         yield f"record {index}", value
@@ -103,17 +104,17 @@ def _values(path: Path, kind: str) -> Iterator[tuple[str, Any]]:
 
 def _record(value: Any, where: str) -> Record:
     if not isinstance(value, dict):
-        raise InstructionDataError(f"{where} is {_kind(value)}, not an object with fields "
+        raise InstructionDataError(f"{where} is {json_kind(value)}, not an object with fields "
                                    f"{', '.join(map(repr, FIELDS))}")
     for name in FIELDS:
         if name not in value:
             raise InstructionDataError(f"{where} has no field {name!r}")
         if not isinstance(value[name], str):
-            raise InstructionDataError(f"{where} has a non-string field {name!r} ({_kind(value[name])})")
+            raise InstructionDataError(f"{where} has a non-string field {name!r} ({json_kind(value[name])})")
     return Record(value["instruction"], value["input"], value["output"])
 
 
-def _kind(value: Any) -> str:
+def json_kind(value: Any) -> str:
     """What a JSON value is, in words."""
     names = {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number",
              bool: "a boolean", type(None): "null"}
@@ -127,15 +128,18 @@ def _kind(value: Any) -> str:
 SPLITS = ("train", "val", "test")
 
 
+R = TypeVar("R")
+
+
 @dataclass(frozen=True)
-class Split:
-    train: list[Record]
-    val: list[Record]
-    test: list[Record]
+class Split(Generic[R]):
+    train: list[R]
+    val: list[R]
+    test: list[R]
 
 
-def split_records(records: Sequence[Record], *, train: float = 0.85, test: float = 0.10,
-                  seed: int | None = None) -> Split:
+def split_records(records: Sequence[R], *, train: float = 0.85, test: float = 0.10,
+                  seed: int | None = None) -> Split[R]:
     """Train, test and val (the rest) records, sized as the book does: int(n * train), int(n * test).
 
     With `seed` None the records keep the file's order: train is the first 85%, test the next 10% and
@@ -162,23 +166,26 @@ def _hash(seed: int, index: int) -> bytes:
     return hashlib.blake2b(f"{seed}/{index}".encode(), digest_size=8).digest()
 
 
-def write_split(path: str | Path, split: Split) -> None:
-    """Write the split as JSON {"train": [...], "val": [...], "test": [...]}, atomically."""
+def write_split(path: str | Path, split: Split[Any]) -> None:
+    """Write the split (of Records, or of any dataclass) as JSON {"train": [...], "val": [...], "test": [...]},
+    atomically."""
     write_json_atomic(path, {name: [dataclasses.asdict(r) for r in getattr(split, name)] for name in SPLITS})
 
 
-def read_split(path: str | Path) -> Split:
-    """The split that `write_split` wrote, checked record by record."""
+def read_split(path: str | Path, parse: Callable[[Any, str], R] | None = None, stage: str = "finetune") -> Split[R]:
+    """The split that `write_split` wrote, checked record by record: Records, or what `parse(value, where)`
+    makes of each value (a stage's own record type; `stage` is the stage that writes the file)."""
+    parse = parse or _record  # type: ignore[assignment]
     path = Path(path)
     if not path.is_file():
-        raise InstructionDataError(f"{path}: not found; run the finetune stage first (`dvc repro finetune`)")
+        raise InstructionDataError(f"{path}: not found; run the {stage} stage first (`dvc repro {stage}`)")
     try:
         data = read_json(path)
     except json.JSONDecodeError as exc:
         raise InstructionDataError(f"{path}: not valid JSON at line {exc.lineno}: {exc.msg}") from None
     if not isinstance(data, dict) or any(not isinstance(data.get(name), list) for name in SPLITS):
         raise InstructionDataError(f"{path}: must hold an object with lists 'train', 'val' and 'test'")
-    return Split(**{name: [_record(value, f"{path}: {name} record {i}") for i, value in enumerate(data[name])]
+    return Split(**{name: [parse(value, f"{path}: {name} record {i}") for i, value in enumerate(data[name])]
                     for name in SPLITS})
 
 

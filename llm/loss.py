@@ -18,10 +18,15 @@ Under autocast the matmuls run in the autocast dtype (bf16), as the plain path's
 
 from __future__ import annotations
 
+import typing
+from typing import Literal
+
 import torch
 from torch import Tensor
 
 IGNORE_INDEX = -100
+Reduction = Literal["mean", "none"]
+REDUCTIONS: tuple[str, ...] = typing.get_args(Reduction)
 CHUNK_ROWS = 128  # fp32 logits of 128 rows x 50,257 tokens: 26 MB, a chunk that stays near the caches
 
 
@@ -33,10 +38,10 @@ def _compute_dtype(hidden: Tensor) -> torch.dtype:
 
 
 def _chunk_loss(logits: Tensor, targets: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
-    """Summed loss of a chunk of fp32 logits, and its log-sum-exp per row."""
+    """The loss of each row of a chunk of fp32 logits (0 where ignored), and its log-sum-exp per row."""
     lse = torch.logsumexp(logits, dim=-1)  # (n,)
     picked = logits.gather(1, targets[:, None]).squeeze(1)  # (n,)
-    return ((lse - picked) * valid).sum(), lse
+    return (lse - picked) * valid, lse
 
 
 def _softmax_minus_one_hot(logits: Tensor, lse: Tensor, targets: Tensor, valid: Tensor) -> Tensor:
@@ -88,53 +93,73 @@ _spare = _Spare()
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk_rows: int,
-                dtype: torch.dtype) -> Tensor:
+                dtype: torch.dtype, per_row: bool) -> Tensor:
         # hidden (N, C), weight (V, C), targets (N,)
         h, w = hidden.to(dtype), weight.to(dtype)
         valid = targets != IGNORE_INDEX
         safe = targets.clamp(min=0)
         count = valid.sum().clamp(min=1)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        rows_loss = torch.empty(h.shape[0], dtype=torch.float32, device=hidden.device) if per_row else None
         grad_logits = _spare.take((h.shape[0], w.shape[0]), dtype, hidden.device)  # (N, V)
         for start in range(0, h.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
             logits = (h[rows] @ w.T).float()  # (n, V)
             loss, lse = _chunk_loss(logits, safe[rows], valid[rows])
-            total += loss
+            if per_row:
+                rows_loss[rows] = loss
+            else:
+                total += loss.sum()
             grad_logits[rows] = _softmax_minus_one_hot(logits, lse, safe[rows], valid[rows])
         ctx.save_for_backward(grad_logits, h, w, count)
-        ctx.dtypes = (hidden.dtype, weight.dtype)
-        return total / count
+        ctx.dtypes, ctx.per_row = (hidden.dtype, weight.dtype), per_row
+        return rows_loss if per_row else total / count
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
         grad_logits, h, w, count = ctx.saved_tensors
-        scale = (grad_output / count).to(grad_logits.dtype)
         grad_hidden = grad_weight = None
-        if ctx.needs_input_grad[0]:
-            grad_hidden = (grad_logits @ w * scale).to(ctx.dtypes[0])  # (N, C)
-        if ctx.needs_input_grad[1]:
-            # (h^T G)^T rather than G^T h: the same product, about 20% faster in this memory layout
-            grad_weight = ((h.T @ grad_logits) * scale).T.to(ctx.dtypes[1])  # (V, C)
+        if ctx.per_row:  # grad_output (N,): each row's gradient scales its own row of G
+            scale = grad_output.to(grad_logits.dtype)[:, None]  # (N, 1)
+            if ctx.needs_input_grad[0]:
+                grad_hidden = ((grad_logits @ w) * scale).to(ctx.dtypes[0])  # (N, C)
+            if ctx.needs_input_grad[1]:
+                grad_weight = ((h * scale).T @ grad_logits).T.to(ctx.dtypes[1])  # (V, C)
+        else:
+            scale = (grad_output / count).to(grad_logits.dtype)
+            if ctx.needs_input_grad[0]:
+                grad_hidden = (grad_logits @ w * scale).to(ctx.dtypes[0])  # (N, C)
+            if ctx.needs_input_grad[1]:
+                # (h^T G)^T rather than G^T h: the same product, about 20% faster in this memory layout
+                grad_weight = ((h.T @ grad_logits) * scale).T.to(ctx.dtypes[1])  # (V, C)
         _spare.give_back(grad_logits)
-        return grad_hidden, grad_weight, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None
 
 
-def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_rows: int = CHUNK_ROWS) -> Tensor:
-    """Mean cross-entropy of `hidden @ weight.T` against `targets`, ignoring IGNORE_INDEX targets.
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_rows: int = CHUNK_ROWS, *,
+                         reduction: Reduction = "mean") -> Tensor:
+    """Cross-entropy of `hidden @ weight.T` against `targets`, ignoring IGNORE_INDEX targets: their mean,
+    or with reduction "none" each target's (0 where ignored), shaped as `targets` (the negative
+    log-probabilities that preference tuning sums per sequence).
 
     hidden (..., C), weight (V, C), targets (...): the leading dimensions are flattened.
     """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
+    shape, per_row = targets.shape, reduction == "none"
     hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     dtype = _compute_dtype(hidden)
     if torch.compiler.is_compiling():
         chunk_rows = hidden.shape[0]  # a compiler fuses the passes itself: one chunk, full-size matmuls
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_rows, dtype)
+        loss = _LinearCrossEntropy.apply(hidden, weight, targets, chunk_rows, dtype, per_row)
+        return loss.view(shape) if per_row else loss
     # No gradients wanted (evaluation): only the loss, chunk by chunk.
     h, w = hidden.to(dtype), weight.to(dtype)
     valid = targets != IGNORE_INDEX
     safe = targets.clamp(min=0)
-    total = sum(_chunk_loss((h[s:s + chunk_rows] @ w.T).float(), safe[s:s + chunk_rows], valid[s:s + chunk_rows])[0]
-                for s in range(0, h.shape[0], chunk_rows))
-    return total / valid.sum().clamp(min=1)
+    rows = [_chunk_loss((h[s:s + chunk_rows] @ w.T).float(), safe[s:s + chunk_rows], valid[s:s + chunk_rows])[0]
+            for s in range(0, h.shape[0], chunk_rows)]
+    if per_row:
+        return torch.cat(rows).view(shape)
+    return sum(r.sum() for r in rows) / valid.sum().clamp(min=1)

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llm.config import ConfigError, Problem, check_positive, check_range, from_mapping
-from llm.loss import IGNORE_INDEX, linear_cross_entropy  # noqa: F401 (IGNORE_INDEX: the model's users import it here)
+from llm.loss import IGNORE_INDEX, Reduction, linear_cross_entropy  # noqa: F401 (IGNORE_INDEX: the model's users import it here)
 
 
 AttentionKind = Literal["sdpa", "explicit"]
@@ -278,15 +278,19 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None) -> Tensor:
+    def forward(self, idx: Tensor, targets: Tensor | None = None, reduction: Reduction = "mean") -> Tensor:
         """Logits (B, T, vocab_size) for token ids `idx` (B, T); with `targets` (B, T), the mean
-        next-token cross-entropy instead (positions whose target is IGNORE_INDEX count for nothing).
+        next-token cross-entropy instead (positions whose target is IGNORE_INDEX count for nothing), or
+        with reduction "none" each position's (B, T), 0 where ignored: the training loop's only way in,
+        through DDP and compile, to per-sequence log-probabilities (llm/preference.py).
 
         A classifier's `targets` hold each sequence's class id at its real tokens and IGNORE_INDEX at its
         padding; the loss is the cross-entropy of `class_logits`. Without targets it gives the head's
         output at every position, (B, T, num_classes).
         """
         if targets is not None and self.config.is_classifier:
+            if reduction != "mean":
+                raise ValueError("a classifier's loss is one per sequence: reduction must be 'mean'")
             real = targets != IGNORE_INDEX
             labels = targets.amax(dim=1)  # a row's one class id; IGNORE_INDEX is below every id
             return F.cross_entropy(self.class_logits(idx, real).float(), labels)
@@ -294,7 +298,7 @@ class GPT(nn.Module):
         if targets is None:
             return self.lm_head(hidden)  # (B, T, vocab_size)
         # The head and the loss fused (llm/loss.py): the (B, T, vocab_size) logits are never stored.
-        return linear_cross_entropy(hidden, self.lm_head.weight, targets)
+        return linear_cross_entropy(hidden, self.lm_head.weight, targets, reduction=reduction)
 
     def class_logits(self, idx: Tensor, real: Tensor) -> Tensor:
         """A classifier's logits (B, num_classes) for right-padded token ids `idx` (B, T), `real` (B, T)

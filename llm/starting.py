@@ -3,8 +3,8 @@
     model, tokenizer = starting_model("pretrain", "data/checkpoints/pretrain", section="finetune")
 
 `init_from` is `scratch` (pretraining only), a GPT-2 size (gpt2 ... gpt2-xl: OpenAI's weights, fetched
-through llm.download), `pretrain` (the pretrain stage's model, for the stages after it) or a checkpoint
-folder. `starting_weights` is what a run's fingerprint records of it: a checkpoint's weights by their hash.
+through llm.download), a stage's name (`pretrain` for the stages after it, `finetune` for preference
+tuning) or a checkpoint folder. `starting_weights` is what a run's fingerprint records of it: a checkpoint's weights by their hash.
 """
 
 from __future__ import annotations
@@ -17,34 +17,38 @@ from llm.files import sha256_file
 from llm.model import GPT
 
 
-def start_folder(init_from: str, pretrain_dir: str | Path, section: str) -> Path:
-    """The checkpoint folder `init_from` names (`pretrain`: the pretrain stage's), which must exist."""
-    folder = Path(pretrain_dir if init_from == "pretrain" else init_from)
+def start_folder(init_from: str, stage_dir: str | Path, section: str, stage: str = "pretrain") -> Path:
+    """The checkpoint folder `init_from` names (`stage`, e.g. pretrain: that stage's, in `stage_dir`),
+    which must exist."""
+    folder = Path(stage_dir if init_from == stage else init_from)
     if not folder.is_dir():
-        hint = "run the pretrain stage first (`dvc repro pretrain`)" if init_from == "pretrain" else "fix the path"
+        hint = f"run the {stage} stage first (`dvc repro {stage}`)" if init_from == stage else "fix the path"
         raise FileNotFoundError(f"{section}.init_from: {folder} is not a checkpoint folder; {hint}")
     return folder
 
 
-def starting_model(init_from: str, pretrain_dir: str | Path, *, section: str, **overrides: Any) -> tuple[GPT, str]:
-    """The trained model `init_from` names (a GPT-2 size or a folder) and its tokenizer; `overrides` change
-    settings that leave the weights as they are (dropout, attention), None keeping the model's own."""
+def starting_model(init_from: str, stage_dir: str | Path, *, section: str, stage: str = "pretrain",
+                   **overrides: Any) -> tuple[GPT, str]:
+    """The trained model `init_from` names (a GPT-2 size, `stage` for that stage's model in `stage_dir`,
+    or a folder) and its tokenizer; `overrides` change settings that leave the weights as they are
+    (dropout, attention), None keeping the model's own."""
     from llm import gpt2_weights
 
     overrides = {key: value for key, value in overrides.items() if value is not None}
     if init_from in gpt2_weights.SIZES:
         weights = gpt2_weights.download_gpt2(init_from)
         return gpt2_weights.gpt2_from_files(weights, gpt2_weights.model_config(init_from, **overrides)), "gpt2"
-    folder = start_folder(init_from, pretrain_dir, section)
+    folder = start_folder(init_from, stage_dir, section, stage)
     return load_model(folder, **overrides), read_config(folder).tokenizer
 
 
-def starting_weights(init_from: str, pretrain_dir: str | Path | None = None, section: str = "") -> str:
+def starting_weights(init_from: str, stage_dir: str | Path | None = None, section: str = "",
+                     stage: str = "pretrain") -> str:
     """What a run starts from, for its fingerprint: scratch or a GPT-2 size by name, a folder by its
     weights' sha256 (a folder not there yet by its path: the run will fail on it anyway)."""
     from llm.gpt2_weights import SIZES
 
     if init_from == "scratch" or init_from in SIZES:
         return init_from
-    folder = start_folder(init_from, pretrain_dir, section) if pretrain_dir is not None else Path(init_from)
+    folder = start_folder(init_from, stage_dir, section, stage) if stage_dir is not None else Path(init_from)
     return sha256_file(folder / MODEL_FILE) if (folder / MODEL_FILE).is_file() else str(folder)

@@ -57,6 +57,16 @@ Export = Callable[[nn.Module], nn.Module]  # the trained model -> the model to s
 # Measures the model at every evaluation, besides the val loss (e.g. a classifier's accuracies); called in
 # eval mode, without gradients, under the training precision.
 Evaluator = Callable[[nn.Module], dict[str, float]]
+# The loss of a batch, and figures to report beside it (e.g. preference tuning's rewards), computed from
+# the model as the loop holds it (compiled, DDP-wrapped: call it, not its methods). The loop reports each
+# figure averaged like the loss: `train_<name>` over the steps since the last report, `val_<name>` over the
+# val batches.
+Objective = Callable[[nn.Module, Tensor, Tensor], tuple[Tensor, dict[str, Tensor]]]
+
+
+def next_token_objective(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    """The model's own loss (next-token cross-entropy, or a classifier's), with nothing beside it."""
+    return model(x, y), {}
 
 
 class BatchSource(Protocol):
@@ -89,6 +99,7 @@ class Progress:
     # The train losses of the steps since the last report: saved, so that a resumed run reports the
     # same mean over the same steps as a run never interrupted.
     pending_losses: list[float] = field(default_factory=list)
+    pending_figures: dict[str, list[float]] = field(default_factory=dict)  # the objective's, likewise
     # The dtype of each process that computed part of the run, in order ("fp32", "bf16"): precision may
     # change on resume, and auto picks by the host, so a run resumed elsewhere may have used both.
     precisions: list[str] = field(default_factory=list)
@@ -140,7 +151,7 @@ class Trainer:
                  config: TrainConfig, out_dir: str | Path, *, settings: Mapping[str, Any], tracker: Tracker,
                  tokenizer: str = "gpt2", sampler: Sampler | None = None, run_id: str | None = None,
                  dist: Dist = Dist(), checkpoint_extra: dict | None = None, export: Export | None = None,
-                 evaluator: Evaluator | None = None):
+                 evaluator: Evaluator | None = None, objective: Objective = next_token_objective):
         self.config, self.out_dir, self.tracker, self.dist = config, Path(out_dir), tracker, dist
         self.device = distributed.init(dist, resolve_device(config.device))
         self.dtype = train_dtype(self.device, config.precision)
@@ -153,7 +164,7 @@ class Trainer:
             self.model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         self.train_batches, self.val_batches, self.sampler = train_batches, val_batches, sampler
         self.tokenizer, self.checkpoint_extra, self.export = tokenizer, checkpoint_extra or {}, export
-        self.evaluator = evaluator
+        self.evaluator, self.objective = evaluator, objective
         self.accum = accumulation_steps(config, dist.world_size)
         self.max_steps = total_steps(config, self.gpt.config.context_length)
         self.optimizer = adamw(self.gpt, config.lr, config.weight_decay, (config.beta1, config.beta2),
@@ -179,9 +190,11 @@ class Trainer:
         with bar:
             while progress.step < self.max_steps:
                 started = time.perf_counter()
-                loss, grad_norm, tokens = self._optimizer_step()
+                loss, grad_norm, tokens, figures = self._optimizer_step()
                 window_time += time.perf_counter() - started
                 progress.pending_losses.append(loss)
+                for name, value in figures.items():
+                    progress.pending_figures.setdefault(name, []).append(value)
                 window_tokens += tokens
                 progress.step += 1
                 progress.tokens += tokens
@@ -192,7 +205,9 @@ class Trainer:
                     losses = progress.pending_losses
                     metrics = {"train_loss": sum(losses) / len(losses),
                                "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                               "tokens_per_s": rate, "tokens": float(progress.tokens)}
+                               "tokens_per_s": rate, "tokens": float(progress.tokens),
+                               **{f"train_{name}": sum(values) / len(values)
+                                  for name, values in progress.pending_figures.items()}}
                     # Measured (on a CPU) at the first report, not at start-up, when the process is
                     # still busy starting things (Prefect's temporary server) and the peak reads low.
                     peak = peak_flops(self.device, self.dtype)
@@ -201,7 +216,8 @@ class Trainer:
                     self._report(metrics)
                     bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", lr=f"{metrics['lr']:.1e}",
                                     tok_s=f"{rate:,.0f}")
-                    progress.pending_losses, window_time, window_tokens = [], 0.0, 0
+                    progress.pending_losses, progress.pending_figures = [], {}
+                    window_time, window_tokens = 0.0, 0
                 if progress.step % cfg.eval_interval == 0 or last:
                     self._report(self.evaluation())
                 if self.sampler and cfg.sample_interval and (progress.step % cfg.sample_interval == 0 or last):
@@ -212,25 +228,31 @@ class Trainer:
         self.save_final()
         return TrainResult(progress, self.final_metrics(), progress.precision_used, self.gpt)
 
-    def _optimizer_step(self) -> tuple[float, float, int]:
-        """One optimizer step over `accum` micro-batches: (mean loss, gradient norm, tokens processed)."""
+    def _optimizer_step(self) -> tuple[float, float, int, dict[str, float]]:
+        """One optimizer step over `accum` micro-batches: (mean loss, gradient norm, tokens processed, the
+        objective's mean figures)."""
         cfg, progress = self.config, self.progress
         # Dropout draws from the global generator: seeding it per step makes the random stream a
         # function of the step, so a resumed run needs no saved RNG state and each rank gets its own.
         torch.manual_seed(cfg.seed + 1_000_003 * self.dist.rank + progress.step)
         self.model.train()
         total = torch.zeros((), device=self.device)
+        sums: dict[str, Tensor] = {}
         tokens = 0  # fine-tuning batches are padded to their own lengths: count them, do not assume
         for micro in range(self.accum):
             x, y = (t.to(self.device, non_blocking=True) for t in self.train_batches.next_batch())
             sync = micro == self.accum - 1 or not self.dist.enabled
             with (contextlib.nullcontext() if sync else self.model.no_sync()), autocast(self.device, self.dtype):
-                loss = self.model(x, y) / self.accum
+                loss, figures = self.objective(self.model, x, y)
+                loss = loss / self.accum
             loss.backward()
             total += loss.detach()
+            for name, value in figures.items():
+                sums[name] = sums.get(name, 0) + value.detach().float() / self.accum
             tokens += x.numel()
-        loss_value, tokens_value = distributed.mean(
-            torch.stack([total, torch.tensor(float(tokens), device=self.device)]), self.dist).tolist()
+        loss_value, tokens_value, *figure_values = distributed.mean(
+            torch.stack([total, torch.tensor(float(tokens), device=self.device), *sums.values()]),
+            self.dist).tolist()
         if not math.isfinite(loss_value):
             self.optimizer.zero_grad(set_to_none=True)
             last = self.store.latest()
@@ -243,21 +265,29 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_value, grad_norm, round(tokens_value * self.dist.world_size)
+        return loss_value, grad_norm, round(tokens_value * self.dist.world_size), dict(zip(sums, figure_values))
 
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """The mean loss over the fixed val batches (every process computes the same)."""
-        losses = []
+    def evaluate(self) -> dict[str, float]:
+        """The mean loss over the fixed val batches, `val_loss`, and each of the objective's figures as
+        `val_<name>` (every process computes the same)."""
+        losses: list[Tensor] = []
+        figures: dict[str, list[Tensor]] = {}
         with eval_mode(self.gpt):
             for x, y in self.val_batches:
                 with autocast(self.device, self.dtype):
-                    losses.append(self.gpt(x.to(self.device), y.to(self.device)).float())
-        return torch.stack(losses).mean().item() if losses else float("nan")
+                    loss, measured = self.objective(self.gpt, x.to(self.device), y.to(self.device))
+                losses.append(loss.float())
+                for name, value in measured.items():
+                    figures.setdefault(name, []).append(value.float())
+        if not losses:
+            return {"val_loss": float("nan")}
+        return {"val_loss": torch.stack(losses).mean().item(),
+                **{f"val_{name}": torch.stack(values).mean().item() for name, values in figures.items()}}
 
     def evaluation(self) -> dict[str, float]:
-        """The val loss, and what the evaluator measures."""
-        metrics = {"val_loss": self.evaluate()}
+        """The val loss and figures, and what the evaluator measures."""
+        metrics = self.evaluate()
         if self.evaluator:
             with torch.no_grad(), eval_mode(self.gpt), autocast(self.device, self.dtype):
                 measured = self.evaluator(self.gpt)
@@ -298,6 +328,7 @@ class Trainer:
                 state={"step": progress.step, "tokens": progress.tokens, "fingerprint": progress.fingerprint,
                        "run_id": progress.run_id, "batches": self.train_batches.state_dict(),
                        "history": progress.history, "pending_losses": progress.pending_losses,
+                       "pending_figures": progress.pending_figures,
                        "precisions": progress.precisions,
                        "settings": self.settings})
         distributed.barrier(self.dist)
@@ -324,6 +355,7 @@ class Trainer:
                                  run_id=self.progress.run_id or state.get("run_id"),
                                  history=history_from_json(state["history"]),
                                  pending_losses=list(state.get("pending_losses", [])),
+                                 pending_figures={k: list(v) for k, v in state.get("pending_figures", {}).items()},
                                  # a checkpoint older than this record: the dtype of its steps is unknown
                                  precisions=list(state.get("precisions", ["unknown"])))
         log.info("resumed from %s at step %d", resumed.folder, self.progress.step)

@@ -90,3 +90,29 @@ def test_a_retained_graph_whose_buffer_was_reused_refuses_a_second_backward():
     linear_cross_entropy(hidden, weight, targets)  # takes and rewrites the buffer `loss` still holds
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 7, 1000])
+def test_per_position_losses_match_plain_cross_entropy_with_gradients_weighted_per_row(chunk_rows):
+    hidden = torch.randn(3, 10, 16, requires_grad=True)
+    weight = torch.randn(300, 16, requires_grad=True)
+    targets = torch.randint(0, 300, (3, 10))
+    targets[0, :4] = IGNORE_INDEX
+    weights = torch.randn(3, 10)  # a different gradient for each position, as a per-sequence sum gives
+    expected = F.cross_entropy((hidden @ weight.T).transpose(1, 2), targets, ignore_index=IGNORE_INDEX,
+                               reduction="none")
+    expected_grads = torch.autograd.grad((expected * weights).sum(), (hidden, weight))
+    actual = linear_cross_entropy(hidden, weight, targets, chunk_rows=chunk_rows, reduction="none")
+    actual_grads = torch.autograd.grad((actual * weights).sum(), (hidden, weight))
+    assert actual.shape == (3, 10) and (actual[0, :4] == 0).all()
+    torch.testing.assert_close(actual, expected)
+    for a, e in zip(actual_grads, expected_grads):
+        torch.testing.assert_close(a, e)
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy(hidden, weight, targets, chunk_rows, reduction="none"),
+                                   expected)
+
+
+def test_an_unknown_reduction_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match="reduction must be one of mean, none, got 'sum'"):
+        linear_cross_entropy(torch.randn(2, 4), torch.randn(5, 4), torch.zeros(2, dtype=torch.long), reduction="sum")
