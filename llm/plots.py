@@ -23,8 +23,10 @@ def write_curve_csv(path: str | Path, name: str, points: Sequence[tuple[int, flo
 
 
 # A plot per kind of curve: its file stem, the y axis, and the train and val metrics drawn on it.
-CURVES = {"loss": ("cross-entropy", ("train_loss", "val_loss")),
-          "accuracy": ("accuracy", ("train_accuracy", "val_accuracy"))}
+CURVES = {"loss": ("loss", ("train_loss", "val_loss")),  # cross-entropy, or preference tuning's DPO loss
+          "accuracy": ("accuracy", ("train_accuracy", "val_accuracy")),
+          "reward_margin": ("reward margin", ("train_reward_margin", "val_reward_margin")),
+          "preference_accuracy": ("preference accuracy", ("train_preference_accuracy", "val_preference_accuracy"))}
 
 
 def plot_curves(path: str | Path, curves: Mapping[str, History], kind: str = "loss", title: str | None = None) -> None:
@@ -77,7 +79,8 @@ def _save(fig, path: str | Path) -> None:
 
 def write_loss_plots(folder: str | Path, history: History, label: str) -> list[Path]:
     """`<metric>.csv` per curve and `<kind>.png` per kind of CURVES in `folder`: `train_loss.csv`,
-    `val_loss.csv` and `loss.png` always, the accuracy's files where the history has accuracies."""
+    `val_loss.csv` and `loss.png` always, the other kinds' files where the history has their metrics
+    (a classifier's accuracies, preference tuning's margins)."""
     folder = Path(folder)
     written = []
     for kind, (_, metrics) in CURVES.items():

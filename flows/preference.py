@@ -1,0 +1,51 @@
+"""The preference stage: DPO on the instruction model (the book's chapter 7 bonus), tracked in MLflow.
+
+    python -m flows.preference                                    (what `dvc repro preference` runs)
+    torchrun --standalone --nproc_per_node=N -m flows.preference  (DDP; rank 0 logs and writes)
+
+Reads the finetune stage's model (or `preference.init_from`) and the preference pairs from `data/raw/`,
+writes the tuned model with `split.json` to `data/checkpoints/preference/`, its DPO figures on the val and
+test pairs to `metrics/preference.json`, and loss, reward-margin and preference-accuracy curves to
+`plots/preference/`; registers the model as a new version of `preference.registered_model` (the
+instruction model's name, tagged stage=preference), for the evaluate stage to compare with the SFT one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from prefect import flow
+
+from flows.training import tracked_training
+from llm import distributed
+from llm.config import load_params
+from llm.preference import final_scores, run_preference, run_settings
+from llm.tracking import MLflowTracker
+from llm.train import TrainResult
+
+
+@flow(name="preference")
+def preference(params_file: str = "params.yaml", raw_dir: str = "data/raw",
+               finetune_dir: str = "data/checkpoints/finetune", out_dir: str = "data/checkpoints/preference",
+               metrics_file: str = "metrics/preference.json", plots_dir: str = "plots/preference") -> dict:
+    params = load_params(params_file)
+    settings = run_settings(params, raw_dir, finetune_dir)  # hashes the starting weights: once
+
+    def score(tracker: MLflowTracker, result: TrainResult) -> dict[str, float]:
+        return final_scores(result.model, params.preference, finetune_dir, out_dir)
+
+    return tracked_training(
+        "preference", experiment=params.tracking.experiment, params_file=params_file,
+        params_to_log={"preference": dataclasses.asdict(params.preference)},
+        settings=settings, out_dir=out_dir, metrics_file=metrics_file, plots_dir=plots_dir,
+        registered_model=params.preference.registered_model, score=score,
+        train=lambda tracker, dist, run_id: run_preference(params, raw_dir, finetune_dir, out_dir, tracker=tracker,
+                                                           dist=dist, run_id=run_id, settings=settings))
+
+
+if __name__ == "__main__":
+    # Under torchrun only rank 0 runs as a Prefect flow run; the other ranks run the same code bare.
+    if distributed.from_env().is_main:
+        preference()
+    else:
+        preference.fn()
