@@ -1,11 +1,13 @@
-"""The evaluate stage: measure both models, promote the fine-tuned one if it is at least as good, report.
+"""The evaluate stage: measure the base model and every instruction model, promote the best, report.
 
     python -m flows.evaluate                                       (what `dvc repro evaluate` runs)
 
-Writes `data/eval/` (responses.json in the book's shape, report.md, losses.png) and
-`metrics/evaluate.json` (for `dvc metrics show/diff`; `precision_used` says whether it computed in fp32,
-the default, or bf16), logs all of it to MLflow (the precision as the run's tag `precision_used`), and gives
-the evaluated fine-tuned version the `champion` alias when its scores are at least the current champion's.
+Writes `data/eval/` (responses.json of the SFT model and responses_preference.json of the DPO model, in
+the book's shape; report.md with base, SFT and DPO side by side; losses.png) and `metrics/evaluate.json`
+(for `dvc metrics show/diff`; `precision_used` says whether it computed in fp32, the default, or bf16),
+and logs all of it to MLflow. The champion: of this run's instruction models, the best by the primary
+score (the judge's when a judge scored them all, else ROUGE-L F1) gets the `champion` alias of its
+registered model when that score is at least the current holder's.
 """
 
 from __future__ import annotations
@@ -19,13 +21,14 @@ from flows.common import stage_logger, tracked_run, write_metrics
 from llm import faults
 from llm.config import EvaluateConfig, load_params
 from llm.download import redact_url
-from llm.evaluate import RESPONSES_FILE, evaluate_models
+from llm.checkpoint import MODEL_FILE
+from llm.evaluate import INSTRUCTION_STAGES, best_stage, evaluate_models, primary_score, responses_file
 from llm.files import atomic_dir
-from llm.report import Evaluation, write_report
+from llm.report import Evaluation, Tuned, write_report
 from llm.responses import write_responses
-from llm.tracking import promote_if_better, registered_version
+from llm.tracking import promote_if_better, record_scores, registered_version
 
-SCORES = ("exact_match", "rouge_l_f1", "judge_score")  # what promotion compares; losses are not scores
+SCORES = ("exact_match", "rouge_l_f1", "judge_score")  # recorded on each version; losses are not scores
 
 
 def loggable_config(config: EvaluateConfig) -> dict:
@@ -38,35 +41,53 @@ def loggable_config(config: EvaluateConfig) -> dict:
 
 @flow(name="evaluate")
 def evaluate(params_file: str = "params.yaml", base_dir: str = "data/checkpoints/pretrain",
-             finetuned_dir: str = "data/checkpoints/finetune", shards_dir: str = "data/shards",
-             out_dir: str = "data/eval", metrics_file: str = "metrics/evaluate.json") -> dict:
+             finetuned_dir: str = "data/checkpoints/finetune", preference_dir: str = "data/checkpoints/preference",
+             shards_dir: str = "data/shards", out_dir: str = "data/eval",
+             metrics_file: str = "metrics/evaluate.json") -> dict:
     params = load_params(params_file)
-    base_name, tuned_name = params.pretrain.registered_model, params.finetune.registered_model
+    log = stage_logger()
+    tuned_dirs = {"finetune": finetuned_dir}
+    if (Path(preference_dir) / MODEL_FILE).is_file():
+        tuned_dirs["preference"] = preference_dir
+    else:
+        log.info("evaluate: no preference model in %s (`dvc repro preference` makes one); evaluating the "
+                 "finetune model alone", preference_dir)
+    names = {"finetune": params.finetune.registered_model, "preference": params.preference.registered_model}
+    base_name = params.pretrain.registered_model
     with tracked_run("evaluate", out_dir=out_dir, experiment=params.tracking.experiment, params_file=params_file,
                      params_to_log={"evaluate": loggable_config(params.evaluate)}) as t:
-        measured = evaluate_models(params.evaluate, base_dir, finetuned_dir, shards_dir)
+        measured = evaluate_models(params.evaluate, base_dir, tuned_dirs, shards_dir)
         metrics = measured.metrics()
         t.log_metrics(metrics, step=0)
         base_version = registered_version(base_dir, base_name, "pretrain", params.serving)
-        version = registered_version(finetuned_dir, tuned_name, "finetune", params.serving)
-        promoted, previous = promote_if_better(tuned_name, version, {k: metrics[k] for k in SCORES if k in metrics})
-        t.set_tags({"evaluated_model": f"{tuned_name}/{version}", "promoted": str(promoted),
+        versions = {stage: registered_version(folder, names[stage], stage, params.serving)
+                    for stage, folder in tuned_dirs.items()}
+        for stage, version in versions.items():
+            record_scores(names[stage], version, {k: v for k, v in measured.tuned[stage].metrics().items()
+                                                  if k in SCORES})
+        # The best of this run's models by the primary score, and the champion if at least the holder's.
+        best, key = best_stage(measured.tuned), primary_score(measured.tuned)
+        promoted, previous = promote_if_better(names[best], versions[best], {key: measured.tuned[best].metrics()[key]})
+        t.set_tags({"evaluated_models": ", ".join(f"{names[s]}/{v} ({s})" for s, v in versions.items()),
+                    "best_stage": best, "primary_score": key, "promoted": str(promoted),
                     "precision_used": measured.precision})
         with atomic_dir(out_dir) as tmp:
-            write_responses(tmp / RESPONSES_FILE, measured.responses)
+            for stage, tuned in measured.tuned.items():
+                write_responses(tmp / responses_file(stage), tuned.responses)
             report = write_report(tmp, Evaluation(
-                base_model=f"{base_name} version {base_version}", finetuned_model=f"{tuned_name} version {version}",
-                promoted=promoted, base_loss=measured.base_loss, finetuned_loss=measured.finetuned_loss,
-                scores=measured.scores, judge=measured.judge, histories=measured.histories,
-                examples=measured.examples))
+                base_model=f"{base_name} version {base_version}", base_loss=measured.base_loss,
+                tuned=[Tuned(INSTRUCTION_STAGES.get(stage, stage), f"{names[stage]} version {versions[stage]}",
+                             m.loss, m.scores, m.judge) for stage, m in measured.tuned.items()],
+                champion=INSTRUCTION_STAGES.get(best, best) if promoted else None,
+                histories=measured.histories, examples=measured.examples))
             faults.pause_point("evaluate.write")
         for path in sorted(Path(out_dir).iterdir()):
             t.log_artifact(path, "eval")
     recorded = {**metrics, "precision_used": measured.precision}  # a string: MLflow's metrics take numbers only
     write_metrics(metrics_file, recorded)
     verdict = ("promoted to champion" if promoted else f"not promoted: version {previous} stays champion")
-    stage_logger().info("evaluate: %s version %s %s; report %s; judge %s", tuned_name, version, verdict,
-                        Path(out_dir) / report.name, measured.judge.summary())
+    log.info("evaluate: best by %s is the %s model, %s version %s, %s; report %s; judge %s", key, best, names[best],
+             versions[best], verdict, Path(out_dir) / report.name, measured.tuned[best].judge.summary())
     return recorded
 
 

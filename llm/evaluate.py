@@ -1,12 +1,14 @@
-"""The evaluate stage: measure the base and the fine-tuned model, in numbers and in words.
+"""The evaluate stage: measure the base model and every instruction model, in numbers and in words.
 
     python -m flows.evaluate                                       (what `dvc repro evaluate` runs)
 
-- Loss and perplexity of both models over the whole val split of the shards (every target once).
-- The fine-tuned model answers every held-out test record (the finetune stage's `split.json`), decoded
-  with the KV cache; the answers are saved in the book's shape, each record plus `model_response`.
+- Loss and perplexity of each model over the whole val split of the shards (every target once).
+- Each instruction model (the finetune stage's SFT model, the preference stage's DPO model) answers every
+  held-out test record (the finetune stage's `split.json`; the preference stage splits the same records
+  the same way), decoded with the KV cache; the answers are saved in the book's shape, each record plus
+  `model_response`.
 - Exact match and ROUGE-L F1 against the reference outputs; optionally an LLM judge's 0-100 score.
-- A few test prompts answered by both models, side by side, for the report.
+- A few test prompts answered by every model, base, SFT and DPO side by side, for the report.
 
 All of it is computed in fp32 unless `evaluate.precision` asks for bf16, so that the figures and answers
 are the same whichever machine runs the stage (llm/hardware.py has the rule).
@@ -17,6 +19,7 @@ are the same whichever machine runs the stage (llm/hardware.py has the rule).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -34,80 +37,129 @@ from llm.scores import Scores, score_responses
 from llm.shards import TokenStream, check_shards_fit, read_manifest
 from llm.tokenizer import get_tokenizer
 
-RESPONSES_FILE = "responses.json"
+RESPONSES_FILE = "responses.json"  # the finetune model's answers; another stage's: responses_<stage>.json
+# The stages that make instruction models, and their columns in the report.
+INSTRUCTION_STAGES = {"finetune": "SFT", "preference": "DPO"}
+
+
+def responses_file(stage: str) -> str:
+    return RESPONSES_FILE if stage == "finetune" else f"responses_{stage}.json"
+
+
+def metric_key(name: str, stage: str) -> str:
+    """A tuned model's metric in metrics/evaluate.json: the finetune model's keep the names they have always
+    had (exact_match, rouge_l_f1, val_loss_finetuned, ...), so `dvc metrics diff` compares across commits;
+    another stage's carry its name (rouge_l_f1_preference, val_loss_preference)."""
+    if name.startswith("val_"):
+        return f"{name}_finetuned" if stage == "finetune" else f"{name}_{stage}"
+    return name if stage == "finetune" else f"{name}_{stage}"
 
 
 @dataclasses.dataclass(frozen=True)
-class Measurements:
-    base_loss: PerplexityResult
-    finetuned_loss: PerplexityResult
+class TunedMeasurements:
+    loss: PerplexityResult
     responses: list[dict]  # test records with `model_response`
     scores: Scores
     judge: JudgeResult
-    examples: list[Example]
-    histories: dict[str, dict]
-    precision: str  # what the losses and answers were computed in: fp32 or bf16
 
     def metrics(self) -> dict[str, float]:
-        """The headline numbers, for metrics/evaluate.json (`dvc metrics diff`) and MLflow."""
-        metrics = {
-            "val_loss_base": self.base_loss.loss, "val_perplexity_base": self.base_loss.perplexity,
-            "val_loss_finetuned": self.finetuned_loss.loss,
-            "val_perplexity_finetuned": self.finetuned_loss.perplexity,
-            "eval_tokens_per_s": self.finetuned_loss.tokens_per_s,
-            "exact_match": self.scores.exact_match, "rouge_l_f1": self.scores.rouge_l_f1,
-            "test_records": float(self.scores.count),
-        }
+        metrics = {"val_loss": self.loss.loss, "val_perplexity": self.loss.perplexity,
+                   "exact_match": self.scores.exact_match, "rouge_l_f1": self.scores.rouge_l_f1}
         if self.judge.status == "scored" and self.judge.average is not None:
             metrics.update(judge_score=self.judge.average, judge_scored=float(self.judge.scored),
                            judge_unscored=float(self.judge.unscored))
         return metrics
 
 
-def evaluate_models(config: EvaluateConfig, base_dir: str | Path, finetuned_dir: str | Path,
+@dataclasses.dataclass(frozen=True)
+class Measurements:
+    base_loss: PerplexityResult
+    tuned: dict[str, TunedMeasurements]  # by stage, finetune first
+    examples: list[Example]
+    histories: dict[str, dict]
+    precision: str  # what the losses and answers were computed in: fp32 or bf16
+
+    def metrics(self) -> dict[str, float]:
+        """The headline numbers, for metrics/evaluate.json (`dvc metrics diff`) and MLflow."""
+        first = next(iter(self.tuned.values()))
+        metrics = {"val_loss_base": self.base_loss.loss, "val_perplexity_base": self.base_loss.perplexity,
+                   "eval_tokens_per_s": first.loss.tokens_per_s, "test_records": float(first.scores.count)}
+        for stage, measured in self.tuned.items():
+            metrics.update({metric_key(name, stage): value for name, value in measured.metrics().items()})
+        return metrics
+
+
+def evaluate_models(config: EvaluateConfig, base_dir: str | Path, tuned_dirs: Mapping[str, str | Path],
                     shards_dir: str | Path) -> Measurements:
-    base_dir, finetuned_dir = Path(base_dir), Path(finetuned_dir)
+    """Measure the base model and each instruction model of `tuned_dirs` ({stage: folder}, finetune first:
+    its `split.json` holds the test records every model answers)."""
+    base_dir = Path(base_dir)
+    tuned_dirs = {stage: Path(folder) for stage, folder in tuned_dirs.items()}
+    finetuned_dir = next(iter(tuned_dirs.values()))
     device = resolve_device(config.device)
     dtype = inference_dtype(device, config.precision)  # fp32 unless asked: scores independent of the host
     autocast_dtype = None if dtype == torch.float32 else dtype
     manifest = read_manifest(shards_dir)
-    saved = {folder: read_config(folder) for folder in (base_dir, finetuned_dir)}
-    for folder, config_of in saved.items():  # before loading anything: shards of another tokenizer measure nonsense
-        check_shards_fit(shards_dir, manifest, folder, config_of.tokenizer, config_of.model.vocab_size)
-    base, finetuned = load_model(base_dir, device), load_model(finetuned_dir, device)
-    tuned = saved[finetuned_dir]
-    tokenizer = get_tokenizer(tuned.tokenizer)
-    style = tuned.extra.get("prompt_style", "alpaca")
-
-    val = TokenStream.from_manifest(shards_dir, "val")
-    losses = [perplexity(model, val, model.config.context_length, config.batch_size, device, autocast_dtype)
-              for model in (base, finetuned)]
-    # Decoding reads every weight for each token: bf16 weights (where asked for) halve the bytes, where
-    # autocast would convert the fp32 ones at every step.
-    for model in (base, finetuned):
-        model.to(dtype)
-
+    folders = {"base": base_dir, **tuned_dirs}
+    saved = {name: read_config(folder) for name, folder in folders.items()}
+    for name, folder in folders.items():  # before loading anything: shards of another tokenizer measure nonsense
+        check_shards_fit(shards_dir, manifest, folder, saved[name].tokenizer, saved[name].model.vocab_size)
     if not (finetuned_dir / SPLIT_FILE).is_file():
         raise FileNotFoundError(f"{finetuned_dir / SPLIT_FILE} not found: run the finetune stage first "
                                 f"(`dvc repro finetune`)")
     tests = read_split(finetuned_dir / SPLIT_FILE).test[:config.test_records]
     records = [dataclasses.asdict(r) for r in tests]
+    first = saved[next(iter(tuned_dirs))]
+    tokenizer = get_tokenizer(first.tokenizer)
+    style = first.extra.get("prompt_style", "alpaca")
     prompts = [prompt_text(r, style) for r in tests]
-    sampling = Sampling(temperature=config.temperature, top_k=config.top_k, top_p=config.top_p, seed=config.seed)
-    answer = dict(max_new_tokens=config.max_new_tokens, sampling=sampling, batch_size=config.generate_batch_size)
-    responses = generate_responses(finetuned, tokenizer, records, prompts, **answer)
-    shown = generate_responses(base, tokenizer, records[:config.examples], prompts[:config.examples], **answer)
-
     references = [r.output for r in tests]
-    answers = [r["model_response"] for r in responses]
     # The judge reads the book's format_input: the prompt without its response header.
     judge_inputs = [p.removesuffix(TEMPLATES[style].response) for p in prompts]
+    sampling = Sampling(temperature=config.temperature, top_k=config.top_k, top_p=config.top_p, seed=config.seed)
+    answer = dict(max_new_tokens=config.max_new_tokens, sampling=sampling, batch_size=config.generate_batch_size)
+    val = TokenStream.from_manifest(shards_dir, "val")
+
+    def measure(folder: Path) -> tuple[PerplexityResult, torch.nn.Module]:
+        model = load_model(folder, device)
+        loss = perplexity(model, val, model.config.context_length, config.batch_size, device, autocast_dtype)
+        # Decoding reads every weight for each token: bf16 weights (where asked for) halve the bytes, where
+        # autocast would convert the fp32 ones at every step.
+        return loss, model.to(dtype)
+
+    base_loss, base = measure(base_dir)
+    shown = {"base": [r["model_response"] for r in generate_responses(base, tokenizer, records[:config.examples],
+                                                                      prompts[:config.examples], **answer)]}
+    del base
+    tuned: dict[str, TunedMeasurements] = {}
+    for stage, folder in tuned_dirs.items():  # one model in memory at a time
+        loss, model = measure(folder)
+        responses = generate_responses(model, tokenizer, records, prompts, **answer)
+        answers = [r["model_response"] for r in responses]
+        tuned[stage] = TunedMeasurements(loss, responses, score_responses(answers, references),
+                                         judge_responses(config.judge, judge_inputs, references, answers))
+        shown[INSTRUCTION_STAGES.get(stage, stage)] = answers[:config.examples]
     return Measurements(
-        base_loss=losses[0], finetuned_loss=losses[1], responses=responses,
-        scores=score_responses(answers, references),
-        judge=judge_responses(config.judge, judge_inputs, references, answers),
-        examples=[Example(prompt=p, expected=r.output, base=b["model_response"], finetuned=f["model_response"])
-                  for p, r, b, f in zip(prompts, tests, shown, responses)],
-        histories={"pretrain": read_history(base_dir), "finetune": read_history(finetuned_dir)},
+        base_loss=base_loss, tuned=tuned,
+        examples=[Example(prompt=p, expected=r.output, answers={label: shown[label][i] for label in shown})
+                  for i, (p, r) in enumerate(zip(prompts[:config.examples], tests))],
+        histories={"pretrain": read_history(base_dir), **{stage: read_history(f) for stage, f in tuned_dirs.items()}},
         precision=precision_name(dtype),
     )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Which instruction model is the best
+
+
+def primary_score(tuned: Mapping[str, TunedMeasurements]) -> str:
+    """What decides the champion: the judge's score when it scored every model, else ROUGE-L F1."""
+    scored = all("judge_score" in m.metrics() for m in tuned.values())
+    return "judge_score" if scored else "rouge_l_f1"
+
+
+def best_stage(tuned: Mapping[str, TunedMeasurements]) -> str:
+    """The stage whose model scores highest by `primary_score`; on a tie the earlier stage (finetune's
+    model, the simpler one)."""
+    key = primary_score(tuned)
+    return max(tuned, key=lambda stage: (tuned[stage].metrics()[key], -list(tuned).index(stage)))

@@ -1,10 +1,12 @@
 """The evaluation report: one Markdown file with the numbers, the loss curves and examples side by side.
 
     write_report("data/eval", Evaluation(
-        base_model="gpt-base v3", finetuned_model="gpt-instruct v2", promoted=True,
-        base_loss=base_ppl, finetuned_loss=finetuned_ppl, scores=scores, judge=judge_result,
-        histories={"pretrain": pretrain_history, "finetune": finetune_history},
-        examples=[Example(prompt, expected, base_response, finetuned_response), ...]))
+        base_model="gpt-base version 3", base_loss=base_ppl,
+        tuned=[Tuned("SFT", "gpt-instruct version 2", sft_ppl, sft_scores, sft_judge),
+               Tuned("DPO", "gpt-instruct version 3", dpo_ppl, dpo_scores, dpo_judge)],
+        champion="DPO",
+        histories={"pretrain": pretrain_history, "finetune": finetune_history, "preference": ...},
+        examples=[Example(prompt, expected, {"base": ..., "SFT": ..., "DPO": ...}), ...]))
 
 writes `report.md` and the `losses.png` it links to by a relative path, so the folder reads the same as a
 DVC output, an MLflow artifact or a checkout on GitHub.
@@ -36,10 +38,20 @@ _MARKUP = re.compile(r"([\\`*_\[\]<>&|~])")
 
 @dataclass(frozen=True)
 class Example:
-    prompt: str  # what both models were given (shown as is, in a code block)
+    prompt: str  # what every model was given (shown as is, in a code block)
     expected: str  # the reference answer
-    base: str  # the base model's response
-    finetuned: str  # the fine-tuned model's response
+    answers: Mapping[str, str]  # each model's response, by column label: {"base": ..., "SFT": ..., "DPO": ...}
+
+
+@dataclass(frozen=True)
+class Tuned:
+    """One instruction model's figures: its val loss and its test responses' scores."""
+
+    label: str  # its column: "SFT" (the finetune stage's), "DPO" (the preference stage's)
+    model: str  # e.g. "gpt-instruct version 2"
+    loss: PerplexityResult  # on the val split
+    scores: Scores  # its test responses against the references
+    judge: JudgeResult
 
 
 @dataclass(frozen=True)
@@ -47,12 +59,9 @@ class Evaluation:
     """What the evaluate stage found, as the report shows it."""
 
     base_model: str  # e.g. "gpt-base version 3"
-    finetuned_model: str
-    promoted: bool  # whether the fine-tuned model was promoted in the registry
     base_loss: PerplexityResult  # on the val split
-    finetuned_loss: PerplexityResult
-    scores: Scores  # the fine-tuned model's test responses against the references
-    judge: JudgeResult
+    tuned: Sequence[Tuned]  # the instruction models, in column order
+    champion: str | None  # the label of the model given the champion alias; None: the holder stays
     histories: Mapping[str, History] = field(default_factory=dict)  # {"pretrain": ..., "finetune": ...}
     examples: Sequence[Example] = ()
 
@@ -95,28 +104,32 @@ def write_report(folder: str | Path, evaluation: Evaluation, title: str = "Evalu
 
 
 def _models(e: Evaluation) -> str:
+    champion = next((t for t in e.tuned if t.label == e.champion), None)
     return "\n".join([
         f"- **Base model:** {cell(e.base_model)}",
-        f"- **Fine-tuned model:** {cell(e.finetuned_model)}",
-        f"- **Fine-tuned model promoted:** {'yes' if e.promoted else 'no'}",
+        *(f"- **{cell(t.label)} model:** {cell(t.model)}" for t in e.tuned),
+        f"- **Promoted to champion:** "
+        + (f"{cell(champion.label)} ({cell(champion.model)})" if champion else "none (the holder stays champion)"),
     ])
 
 
 def _metrics(e: Evaluation) -> str:
     none = "–"
-    scores, judge = e.scores, e.judge
-    matched = round(scores.exact_match * scores.count)
+    judge_model = e.tuned[0].judge.model if e.tuned else ""
     rows = [
-        ["val loss", f"{e.base_loss.loss:.4f}", f"{e.finetuned_loss.loss:.4f}"],
-        ["val perplexity", _number(e.base_loss.perplexity), _number(e.finetuned_loss.perplexity)],
-        ["exact match", none, f"{scores.exact_match:.3f} ({matched} of {scores.count})"],
-        ["ROUGE-L F1", none, f"{scores.rouge_l_f1:.3f}"],
-        [cell(f"LLM judge ({judge.model}), 0-100"), none, cell(judge.summary())],
+        ["val loss", f"{e.base_loss.loss:.4f}", *(f"{t.loss.loss:.4f}" for t in e.tuned)],
+        ["val perplexity", _number(e.base_loss.perplexity), *(_number(t.loss.perplexity) for t in e.tuned)],
+        ["exact match", none, *(f"{t.scores.exact_match:.3f} ({round(t.scores.exact_match * t.scores.count)} of "
+                                f"{t.scores.count})" for t in e.tuned)],
+        ["ROUGE-L F1", none, *(f"{t.scores.rouge_l_f1:.3f}" for t in e.tuned)],
+        [cell(f"LLM judge ({judge_model}), 0-100"), none, *(cell(t.judge.summary()) for t in e.tuned)],
     ]
-    notes = (f"Val loss: mean cross-entropy over all {e.finetuned_loss.tokens:,} next-token targets of the "
+    count = e.tuned[0].scores.count if e.tuned else 0
+    notes = (f"Val loss: mean cross-entropy over all {e.base_loss.tokens:,} next-token targets of the "
              f"val split. Exact match (ignoring case and whitespace) and ROUGE-L F1 (stemmed) over the "
-             f"{scores.count:,} test responses.")
-    return table(["metric", "base", "fine-tuned"], rows, ["---", "---:", "---:"]) + "\n\n" + notes
+             f"{count:,} test responses.")
+    header = ["metric", "base", *(cell(t.label) for t in e.tuned)]
+    return table(header, rows, ["---"] + ["---:"] * (len(header) - 1)) + "\n\n" + notes
 
 
 def _number(value: float) -> str:
@@ -128,7 +141,7 @@ def _examples(examples: Sequence[Example]) -> str:
         return "No examples were given."
     parts = []
     for i, example in enumerate(examples, 1):
-        row = [cell(example.expected), cell(example.base), cell(example.finetuned)]
+        row = [cell(example.expected), *(cell(answer) for answer in example.answers.values())]
         parts.append(f"### Example {i}\n\n{code_block(example.prompt)}\n\n"
-                     + table(["expected", "base", "fine-tuned"], [row]))
+                     + table(["expected", *(cell(label) for label in example.answers)], [row]))
     return "\n\n".join(parts)

@@ -651,6 +651,15 @@ def registered_version(checkpoint_dir: str | Path, name: str, stage: str, servin
     return str(log_gpt_model(checkpoint_dir, name, {"stage": stage, "registered_by": "evaluate"}, serving))
 
 
+def record_scores(name: str, version: str, scores: Mapping[str, float]) -> None:
+    """Tag the version with its evaluation's scores (`eval.<name>`), which later promotions compare with."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    for key, value in scores.items():
+        client.set_model_version_tag(name, version, f"eval.{key}", repr(float(value)))
+
+
 def promote_if_better(name: str, version: str, scores: Mapping[str, float],
                       alias: str = CHAMPION) -> tuple[bool, str | None]:
     """Record `scores` on the version (tags `eval.<name>`), and move `alias` to it when every score it
@@ -660,8 +669,7 @@ def promote_if_better(name: str, version: str, scores: Mapping[str, float],
     from mlflow.exceptions import MlflowException
 
     client = mlflow.MlflowClient()
-    for key, value in scores.items():
-        client.set_model_version_tag(name, version, f"eval.{key}", repr(float(value)))
+    record_scores(name, version, scores)
     try:
         holder = client.get_model_version_by_alias(name, alias)
     except MlflowException:

@@ -15,7 +15,7 @@ from ruamel.yaml import YAML
 from tests.conftest import SHARED_DATA, shared_file
 from tests.project import dvc, git, make_repo, stage_env, stages_run
 
-STAGES = ["download", "tokenize", "pretrain", "finetune", "classify", "evaluate"]
+STAGES = ["download", "tokenize", "pretrain", "finetune", "classify", "preference", "evaluate"]
 TINY = {
     "model": {"preset": "tiny"},
     "pretrain": {"max_steps": 6, "batch_size": 4, "global_batch_size": 4, "eval_interval": 3, "eval_batches": 2,
@@ -25,6 +25,9 @@ TINY = {
                  "max_length": 64},
     "classify": {"epochs": None, "max_steps": 4, "batch_size": 4, "global_batch_size": 4, "eval_interval": 2,
                  "eval_batches": 2, "checkpoint_interval": 2, "log_interval": 2, "max_length": 32},
+    "preference": {"epochs": None, "max_steps": 4, "batch_size": 4, "global_batch_size": 4, "eval_interval": 2,
+                   "eval_batches": 2, "sample_interval": 4, "checkpoint_interval": 2, "log_interval": 2,
+                   "max_length": 64},
     "evaluate": {"test_records": 4, "max_new_tokens": 8, "examples": 2, "batch_size": 4},
 }
 
@@ -59,7 +62,8 @@ def test_a_fresh_clone_runs_the_pipeline_and_keeps_its_promises(tmp_path, prefec
                  "data/checkpoints/finetune/model.safetensors", "data/checkpoints/finetune/split.json",
                  "data/eval/report.md", "data/eval/responses.json", "plots/pretrain/loss.png",
                  "data/checkpoints/classify/split.json", "plots/classify/confusion.png", "plots/classify/accuracy.png",
-                 "metrics/classify.md"):
+                 "metrics/classify.md", "data/checkpoints/preference/split.json", "plots/preference/reward_margin.png",
+                 "data/eval/responses_preference.json"):
         assert (clone / path).is_file(), path
     for stage in STAGES:
         assert json.loads((clone / f"metrics/{stage}.json").read_text()), stage
@@ -72,7 +76,11 @@ def test_a_fresh_clone_runs_the_pipeline_and_keeps_its_promises(tmp_path, prefec
     assert len(commits) == 1 and all(r.info.status == "FINISHED" and r.data.metrics for r in runs)
     assert len({r.data.tags["pipeline.params_sha256"] for r in runs}) == 1
     champion = client.get_model_version_by_alias("gpt-instruct", "champion")
-    assert champion.tags["stage"] == "finetune"
+    (evaluated,) = [r for r in runs if r.info.run_name == "evaluate"]
+    assert champion.tags["stage"] == evaluated.data.tags["best_stage"]  # the better of SFT and DPO
+    assert len(client.search_model_versions("name='gpt-instruct'")) == 2  # SFT and DPO, one version each
+    preference = json.loads((clone / "metrics/preference.json").read_text())
+    assert {"test_preference_accuracy", "test_reward_margin", "val_chosen_reward"} <= set(preference)
     assert client.get_registered_model("gpt-base").latest_versions
     classifier = client.get_registered_model("gpt-classifier").latest_versions[0]
     assert classifier.tags["stage"] == "classify"
@@ -98,7 +106,7 @@ def test_a_fresh_clone_runs_the_pipeline_and_keeps_its_promises(tmp_path, prefec
     with (clone / "llm/hardware.py").open("a") as module:
         module.write("# edited\n")
     stale = re.findall(r"^(\w+):\s*$", dvc(clone, "status", env=env), flags=re.MULTILINE)
-    assert set(stale) == {"pretrain", "finetune", "classify", "evaluate"}
+    assert set(stale) == {"pretrain", "finetune", "classify", "preference", "evaluate"}
     git(clone, "checkout", "llm/hardware.py")
 
     # Share the results: the lock, metrics and plots in git, data and checkpoints in the DVC remote.
@@ -107,10 +115,10 @@ def test_a_fresh_clone_runs_the_pipeline_and_keeps_its_promises(tmp_path, prefec
     dvc(clone, "push", env=env)
     assert (tmp_path / "llm-pipeline-dvc-remote").is_dir()  # the default remote: a folder beside the clone
 
-    # An experiment on a fine-tuning setting reruns exactly finetune and evaluate, and compares.
+    # An experiment on a fine-tuning setting reruns exactly finetune, what starts from it, and evaluate.
     variant = dvc(clone, "exp", "run", "-n", "faster-lr", "-S", "finetune.lr=0.0005", "-S", "finetune.min_lr=0.0005",
                   env=env)
-    assert stages_run(variant) == ["finetune", "evaluate"]
+    assert stages_run(variant) == ["finetune", "preference", "evaluate"]
     assert "faster-lr" in dvc(clone, "exp", "show", "--md", env=env)
     assert "rouge_l_f1" in dvc(clone, "metrics", "diff", "--all", env=env)
     dvc(clone, "plots", "diff", "-o", str(tmp_path / "plots"), env=env)

@@ -11,7 +11,10 @@ import torch
 from llm.checkpoint import save_model
 from llm.checkpoint import SPLIT_FILE
 from llm.config import EvaluateConfig
-from llm.evaluate import evaluate_models
+from llm.evaluate import TunedMeasurements, best_stage, evaluate_models, primary_score
+from llm.judge import JudgeResult
+from llm.perplexity import PerplexityResult
+from llm.scores import Scores
 from llm.instructions import Record, Split, write_split
 from llm.model import GPT, model_config
 from llm.shards import ShardError
@@ -45,6 +48,22 @@ def test_promotion_only_when_every_score_is_at_least_the_champions(registry):
     assert registry.get_model_version("m", worse).tags["eval.rouge_l_f1"] == "0.4"
 
 
+def tuned(rouge: float, judge: tuple[int, ...] | None = None) -> TunedMeasurements:
+    loss = PerplexityResult(loss=1.0, perplexity=2.7, tokens=10, tokens_per_s=1.0)
+    scores = Scores(per_record=(), exact_match=0.0, rouge_l_f1=rouge)
+    verdict = JudgeResult("scored", "llama3", judge) if judge else JudgeResult("skipped", "llama3", reason="none")
+    return TunedMeasurements(loss, [], scores, verdict)
+
+
+def test_the_best_model_is_chosen_by_the_judge_when_it_scored_every_one_else_by_rouge():
+    assert best_stage({"finetune": tuned(0.4), "preference": tuned(0.5)}) == "preference"
+    assert best_stage({"finetune": tuned(0.5), "preference": tuned(0.5)}) == "finetune"  # a tie: the simpler
+    judged = {"finetune": tuned(0.6, (80,)), "preference": tuned(0.4, (90,))}
+    assert primary_score(judged) == "judge_score" and best_stage(judged) == "preference"
+    partly = {"finetune": tuned(0.6, (80,)), "preference": tuned(0.4)}
+    assert primary_score(partly) == "rouge_l_f1" and best_stage(partly) == "finetune"
+
+
 def test_shards_that_do_not_fit_a_model_are_refused_before_any_work(tmp_path):
     shards = make_shards(tmp_path / "shards", patterned_tokens(300), patterned_tokens(300), vocab_size=512)
     save_model(GPT(model_config("tiny", vocab_size=512)), tmp_path / "base")
@@ -52,10 +71,10 @@ def test_shards_that_do_not_fit_a_model_are_refused_before_any_work(tmp_path):
     config = EvaluateConfig(device="cpu")  # no split.json: the check must come first
     with pytest.raises(ShardError, match=rf"^{shards} holds tokens of tokenizer 'gpt2' \(vocabulary of 512\), but "
                                          rf"{tmp_path / 'tuned'} was trained with tokenizer 'cl100k_base'"):
-        evaluate_models(config, tmp_path / "base", tmp_path / "tuned", shards)
+        evaluate_models(config, tmp_path / "base", {"finetune": tmp_path / "tuned"}, shards)
     save_model(GPT(model_config("tiny", vocab_size=500)), tmp_path / "base")
     with pytest.raises(ShardError, match=rf"a vocabulary of 512, more than {tmp_path / 'base'}'s vocab_size of 500"):
-        evaluate_models(config, tmp_path / "base", tmp_path / "tuned", shards)
+        evaluate_models(config, tmp_path / "base", {"finetune": tmp_path / "tuned"}, shards)
 
 
 @pytest.mark.slow
@@ -68,7 +87,7 @@ def test_evaluate_flow_measures_reports_and_promotes(tmp_path, monkeypatch, pref
     make_shards(tmp_path / "data/shards", patterned_tokens(3000), patterned_tokens(700))
     torch.manual_seed(0)
     model = GPT(model_config("tiny"))
-    for stage in ("pretrain", "finetune"):
+    for stage in ("pretrain", "finetune", "preference"):  # the same weights: SFT and DPO tie
         save_model(model, tmp_path / f"data/checkpoints/{stage}", extra={"prompt_style": "alpaca"})
     records = [Record(**r) for r in json.loads(shared_file("instruction-data.json").read_text())[:12]]
     write_split(tmp_path / "data/checkpoints/finetune" / SPLIT_FILE, Split(records[:6], records[6:8], records[8:]))
@@ -81,17 +100,25 @@ def test_evaluate_flow_measures_reports_and_promotes(tmp_path, monkeypatch, pref
     responses = json.loads((tmp_path / "data/eval/responses.json").read_text())
     assert [r["instruction"] for r in responses] == [r.instruction for r in records[8:]]
     assert all(set(r) == {"instruction", "input", "output", "model_response"} for r in responses)
+    assert json.loads((tmp_path / "data/eval/responses_preference.json").read_text()) == responses
     assert json.loads((tmp_path / "metrics/evaluate.json").read_text()) == metrics
     assert metrics["test_records"] == 4 and "judge_score" not in metrics and metrics["precision_used"] == "fp32"
     assert metrics["val_loss_base"] == pytest.approx(metrics["val_loss_finetuned"])  # the same weights
+    assert metrics["rouge_l_f1_preference"] == metrics["rouge_l_f1"]
+    assert metrics["val_loss_preference"] == pytest.approx(metrics["val_loss_finetuned"])
     report = (tmp_path / "data/eval/report.md").read_text()
-    assert "gpt-instruct version 1" in report and "skipped: no judge configured" in report
+    assert "- **SFT model:** gpt-instruct version 1\n- **DPO model:** gpt-instruct version 2\n" in report
+    assert "- **Promoted to champion:** SFT (gpt-instruct version 1)" in report  # a tie goes to the simpler
+    assert "| metric | base | SFT | DPO |" in report and "skipped: no judge configured" in report
     assert (tmp_path / "data/eval/losses.png").is_file() or "losses.png" not in report
 
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert str(client.get_model_version_by_alias("gpt-instruct", "champion").version) == "1"
     (run,) = client.search_runs([client.get_experiment_by_name("test-evaluate").experiment_id])
     assert run.data.metrics["rouge_l_f1"] == metrics["rouge_l_f1"] and run.data.tags["promoted"] == "True"
+    assert run.data.tags["best_stage"] == "finetune" and run.data.tags["primary_score"] == "rouge_l_f1"
+    dpo = client.get_model_version("gpt-instruct", "2")
+    assert dpo.tags["stage"] == "preference" and float(dpo.tags["eval.rouge_l_f1"]) == metrics["rouge_l_f1"]
     assert run.data.tags["precision_used"] == "fp32"
     assert {a.path for a in client.list_artifacts(run.info.run_id, "eval")} >= {"eval/report.md",
                                                                                 "eval/responses.json"}

@@ -95,12 +95,12 @@ def test_the_evaluate_stage_measures_and_answers_as_transformers_by_default(conv
     write_split(tuned / SPLIT_FILE, Split(train=RECORDS, val=RECORDS, test=RECORDS))
     config = EvaluateConfig(device="cpu", max_new_tokens=NEW_TOKENS, examples=0)
 
-    measured = evaluate_models(config, ckpt, tuned, shards)
+    measured = evaluate_models(config, ckpt, {"finetune": tuned}, shards)
 
     assert measured.precision == "fp32"
     expected = [clean_response(enc.decode(hf_greedy(hf, enc.encode(prompt_text(r, "alpaca"), disallowed_special=()))))
                 for r in RECORDS]
-    assert [r["model_response"] for r in measured.responses] == expected
+    assert [r["model_response"] for r in measured.tuned["finetune"].responses] == expected
     total, targets = 0.0, 0
     with torch.no_grad():
         for inputs, labels in sequential_batches(TokenStream.from_manifest(shards, "val"), 128, 8):

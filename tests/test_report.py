@@ -5,16 +5,16 @@ from markdown_it import MarkdownIt
 
 from llm.judge import JudgeResult
 from llm.perplexity import PerplexityResult
-from llm.report import Evaluation, Example, write_report
+from llm.report import Evaluation, Example, Tuned, write_report
 from llm.scores import score_responses
 
 TRICKY = ("a | b \\| c `code` *not bold* <script>alert(1)</script> &amp; ~~kept~~ [link](x) trailing \\\n"
           "second line")
 EXAMPLES = [
-    Example(prompt="### Instruction:\nQuote this: ```python\nx = 1\n```", expected="x = 1", base="",
-            finetuned=TRICKY),
-    Example(prompt="### Instruction:\nName the capital of France.", expected="Paris.", base="France France",
-            finetuned="The capital of France is Paris."),
+    Example(prompt="### Instruction:\nQuote this: ```python\nx = 1\n```", expected="x = 1",
+            answers={"base": "", "SFT": TRICKY, "DPO": "x = 1"}),
+    Example(prompt="### Instruction:\nName the capital of France.", expected="Paris.",
+            answers={"base": "France France", "SFT": "The capital of France is Paris.", "DPO": "Paris."}),
 ]
 HISTORIES = {
     "pretrain": {"train_loss": [(0, 10.9), (10, 7.5), (20, 6.1)], "val_loss": [(10, 7.8), (20, 6.6)]},
@@ -22,15 +22,18 @@ HISTORIES = {
 }
 
 
-def evaluation(**changes) -> Evaluation:
+def evaluation(judge: JudgeResult = JudgeResult("scored", "llama3", (85, 92, 40)), **changes) -> Evaluation:
+    references = ["paris.", "Rome.", "the dog runs"]
     fields = dict(
         base_model="gpt-base version 3",
-        finetuned_model="gpt-instruct version 2",
-        promoted=True,
         base_loss=PerplexityResult(loss=3.412, perplexity=30.33, tokens=12345, tokens_per_s=1000.0),
-        finetuned_loss=PerplexityResult(loss=3.201, perplexity=24.558, tokens=12345, tokens_per_s=1000.0),
-        scores=score_responses(["Paris.", "", "The dogs are running"], ["paris.", "Rome.", "the dog runs"]),
-        judge=JudgeResult("scored", "llama3", (85, 92, 40)),
+        tuned=[Tuned("SFT", "gpt-instruct version 2",
+                     PerplexityResult(loss=3.201, perplexity=24.558, tokens=12345, tokens_per_s=1000.0),
+                     score_responses(["Paris.", "", "The dogs are running"], references), judge),
+               Tuned("DPO", "gpt-instruct version 3",
+                     PerplexityResult(loss=3.25, perplexity=25.79, tokens=12345, tokens_per_s=1000.0),
+                     score_responses(["Paris.", "Rome.", "dogs"], references), judge)],
+        champion="DPO",
         histories=HISTORIES,
         examples=EXAMPLES,
     )
@@ -72,15 +75,16 @@ def test_the_report_holds_the_models_the_metrics_table_and_the_curves(tmp_path):
     text = path.read_text(encoding="utf-8")
     assert path == tmp_path / "eval" / "report.md"
     assert text.startswith("# Evaluation report\n\n- **Base model:** gpt-base version 3\n"
-                           "- **Fine-tuned model:** gpt-instruct version 2\n"
-                           "- **Fine-tuned model promoted:** yes\n")
-    assert ("| metric | base | fine-tuned |\n"
-            "| --- | ---: | ---: |\n"
-            "| val loss | 3.4120 | 3.2010 |\n"
-            "| val perplexity | 30.33 | 24.56 |\n"
-            "| exact match | – | 0.333 (1 of 3) |\n"
-            "| ROUGE-L F1 | – | 0.619 |\n"
-            "| LLM judge (llama3), 0-100 | – | 72.33 (3 of 3 scored) |\n") in text
+                           "- **SFT model:** gpt-instruct version 2\n"
+                           "- **DPO model:** gpt-instruct version 3\n"
+                           "- **Promoted to champion:** DPO (gpt-instruct version 3)\n")
+    assert ("| metric | base | SFT | DPO |\n"
+            "| --- | ---: | ---: | ---: |\n"
+            "| val loss | 3.4120 | 3.2010 | 3.2500 |\n"
+            "| val perplexity | 30.33 | 24.56 | 25.79 |\n"
+            "| exact match | – | 0.333 (1 of 3) | 0.667 (2 of 3) |\n"
+            "| ROUGE-L F1 | – | 0.619 | 0.833 |\n"
+            "| LLM judge (llama3), 0-100 | – | 72.33 (3 of 3 scored) | 72.33 (3 of 3 scored) |\n") in text
     assert "over all 12,345 next-token targets" in text
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
     assert links == ["losses.png"]
@@ -94,19 +98,19 @@ def test_examples_appear_side_by_side_exactly_as_generated(tmp_path):
     assert rendered.code == [EXAMPLES[0].prompt + "\n", EXAMPLES[1].prompt + "\n"]
     example_rows = rendered.rows[-4:]  # a header and a row per example
     assert example_rows == [
-        ["expected", "base", "fine-tuned"], ["x = 1", "(empty)", TRICKY],
-        ["expected", "base", "fine-tuned"], ["Paris.", "France France", "The capital of France is Paris."],
+        ["expected", "base", "SFT", "DPO"], ["x = 1", "(empty)", TRICKY, "x = 1"],
+        ["expected", "base", "SFT", "DPO"], ["Paris.", "France France", "The capital of France is Paris.", "Paris."],
     ]
-    assert all(len(row) == 3 for row in rendered.rows)  # no stray pipe split a table
+    assert all(len(row) == 4 for row in rendered.rows)  # no stray pipe split a table
 
 
 def test_a_skipped_judge_and_a_missing_history_say_so(tmp_path):
     reason = "http://127.0.0.1:9/api/chat is not reachable; start the server (`ollama serve`) | or fix it"
     report = write_report(tmp_path, evaluation(judge=JudgeResult("skipped", "llama3", reason=reason),
-                                               histories={"pretrain": {}}, promoted=False))
+                                               histories={"pretrain": {}}, champion=None))
 
     text = report.read_text(encoding="utf-8")
-    assert "- **Fine-tuned model promoted:** no\n" in text
-    assert ["LLM judge (llama3), 0-100", "–", f"skipped: {reason}"] in Rendered(text).rows
+    assert "- **Promoted to champion:** none (the holder stays champion)\n" in text
+    assert ["LLM judge (llama3), 0-100", "–", f"skipped: {reason}", f"skipped: {reason}"] in Rendered(text).rows
     assert "## Loss curves\n\nNo loss history was recorded.\n" in text
     assert not (tmp_path / "losses.png").exists()
