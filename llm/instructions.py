@@ -96,25 +96,30 @@ def json_values(path: Path, kind: str) -> Iterator[tuple[str, Any]]:
         raise InstructionDataError(f"{path}: not valid JSON at line {exc.lineno} column {exc.colno}: "
                                    f"{exc.msg}{hint}") from None
     if not isinstance(data, list):
-        raise InstructionDataError(f"{path}: must hold a list of records, got {json_kind(data)} "
+        raise InstructionDataError(f"{path}: must hold a list of records, got {_kind(data)} "
                                    "(for one record per line, name the file .jsonl)")
     for index, value in enumerate(data):
         yield f"record {index}", value
 
 
-def _record(value: Any, where: str) -> Record:
+def string_fields(value: Any, where: str, fields: Sequence[str],
+                  error: type[InstructionDataError] = InstructionDataError) -> list[str]:
+    """The string `fields` of a parsed JSON record, in order; `error` naming `where` and what is wrong."""
     if not isinstance(value, dict):
-        raise InstructionDataError(f"{where} is {json_kind(value)}, not an object with fields "
-                                   f"{', '.join(map(repr, FIELDS))}")
-    for name in FIELDS:
+        raise error(f"{where} is {_kind(value)}, not an object with fields {', '.join(map(repr, fields))}")
+    for name in fields:
         if name not in value:
-            raise InstructionDataError(f"{where} has no field {name!r}")
+            raise error(f"{where} has no field {name!r}")
         if not isinstance(value[name], str):
-            raise InstructionDataError(f"{where} has a non-string field {name!r} ({json_kind(value[name])})")
-    return Record(value["instruction"], value["input"], value["output"])
+            raise error(f"{where} has a non-string field {name!r} ({_kind(value[name])})")
+    return [value[name] for name in fields]
 
 
-def json_kind(value: Any) -> str:
+def _record(value: Any, where: str) -> Record:
+    return Record(*string_fields(value, where, FIELDS))
+
+
+def _kind(value: Any) -> str:
     """What a JSON value is, in words."""
     names = {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number",
              bool: "a boolean", type(None): "null"}

@@ -46,8 +46,8 @@ from llm.download import downloaded_source
 from llm.files import sha256_file
 from llm.imports import code_fingerprint
 from llm.instructions import (Example, InstructionDataError, PromptStyle, Record, Split, collate, count_truncated,
-                              encode_records, json_kind, json_values, learnable, prompt_text, read_split,
-                              split_records, write_split)
+                              encode_records, json_values, learnable, prompt_text, read_split,
+                              split_records, string_fields, write_split)
 from llm.lora import apply_lora, merge_lora, trainable_parameters
 from llm.model import GPT, IGNORE_INDEX, eval_mode
 from llm.pretrain import prompt_sampler
@@ -88,18 +88,11 @@ class PreferencePair:
 
 def parse_pair(value: Any, where: str) -> PreferencePair:
     """A pair from one parsed JSON value; PreferenceDataError naming `where` and the reason otherwise."""
-    if not isinstance(value, dict):
-        raise PreferenceDataError(f"{where} is {json_kind(value)}, not an object with fields "
-                                  f"{', '.join(map(repr, FIELDS))}")
-    for name in FIELDS:
-        if name not in value:
-            raise PreferenceDataError(f"{where} has no field {name!r}")
-        if not isinstance(value[name], str):
-            raise PreferenceDataError(f"{where} has a non-string field {name!r} ({json_kind(value[name])})")
-    if value["chosen"] == value["rejected"]:
+    pair = PreferencePair(*string_fields(value, where, FIELDS, PreferenceDataError))
+    if pair.chosen == pair.rejected:
         raise PreferenceDataError(f"{where}: its chosen and rejected responses are equal, which teaches no "
                                   f"preference")
-    return PreferencePair(*(value[name] for name in FIELDS))
+    return pair
 
 
 @dataclass(frozen=True)

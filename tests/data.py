@@ -1,4 +1,4 @@
-"""Small data made for tests: token shards in a temporary folder, instruction examples."""
+"""Small data made for tests: token shards in a temporary folder, instruction examples, a tracker that dies."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 from llm.files import write_json_atomic
 from llm.instructions import Example
 from llm.shards import ShardWriter
+from llm.tracking import MemoryTracker
 
 
 def make_shards(root: Path, train: np.ndarray, val: np.ndarray, *, tokens_per_shard: int = 4096,
@@ -56,3 +57,20 @@ def one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+class Killed(Exception):
+    """What `DiesAtStep` raises: a run killed in the middle of training."""
+
+
+class DiesAtStep(MemoryTracker):
+    """A tracker whose run dies when asked to log the metrics of `step`."""
+
+    def __init__(self, step: int):
+        super().__init__()
+        self.dies_at = step
+
+    def log_metrics(self, metrics, step):
+        if step == self.dies_at:
+            raise Killed
+        super().log_metrics(metrics, step)

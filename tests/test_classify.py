@@ -20,6 +20,7 @@ from llm.config import Params, from_mapping
 from llm.model import GPT, IGNORE_INDEX, model_config
 from llm.tracking import MemoryTracker
 from tests.conftest import shared_file
+from tests.data import DiesAtStep, Killed
 
 WORDS = "the a to you me call now free prize cash lunch home see later ok".split()
 
@@ -194,17 +195,8 @@ def test_a_classifier_learns_and_a_killed_run_resumes_to_the_same_weights(tmp_pa
     tests = sum(map(sum, scored.confusion))  # 54 spam, so 108 balanced texts: 75 train, 10 val, 23 test
     assert tests == 23 and len(scored.wrong) == round(tests * (1 - scored.metrics["test_accuracy"]))
 
-    class Killed(Exception):
-        pass
-
-    class DiesAtStep(MemoryTracker):
-        def log_metrics(self, metrics, step):
-            if step == 18:
-                raise Killed
-            super().log_metrics(metrics, step)
-
     with pytest.raises(Killed):
-        run_classify(settings, raw, start, tmp_path / "killed", tracker=DiesAtStep())
+        run_classify(settings, raw, start, tmp_path / "killed", tracker=DiesAtStep(18))
     run_classify(settings, raw, start, tmp_path / "killed", tracker=MemoryTracker())
     ours = safetensors.torch.load_file(tmp_path / "killed" / "model.safetensors")
     for name, p in safetensors.torch.load_file(tmp_path / "whole" / "model.safetensors").items():

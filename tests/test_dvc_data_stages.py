@@ -22,8 +22,9 @@ def test_repro_builds_then_skips_then_reruns_only_what_changed(tmp_path, prefect
     tokens = json.loads((repo / "metrics/tokenize.json").read_text())
     assert tokens["tokens"] == 5145 + 338025 + 2  # the-verdict and tinyshakespeare, each with end-of-text
     assert (repo / "data/shards/train/000000.arrow").is_file()
-    assert json.loads((repo / "metrics/download.json").read_text())["files"] == 4  # sms-spam: the mirror's member
+    assert json.loads((repo / "metrics/download.json").read_text())["files"] == 5  # sms-spam: the mirror's member
     assert (repo / "data/raw/classification/SMSSpamCollection").is_file()
+    assert (repo / "data/raw/preference/instruction-data-with-preference.json").is_file()
 
     second = dvc(repo, "repro", "tokenize", env=env)
     assert stages_run(second) == []

@@ -25,6 +25,7 @@ from llm.preference import (DPOObjective, PairBatches, PreferenceDataError, coll
 from llm.tracking import MemoryTracker
 from llm.train import Trainer
 from tests.conftest import shared_file
+from tests.data import DiesAtStep, Killed
 
 SUBJECTS = "cats dogs rain tea trains music books the sea coffee winter".split()
 
@@ -219,17 +220,8 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path):
     settings = params(sample_interval=0)
     run_preference(settings, raw, sft, tmp_path / "whole", tracker=MemoryTracker())
 
-    class Killed(Exception):
-        pass
-
-    class DiesAtStep(MemoryTracker):
-        def log_metrics(self, metrics, step):
-            if step == 8:
-                raise Killed
-            super().log_metrics(metrics, step)
-
     with pytest.raises(Killed):
-        run_preference(settings, raw, sft, tmp_path / "killed", tracker=DiesAtStep())
+        run_preference(settings, raw, sft, tmp_path / "killed", tracker=DiesAtStep(8))
     run_preference(settings, raw, sft, tmp_path / "killed", tracker=MemoryTracker())
     ours = safetensors.torch.load_file(tmp_path / "killed" / "model.safetensors")
     for name, p in safetensors.torch.load_file(tmp_path / "whole" / "model.safetensors").items():
