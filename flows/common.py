@@ -15,8 +15,9 @@ from prefect.exceptions import MissingContextError
 from prefect.logging import get_run_logger
 
 from llm.files import write_json_atomic
+from llm.lineage import lineage_tags
 from llm.lock import StageLock, stage_lock
-from llm.tracking import LOCK_TOKEN_TAG, MLflowTracker, fail_stale_runs, lineage_tags
+from llm.tracking import LOCK_TOKEN_TAG, MLflowTracker, fail_stale_runs
 
 
 def stage_logger() -> logging.Logger | logging.LoggerAdapter:

@@ -19,16 +19,12 @@ from prefect import flow
 
 from flows.common import stage_logger, tracked_run, write_metrics
 from llm import faults
+from llm.checkpoint import MODEL_FILE
 from llm.config import EvaluateConfig, load_params
 from llm.download import redact_url
-from llm.checkpoint import MODEL_FILE
-from llm.evaluate import INSTRUCTION_STAGES, best_stage, evaluate_models, primary_score, responses_file
+from llm.evaluate import evaluate_models, promote_best, write_evaluation
 from llm.files import atomic_dir
-from llm.report import Evaluation, Tuned, write_report
-from llm.responses import write_responses
-from llm.tracking import promote_if_better, record_scores, registered_version
-
-SCORES = ("exact_match", "rouge_l_f1", "judge_score")  # recorded on each version; losses are not scores
+from llm.registry import registered_version
 
 
 def loggable_config(config: EvaluateConfig) -> dict:
@@ -62,32 +58,22 @@ def evaluate(params_file: str = "params.yaml", base_dir: str = "data/checkpoints
         base_version = registered_version(base_dir, base_name, "pretrain", params.serving)
         versions = {stage: registered_version(folder, names[stage], stage, params.serving)
                     for stage, folder in tuned_dirs.items()}
-        for stage, version in versions.items():
-            record_scores(names[stage], version, {k: v for k, v in measured.tuned[stage].metrics().items()
-                                                  if k in SCORES})
-        # The best of this run's models by the primary score, and the champion if at least the holder's.
-        best, key = best_stage(measured.tuned), primary_score(measured.tuned)
-        promoted, previous = promote_if_better(names[best], versions[best], {key: measured.tuned[best].metrics()[key]})
+        promotion = promote_best(measured, names, versions)
         t.set_tags({"evaluated_models": ", ".join(f"{names[s]}/{v} ({s})" for s, v in versions.items()),
-                    "best_stage": best, "primary_score": key, "promoted": str(promoted),
+                    "best_stage": promotion.best, "primary_score": promotion.key, "promoted": str(promotion.promoted),
                     "precision_used": measured.precision})
         with atomic_dir(out_dir) as tmp:
-            for stage, tuned in measured.tuned.items():
-                write_responses(tmp / responses_file(stage), tuned.responses)
-            report = write_report(tmp, Evaluation(
-                base_model=f"{base_name} version {base_version}", base_loss=measured.base_loss,
-                tuned=[Tuned(INSTRUCTION_STAGES.get(stage, stage), f"{names[stage]} version {versions[stage]}",
-                             m.loss, m.scores, m.judge) for stage, m in measured.tuned.items()],
-                champion=INSTRUCTION_STAGES.get(best, best) if promoted else None,
-                histories=measured.histories, examples=measured.examples))
+            report = write_evaluation(tmp, measured, f"{base_name} version {base_version}",
+                                      {s: f"{names[s]} version {v}" for s, v in versions.items()}, promotion)
             faults.pause_point("evaluate.write")
         for path in sorted(Path(out_dir).iterdir()):
             t.log_artifact(path, "eval")
     recorded = {**metrics, "precision_used": measured.precision}  # a string: MLflow's metrics take numbers only
     write_metrics(metrics_file, recorded)
-    verdict = ("promoted to champion" if promoted else f"not promoted: version {previous} stays champion")
-    log.info("evaluate: best by %s is the %s model, %s version %s, %s; report %s; judge %s", key, best, names[best],
-             versions[best], verdict, Path(out_dir) / report.name, measured.tuned[best].judge.summary())
+    best = promotion.best
+    verdict = "promoted to champion" if promotion.promoted else f"not promoted: version {promotion.previous} stays champion"
+    log.info("evaluate: best by %s is the %s model, %s version %s, %s; report %s; judge %s", promotion.key, best,
+             names[best], versions[best], verdict, Path(out_dir) / report.name, measured.tuned[best].judge.summary())
     return recorded
 
 

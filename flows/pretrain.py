@@ -21,7 +21,10 @@ from llm.config import load_params
 from llm.pretrain import run_pretrain, run_settings
 
 
-def _pretrain(params_file: str, shards_dir: str, out_dir: str, metrics_file: str, plots_dir: str) -> dict:
+@flow(name="pretrain")
+def pretrain(params_file: str = "params.yaml", shards_dir: str = "data/shards",
+             out_dir: str = "data/checkpoints/pretrain", metrics_file: str = "metrics/pretrain.json",
+             plots_dir: str = "plots/pretrain") -> dict:
     params = load_params(params_file)
     settings = run_settings(params, shards_dir)  # hashes the shards' manifest and the code: once
     return tracked_training(
@@ -32,13 +35,6 @@ def _pretrain(params_file: str, shards_dir: str, out_dir: str, metrics_file: str
         plots_dir=plots_dir, registered_model=params.pretrain.registered_model,
         train=lambda tracker, dist, run_id: run_pretrain(params, shards_dir, out_dir, tracker=tracker, dist=dist,
                                                          run_id=run_id, settings=settings))
-
-
-@flow(name="pretrain")
-def pretrain(params_file: str = "params.yaml", shards_dir: str = "data/shards",
-             out_dir: str = "data/checkpoints/pretrain", metrics_file: str = "metrics/pretrain.json",
-             plots_dir: str = "plots/pretrain") -> dict:
-    return _pretrain(params_file, shards_dir, out_dir, metrics_file, plots_dir)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ from llm.config import load_params
 from llm.checkpoint import HISTORY_FILE, write_registration
 from llm.distributed import Dist
 from llm.plots import write_loss_plots
-from llm.tracking import MemoryTracker, MLflowTracker, Tracker, log_gpt_model
+from llm.registry import log_gpt_model
+from llm.tracking import MemoryTracker, MLflowTracker, Tracker
 from llm.train import TrainResult, resumable_run_id
 
 
@@ -34,26 +35,23 @@ def tracked_training(
     run = (tracked_run(stage, out_dir=out_dir, experiment=experiment, params_file=params_file,
                        params_to_log=params_to_log, run_id=resumable_run_id(out_dir, settings))
            if dist.is_main else nullcontext(MemoryTracker()))
-    try:
-        with run as t:
-            result = train(t, dist, getattr(t, "run_id", None))
-            if not dist.is_main:
-                return result.metrics
-            # Points the store did not take during training (or a killed run never logged): logged now,
-            # or the stage fails here, with the model and its history.json saved.
-            t.sync_history(result.progress.history, Path(out_dir) / HISTORY_FILE)
-            for path in write_loss_plots(plots_dir, result.progress.history, stage):
-                t.log_artifact(path, "plots")
-            if score:
-                scored = score(t, result)
-                t.log_metrics(scored, step=result.progress.step)
-                result = dataclasses.replace(result, metrics={**result.metrics, **scored})
-            version = log_gpt_model(out_dir, registered_model, {"stage": stage, "run_id": t.run_id},
-                                    serving=load_params(params_file).serving)
-            t.set_tags({"registered_model_version": str(version), "precision_used": result.precision_used})
-            write_registration(out_dir, registered_model, str(version), t.run_id)
-    finally:
-        distributed.shutdown()
+    with run as t:
+        result = train(t, dist, getattr(t, "run_id", None))
+        if not dist.is_main:
+            return result.metrics
+        # Points the store did not take during training (or a killed run never logged): logged now,
+        # or the stage fails here, with the model and its history.json saved.
+        t.sync_history(result.progress.history, Path(out_dir) / HISTORY_FILE)
+        for path in write_loss_plots(plots_dir, result.progress.history, stage):
+            t.log_artifact(path, "plots")
+        if score:
+            scored = score(t, result)
+            t.log_metrics(scored, step=result.progress.step)
+            result = dataclasses.replace(result, metrics={**result.metrics, **scored})
+        version = log_gpt_model(out_dir, registered_model, {"stage": stage, "run_id": t.run_id},
+                                serving=load_params(params_file).serving)
+        t.set_tags({"registered_model_version": str(version), "precision_used": result.precision_used})
+        write_registration(out_dir, registered_model, str(version), t.run_id)
     recorded = {**result.metrics, "precision_used": result.precision_used}  # a string: not an MLflow metric
     write_metrics(metrics_file, recorded)
     stage_logger().info("%s: %s, in %s; registered %s version %s", stage,

@@ -16,13 +16,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
-import torch
-
 from llm.checkpoint import CheckpointError, read_config, require_language_model
-from llm.config import INFERENCE_PRECISION, ConfigError, Precision, from_mapping
-from llm.generate import Sampling, add_precision_option, decode_stream, load_for_inference, stream
+from llm.config import INFERENCE_PRECISION, Precision
+from llm.generate import Sampling, add_sampling_options, decode_stream, load_for_inference, sampling_from, stream
 from llm.instructions import Record, prompt_text
 from llm.tokenizer import TokenizerError, get_tokenizer
+from llm.validation import ConfigError
 
 INPUT_SEPARATOR = " || "
 
@@ -59,18 +58,10 @@ def chat(checkpoint: Path, sampling: Sampling, max_new_tokens: int, device: str,
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llm.chat", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", type=Path, default=Path("data/checkpoints/finetune"))
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 (the default): greedy decoding")
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    add_precision_option(parser)
+    add_sampling_options(parser, max_new_tokens=128, temperature=0.0, top_k=None)
     args = parser.parse_args(argv)
     try:
-        sampling = from_mapping(Sampling, {"temperature": args.temperature, "top_k": args.top_k,
-                                           "top_p": args.top_p, "seed": args.seed}, source="the command line")
-        chat(args.checkpoint, sampling, args.max_new_tokens, args.device, args.precision)
+        chat(args.checkpoint, sampling_from(args), args.max_new_tokens, args.device, args.precision)
     except (CheckpointError, ConfigError, TokenizerError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

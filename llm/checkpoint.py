@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from llm import faults
-from llm.config import ConfigError, bulleted
+from llm.validation import ConfigError, bulleted
 from llm.files import (atomic_dir, fsync_dir, fsync_file, read_json, remove_temporaries, replace_durably,
                        temporary_sibling, write_json_atomic)
 from llm.model import GPT, ModelConfig

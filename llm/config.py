@@ -1,210 +1,28 @@
-"""Typed settings: `params.yaml` loaded into frozen dataclasses.
+"""The sections of `params.yaml`, as frozen dataclasses: one per stage, with their defaults and checks.
 
 `params.yaml` is the single source of settings, one section per stage. `load_params()` turns it into a
-`Params` object; every problem in the file (an unknown key, a wrong type, a value out of range) is
-collected and raised together as one `ConfigError` whose lines name the key path:
+`Params` object through llm.validation's loader: every problem in the file (an unknown key, a wrong type,
+a value out of range) is collected and raised together as one `ConfigError` whose lines name the key path:
 
     tokenize.val_fraction: must be in (0, 1), got 1.5
-
-The loader is generic: any dataclass can be built with `from_mapping(cls, data)`. A dataclass checks its
-own values in a `problems()` method that yields `(key, message)` pairs; the loader prefixes the path.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import math
 import re
-import types
 import typing
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 from urllib.parse import urlparse
 
 from llm.files import TMP_PREFIX
-
-T = TypeVar("T")
-
-Problem = tuple[str, str]  # (key path, message)
-
-
-class ConfigError(ValueError):
-    """Invalid settings; `problems` holds every `(key path, message)` found, not just the first."""
-
-    def __init__(self, problems: list[Problem], source: str = "params.yaml"):
-        self.problems = problems
-        lines = "\n".join(f"  {key}: {message}" if key else f"  {message}" for key, message in problems)
-        count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
-        super().__init__(f"{source} has {count}; fix {'them' if len(problems) != 1 else 'it'} and rerun:\n{lines}")
-
-
-def bulleted(lines: list[str], limit: int = 5) -> str:
-    """The first `limit` lines, each on a new indented line, and how many more there are: how a list of
-    problems is shown in an error message."""
-    more = [f"and {len(lines) - limit} more"] if len(lines) > limit else []
-    return "".join(f"\n  {line}" for line in lines[:limit] + more)
-
-
-# ---------------------------------------------------------------------------------------------------
-# The generic loader
-
-
-# Returned for a value that could not be built at all, so that its parents skip their own checks.
-_INVALID: Any = object()
-
-
-def from_mapping(cls: type[T], data: Any, source: str = "params.yaml") -> T:
-    """Build dataclass `cls` from a mapping, raising one ConfigError that lists every problem."""
-    problems: list[Problem] = []
-    value = _convert(cls, data, "", problems)
-    if problems:
-        raise ConfigError(problems, source)
-    return value
-
-
-def _join(path: str, key: str | int) -> str:
-    if isinstance(key, int):
-        return f"{path}[{key}]"
-    return f"{path}.{key}" if path else key
-
-
-def _describe(value: Any) -> str:
-    return f"{type(value).__name__} {value!r}" if not isinstance(value, Mapping) else "a mapping"
-
-
-def _convert(tp: Any, value: Any, path: str, problems: list[Problem]) -> Any:
-    """Check `value` against type `tp`; append problems, return the value or _INVALID."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-
-    if dataclasses.is_dataclass(tp):
-        return _convert_dataclass(tp, value, path, problems)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        if len(inner) == 1:
-            return _convert(inner[0], value, path, problems)
-        for candidate in inner:  # first member that accepts the value
-            trial: list[Problem] = []
-            result = _convert(candidate, value, path, trial)
-            if result is not _INVALID:
-                problems.extend(trial)
-                return result
-        problems.append((path, f"must be one of {', '.join(_type_name(a) for a in inner)}, got {_describe(value)}"))
-        return _INVALID
-    if origin is Literal:
-        if value not in args:
-            choices = ", ".join(repr(a) for a in args)
-            problems.append((path, f"must be one of {choices}, got {value!r}"))
-            return _INVALID
-        return value
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            problems.append((path, f"must be a list, got {_describe(value)}"))
-            return _INVALID
-        item_type = args[0] if args else Any
-        items = [_convert(item_type, item, _join(path, i), problems) for i, item in enumerate(value)]
-        if any(item is _INVALID for item in items):
-            return _INVALID
-        return tuple(items) if origin is tuple else items
-    if origin is dict:
-        if not isinstance(value, Mapping):
-            problems.append((path, f"must be a mapping, got {_describe(value)}"))
-            return _INVALID
-        value_type = args[1] if args else Any
-        converted = {k: _convert(value_type, v, _join(path, str(k)), problems) for k, v in value.items()}
-        return _INVALID if _INVALID in converted.values() else converted
-    if tp is Any:
-        return value
-    if tp is float:
-        # YAML writes 1 for 1.0; bool is an int subclass but never a number here.
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            # YAML 1.2 reads .nan and .inf as floats (JSON's NaN and Infinity too); a NaN slips past checks such
-            # as `value <= 0` (every comparison with it is False). Refused here, once for every section.
-            if not math.isfinite(value):
-                problems.append((path, f"must be a finite number, got {value}"))
-                return _INVALID
-            return float(value)
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is Path:
-        if isinstance(value, (str, Path)):
-            return Path(value)
-    elif isinstance(tp, type) and isinstance(value, tp):
-        return value
-    problems.append((path, f"must be {_type_name(tp)}, got {_describe(value)}"))
-    return _INVALID
-
-
-def _type_name(tp: Any) -> str:
-    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false", Path: "a path"}
-    return names.get(tp, getattr(tp, "__name__", str(tp)))
-
-
-def _convert_dataclass(cls: Any, value: Any, path: str, problems: list[Problem]) -> Any:
-    if value is None:
-        value = {}  # an empty YAML section means "all defaults"
-    if not isinstance(value, Mapping):
-        problems.append((path, f"must be a mapping of settings, got {_describe(value)}"))
-        return _INVALID
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    valid = True
-    for key in value:
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), fields, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(fields)}"
-            problems.append((_join(path, str(key)), f"unknown key{hint}"))
-            valid = False
-    kwargs = {}
-    for name, f in fields.items():
-        if name in value:
-            kwargs[name] = _convert(hints[name], value[name], _join(path, name), problems)
-            valid = valid and kwargs[name] is not _INVALID
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            problems.append((_join(path, name), "is required"))
-            valid = False
-    if not valid:
-        return _INVALID
-    instance = cls(**kwargs)
-    check = getattr(instance, "problems", None)
-    if check is not None:
-        problems.extend((_join(path, key), message) for key, message in check())
-    return instance
-
-
-# ---------------------------------------------------------------------------------------------------
-# Small checks shared by the sections
-
-
-def check_range(
-    key: str, value: float, low: float | None = None, high: float | None = None, *, closed: str = "[]"
-) -> Iterator[Problem]:
-    """Yield a problem when `value` is outside the interval; `closed` says which ends are included."""
-    low_ok = low is None or (value >= low if closed[0] == "[" else value > low)
-    high_ok = high is None or (value <= high if closed[1] == "]" else value < high)
-    if not (low_ok and high_ok):
-        left = "-inf" if low is None else f"{low:g}"
-        right = "inf" if high is None else f"{high:g}"
-        yield key, f"must be in {closed[0]}{left}, {right}{closed[1]}, got {value!r}"
-
-
-def check_fractions(key: str, value: float, other_key: str, other: float, rest: str) -> Iterator[Problem]:
-    """Two splits' shares of the records, each in (0, 1), which must leave some records for split `rest`."""
-    yield from check_range(key, value, 0, 1, closed="()")
-    yield from check_range(other_key, other, 0, 1, closed="()")
-    if value + other >= 1:
-        yield other_key, f"{key} + {other_key} must leave some records for {rest}, got {value} + {other}"
-
-
-def check_positive(key: str, value: float) -> Iterator[Problem]:
-    if value <= 0:
-        yield key, f"must be > 0, got {value!r}"
+from llm.instructions import PromptStyle
+from llm.model import ModelConfig, Pooling, model_config
+from llm.sampler import global_batch_problem
+from llm.validation import ConfigError, Problem, check_fractions, check_positive, check_range, from_mapping
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -359,36 +177,37 @@ class TokenizeConfig:
             yield "doc_separator", "must be a non-empty string, or null for one document per text file"
 
 
-@dataclass(frozen=True)
-class ModelSection:
-    """The model: a preset from llm.model.PRESETS, and any of its fields to override."""
-
-    preset: str = "cpu-small"
-    vocab_size: int | None = None
-    context_length: int | None = None
-    n_embd: int | None = None
-    n_head: int | None = None
-    n_layer: int | None = None
-    dropout: float | None = None
-    qkv_bias: bool | None = None
-    tie_weights: bool | None = None
-    attention: Literal["sdpa", "explicit"] | None = None
-    init: Literal["gpt2", "book"] | None = None  # the starting weights: GPT-2's, or PyTorch's defaults (the book's)
+class _ModelSettings:
+    """What the model section does with its values: the preset's config with the set fields replaced."""
 
     def overrides(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)  # type: ignore[arg-type]
                 if f.name != "preset" and getattr(self, f.name) is not None}
 
-    def build(self):  # -> llm.model.ModelConfig (imported here: the model module imports this one)
-        from llm.model import model_config
-
-        return model_config(self.preset, **self.overrides())
+    def build(self) -> ModelConfig:
+        return model_config(self.preset, **self.overrides())  # type: ignore[attr-defined]
 
     def problems(self) -> Iterator[Problem]:
         try:
             self.build()
         except ConfigError as exc:
             yield from exc.problems
+
+
+# A classifier's fields are the classify stage's to set on the model it makes, not the pretrained model's.
+_CLASSIFIER_FIELDS = frozenset({"num_classes", "pooling"})
+_MODEL_HINTS = typing.get_type_hints(ModelConfig)
+
+# The model section: `preset` (a key of llm.model.PRESETS) and any of ModelConfig's fields to override, None
+# keeping the preset's. Made from ModelConfig's own fields, so that the two cannot disagree: a field added to
+# the model is a setting at once, with the model's type and checks.
+ModelSection = dataclasses.make_dataclass(
+    "ModelSection",
+    [("preset", str, field(default="cpu-small")),
+     *((f.name, _MODEL_HINTS[f.name] | None, field(default=None))
+       for f in dataclasses.fields(ModelConfig) if f.name not in _CLASSIFIER_FIELDS)],
+    bases=(_ModelSettings,), frozen=True)
+ModelSection.__module__ = __name__  # for pickling and reprs; make_dataclass takes `module=` only from Python 3.12
 
 
 Device = Literal["auto", "cpu", "cuda", "mps"]
@@ -409,11 +228,11 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (minutes of warm-up; pays off on long GPU runs)
     batch_size: int = 8  # sequences per micro-batch, per process
     global_batch_size: int = 8  # sequences per optimizer step, over all processes; accumulates to it
-    max_steps: int = 300  # optimizer steps; 0: no training, the starting model is the result
+    max_steps: int = 200  # optimizer steps; 0: no training, the starting model is the result
     max_tokens: int | None = None  # a token budget instead: sets max_steps
     lr: float = 1e-3
     min_lr: float = 1e-4  # the cosine ends here
-    warmup_steps: int = 30
+    warmup_steps: int = 20
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -434,9 +253,8 @@ class TrainConfig:
             yield from check_positive(key, getattr(self, key))
         yield from check_range("keep_superseded", self.keep_superseded, 0)
         yield from check_range("max_steps", self.max_steps, 0)
-        if self.global_batch_size % self.batch_size:
-            yield "global_batch_size", (f"must be a multiple of batch_size ({self.batch_size}), "
-                                        f"got {self.global_batch_size}")
+        if self.batch_size > 0 and (problem := global_batch_problem(self.batch_size, self.global_batch_size)):
+            yield "global_batch_size", problem
         if self.max_tokens is not None:
             yield from check_positive("max_tokens", self.max_tokens)
         yield from check_range("min_lr", self.min_lr, 0, self.lr)
@@ -498,7 +316,7 @@ class FinetuneConfig(TuneConfig):
     """Instruction fine-tuning (the book's chapter 7): TrainConfig's settings, with fine-tuning defaults."""
 
     instructions: str = "instruction-data"  # the download source (role: instructions) to learn from
-    prompt_style: Literal["alpaca", "phi3"] = "alpaca"
+    prompt_style: PromptStyle = "alpaca"
     mask_prompt: bool = False  # learn the response only, not the prompt's tokens
     max_length: int | None = None  # truncate examples to this many tokens; None: the model's context
     train_fraction: float = 0.85  # the book's split: 85% train, 10% test, the rest (5%) val
@@ -511,6 +329,7 @@ class FinetuneConfig(TuneConfig):
     min_lr: float = 3e-4
     warmup_steps: int = 0
     eval_interval: int = 25
+    eval_batches: int = 4
     checkpoint_interval: int = 25
     sample_interval: int = 50
     sample_tokens: int = 48
@@ -536,7 +355,7 @@ class ClassifyConfig(TuneConfig):
     # What trains: the book's last transformer block with the final LayerNorm and the head, every
     # weight, or LoRA adapters on lora_targets (and the head), merged into the saved model.
     trainable: Trainable = "all"
-    pooling: Literal["last", "mean"] = "last"  # classify from the last real token, or the mean of all
+    pooling: Pooling = "last"  # classify from the last real token, or the mean of all
     max_length: int | None = None  # cut texts to this many tokens; None: the longest training text's
     balance: bool = True  # undersample every class to the smallest one's size, as the book does
     train_fraction: float = 0.7  # the book's split: 70% train, 10% val, the rest (20%) test
@@ -563,6 +382,11 @@ class ClassifyConfig(TuneConfig):
             yield "lora_rank", "must be positive with trainable: lora (e.g. 16)"
 
 
+# A response's log-probability, in preference tuning: the mean over its tokens (the book's), or their sum
+# (the DPO paper's).
+LogProb = Literal["mean", "sum"]
+
+
 @dataclass(frozen=True)
 class PreferenceConfig(TuneConfig):
     """Preference tuning with DPO (the book's chapter 7 bonus): the instruction model taught to prefer
@@ -573,14 +397,13 @@ class PreferenceConfig(TuneConfig):
 
     init_from: str = "finetune"  # the finetune stage's model, a GPT-2 size, or a checkpoint folder
     data: str = "instruction-data-with-preference"  # the download source (role: preference) to learn from
-    prompt_style: Literal["alpaca", "phi3"] | None = None  # None: the starting model's (its config.json)
+    prompt_style: PromptStyle | None = None  # None: the starting model's (its config.json)
     beta: float = 0.1  # how far from the reference the policy may move: DPO's temperature
-    # Each response's log-probability: the mean over its tokens (the book's), or their sum (the DPO paper's)
-    logprob: Literal["mean", "sum"] = "mean"
+    logprob: LogProb = "mean"
     max_length: int | None = None  # cut prompt + response to this many tokens; None: the model's context
-    # A record that is not an object, lacks a field or has chosen == rejected: refused with its index
-    # (false), or left out and counted (true; the book's file has 6 pairs whose two responses are equal).
-    skip_invalid: bool = False
+    # A record that is not an object, lacks a field or has chosen == rejected: left out and counted (true;
+    # the book's file has 6 pairs whose two responses are equal), or refused with its index (false).
+    skip_invalid: bool = True
     train_fraction: float = 0.85  # the same split as finetune's, so that its test records are the same
     test_fraction: float = 0.10
     split_seed: int | None = None
@@ -640,7 +463,7 @@ class EvaluateConfig:
     precision: Precision = INFERENCE_PRECISION  # fp32: the same scores on any machine; bf16/auto: faster
     batch_size: int = 8  # val windows per forward pass, for perplexity
     generate_batch_size: int = 8  # test prompts generated together
-    max_new_tokens: int = 128  # the book generates up to 256
+    max_new_tokens: int = 64  # the book generates up to 256
     temperature: float = 0.0  # 0: greedy, as the book evaluates
     top_k: int | None = None
     top_p: float | None = None

@@ -36,15 +36,18 @@ def from_env() -> Dist:
                 int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def init(dist: Dist, device: torch.device) -> torch.device:
-    """Join the process group; on CUDA each process takes the GPU of its local rank."""
-    if not dist.enabled or torch_dist.is_initialized():
-        return device
+def init(dist: Dist, device: torch.device) -> tuple[torch.device, bool]:
+    """Join the process group; on CUDA each process takes the GPU of its local rank. Returns the device
+    and whether this call started the group: the caller that started it ends it (`shutdown`)."""
+    if not dist.enabled:
+        return device, False
     if device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(device)
+    if torch_dist.is_initialized():
+        return device, False
     torch_dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return device
+    return device, True
 
 
 def shutdown() -> None:

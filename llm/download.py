@@ -68,7 +68,8 @@ from urllib.parse import unquote, urlparse, urlsplit, urlunsplit
 from tqdm import tqdm
 
 from llm import faults
-from llm.config import SOURCE_ROLES, DownloadConfig, SourceConfig, bulleted, member_problem, url_file_name
+from llm.config import SOURCE_ROLES, DownloadConfig, SourceConfig, member_problem, url_file_name
+from llm.validation import bulleted
 from llm.files import (TMP_PREFIX, atomic_path, fsync_file, read_json, remove_temporaries, replace_durably, sha256_file,
                        write_json_atomic)
 
@@ -553,7 +554,7 @@ def prune_raw(raw_dir: str | Path, sources: list[SourceConfig]) -> list[Path]:
     return removed
 
 
-def read_manifest(raw_dir: str | Path, role: str) -> list[dict]:
+def read_sources_manifest(raw_dir: str | Path, role: str) -> list[dict]:
     """The sources of `role` that the download stage fetched; says how to get them if it has not run."""
     path = Path(raw_dir) / role / "manifest.json"
     if not path.is_file():
@@ -564,7 +565,7 @@ def read_manifest(raw_dir: str | Path, role: str) -> list[dict]:
 def downloaded_source(raw_dir: str | Path, role: str, name: str, key: str) -> tuple[Path, dict]:
     """The downloaded file of source `name` (of `role`) and its manifest entry; `key` is the params key
     that names it, for the error when no such source was downloaded."""
-    entries = read_manifest(raw_dir, role)
+    entries = read_sources_manifest(raw_dir, role)
     for entry in entries:
         if entry["name"] == name:
             return Path(raw_dir) / entry["file"], entry

@@ -13,7 +13,8 @@
 All of it is computed in fp32 unless `evaluate.precision` asks for bf16, so that the figures and answers
 are the same whichever machine runs the stage (llm/hardware.py has the rule).
 
-`evaluate_models` only measures; the flow decides on promotion in the registry and writes the report.
+`evaluate_models` only measures; `promote_best` applies the champion rule in the registry and
+`write_evaluation` writes the answers and the report.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ from llm.hardware import inference_dtype, precision_name, resolve_device
 from llm.instructions import TEMPLATES, prompt_text, read_split
 from llm.judge import JudgeResult, judge_responses
 from llm.perplexity import PerplexityResult, perplexity
-from llm.report import Example
-from llm.responses import generate_responses
+from llm.registry import CHAMPION, champion, record_scores, set_champion
+from llm.report import Evaluation, Example, Tuned, write_report
+from llm.responses import generate_responses, write_responses
 from llm.scores import Scores, score_responses
 from llm.shards import TokenStream, check_shards_fit, read_manifest
 from llm.tokenizer import get_tokenizer
@@ -163,3 +165,53 @@ def best_stage(tuned: Mapping[str, TunedMeasurements]) -> str:
     model, the simpler one)."""
     key = primary_score(tuned)
     return max(tuned, key=lambda stage: (tuned[stage].metrics()[key], -list(tuned).index(stage)))
+
+
+def promote_if_better(name: str, version: str, scores: Mapping[str, float],
+                      alias: str = CHAMPION) -> tuple[bool, str | None]:
+    """Record `scores` on the version (tags `eval.<name>`), and move `alias` to it when every score it
+    shares with the alias holder is at least as high, or when no version holds the alias.
+    Returns (promoted, the version that held the alias before, if any)."""
+    record_scores(name, version, scores)
+    holder = champion(name, alias)
+    if holder is not None and holder[0] != str(version):
+        theirs = holder[1]
+        if any(scores[key] < theirs[key] for key in scores if key in theirs):
+            return False, holder[0]
+    set_champion(name, version, alias)
+    return True, None if holder is None else holder[0]
+
+
+SCORES = ("exact_match", "rouge_l_f1", "judge_score")  # recorded on each version; losses are not scores
+
+
+@dataclasses.dataclass(frozen=True)
+class Promotion:
+    best: str  # the stage whose model scored highest by `key`
+    key: str  # the primary score
+    promoted: bool  # whether that model now holds the champion alias
+    previous: str | None  # the version that held it before, if any
+
+
+def promote_best(measured: Measurements, names: Mapping[str, str], versions: Mapping[str, str]) -> Promotion:
+    """Record each instruction model's scores on its registered version (`names[stage]`, `versions[stage]`),
+    and promote the best by the primary score when it is at least the current champion's."""
+    for stage, version in versions.items():
+        record_scores(names[stage], version, {k: v for k, v in measured.tuned[stage].metrics().items() if k in SCORES})
+    best, key = best_stage(measured.tuned), primary_score(measured.tuned)
+    promoted, previous = promote_if_better(names[best], versions[best], {key: measured.tuned[best].metrics()[key]})
+    return Promotion(best, key, promoted, previous)
+
+
+def write_evaluation(folder: Path, measured: Measurements, base_model: str, models: Mapping[str, str],
+                     promotion: Promotion) -> Path:
+    """Each instruction model's responses (`responses_file`) and the report into `folder`; the report's path.
+    `base_model` and `models` ({stage: ...}) name the registered versions, e.g. "gpt-instruct version 2"."""
+    for stage, tuned in measured.tuned.items():
+        write_responses(folder / responses_file(stage), tuned.responses)
+    label = {stage: INSTRUCTION_STAGES.get(stage, stage) for stage in measured.tuned}
+    return write_report(folder, Evaluation(
+        base_model=base_model, base_loss=measured.base_loss,
+        tuned=[Tuned(label[stage], models[stage], m.loss, m.scores, m.judge) for stage, m in measured.tuned.items()],
+        champion=label[promotion.best] if promotion.promoted else None,
+        histories=measured.histories, examples=measured.examples))

@@ -34,10 +34,11 @@ import torch
 from torch import Tensor
 
 from llm.checkpoint import CheckpointError, load_model, read_config, require_language_model
-from llm.config import INFERENCE_PRECISION, PRECISIONS, ConfigError, Precision, Problem, check_range, from_mapping
+from llm.config import INFERENCE_PRECISION, PRECISIONS, Precision
 from llm.hardware import inference_dtype
 from llm.model import GPT, eval_mode
 from llm.tokenizer import TokenizerError, get_tokenizer
+from llm.validation import ConfigError, Problem, check_range, from_mapping
 
 
 @dataclass(frozen=True)
@@ -60,8 +61,8 @@ class Sampling:
 def sample_next(logits: Tensor, sampling: Sampling, generator: torch.Generator | None = None) -> Tensor:
     """The next token id of each row (B,) from last-position logits (B, vocab_size)."""
     if sampling.temperature == 0:
-        # max's indices are argmax's (the first maximum of a row), and in bf16 it is over 3x faster:
-        # 0.07 vs 0.26 ms for GPT-2's vocabulary on 2 cores, a tenth of a cached decoding step.
+        # max's indices are argmax's (the first maximum of a row), and in bf16 max is the faster kernel,
+        # where argmax over GPT-2's vocabulary is a sizeable part of a cached decoding step.
         return logits.max(dim=-1).indices
     logits = logits.float() / sampling.temperature
     if sampling.top_k is not None and sampling.top_k < logits.size(-1):
@@ -204,11 +205,32 @@ def load_for_inference(checkpoint: str | Path, device: torch.device | str = "cpu
 # The command
 
 
-def add_precision_option(parser: argparse.ArgumentParser) -> None:
+def add_device_options(parser: argparse.ArgumentParser) -> None:
+    """--device and --precision, as every command that runs a model takes them."""
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", choices=PRECISIONS, default=INFERENCE_PRECISION,
                         help=f"{INFERENCE_PRECISION} (the default): the same tokens on any machine; bf16: bf16 "
                              "weights, about twice the tokens/s where the hardware runs bf16 natively, but tokens "
                              "that can change with the machine; auto: bf16 where it runs fast, else fp32")
+
+
+def add_sampling_options(parser: argparse.ArgumentParser, *, max_new_tokens: int, temperature: float,
+                         top_k: int | None) -> None:
+    """--max-new-tokens, --temperature, --top-k, --top-p and --seed, with a command's own defaults, and the
+    device options; `sampling_from` reads them back, checked."""
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    parser.add_argument("--temperature", type=float, default=temperature,
+                        help="0 for greedy decoding" + (" (the default)" if temperature == 0 else ""))
+    parser.add_argument("--top-k", type=int, default=top_k, help="0 or none: sample from the whole vocabulary")
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=None)
+    add_device_options(parser)
+
+
+def sampling_from(args: argparse.Namespace) -> Sampling:
+    """The Sampling the options of `add_sampling_options` ask for; ConfigError naming a bad one."""
+    settings = {"temperature": args.temperature, "top_k": args.top_k or None, "top_p": args.top_p, "seed": args.seed}
+    return from_mapping(Sampling, settings, source="the command line")
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -216,13 +238,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", type=Path, required=True,
                         help="a checkpoint folder (model.safetensors and config.json)")
     parser.add_argument("--prompt", required=True, help="the text to continue ('' starts from end-of-text)")
-    parser.add_argument("--max-new-tokens", type=int, default=50)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
-    parser.add_argument("--top-k", type=int, default=50, help="0 to sample from the whole vocabulary")
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    add_precision_option(parser)
+    add_sampling_options(parser, max_new_tokens=50, temperature=0.8, top_k=50)
     parser.add_argument("--no-cache", action="store_true", help="recompute every position at every step")
     return parser.parse_args(argv)
 
@@ -230,9 +246,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
     try:
-        settings = {"temperature": args.temperature, "top_k": args.top_k or None, "top_p": args.top_p,
-                    "seed": args.seed}
-        sampling = from_mapping(Sampling, settings, source="the command line")  # checked before loading
+        sampling = sampling_from(args)  # checked before loading
         config = read_config(args.checkpoint)
         require_language_model(config, args.checkpoint)
         tokenizer = get_tokenizer(config.tokenizer)

@@ -28,8 +28,8 @@ import safetensors
 import torch
 
 from llm.checkpoint import save_model
-from llm.config import ConfigError, bulleted
 from llm.model import GPT, ModelConfig, model_config
+from llm.validation import ConfigError, bulleted
 
 SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 URL = "https://huggingface.co/openai-community/{size}/resolve/main/model.safetensors"

@@ -62,17 +62,22 @@ def _imports(tree: ast.Module, *, at_import_time: bool) -> Iterator[str]:
             yield from (f"{node.module}.{alias.name}" for alias in node.names)  # `from llm import files`
 
 
+def direct_imports(path: str, *, at_import_time: bool, root: Path = ROOT) -> set[str]:
+    """The project files that the file `path` (relative to `root`) imports itself, not through another."""
+    names = _imports(ast.parse((root / path).read_text(encoding="utf-8")), at_import_time=at_import_time)
+    return {found for name in names if (found := module_path(name, root)) is not None} - {path}
+
+
 def imported_files(module: str, *, at_import_time: bool, root: Path = ROOT) -> set[str]:
     """The files of `module` and of the project modules it imports, at any depth, relative to `root`."""
     files: set[str] = set()
-    todo = [module]
+    todo = [module_path(module, root)]
     while todo:
-        name = todo.pop()
-        path = module_path(name, root)
+        path = todo.pop()
         if path is None or path in files:
             continue
         files.add(path)
-        todo += _imports(ast.parse((root / path).read_text(encoding="utf-8")), at_import_time=at_import_time)
+        todo += direct_imports(path, at_import_time=at_import_time, root=root)
     return files
 
 

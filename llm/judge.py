@@ -1,6 +1,6 @@
 """An optional LLM judge, as in the book's chapter 7: a model served by Ollama scores each response 0-100.
 
-    settings = JudgeSettings(url="http://127.0.0.1:11434", model="llama3")
+    settings = JudgeConfig(url="http://127.0.0.1:11434", model="llama3")
     result = judge_responses(settings, prompts, references, responses)
     result.summary()        # "46.83 (108 of 110 scored)", or "skipped: <why, in one line>"
 
@@ -34,9 +34,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from llm.config import ConfigError, JudgeConfig
-
-JudgeSettings = JudgeConfig  # the judge's settings: params.yaml's evaluate.judge section
+from llm.config import JudgeConfig
+from llm.validation import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +98,7 @@ def parse_score(answer: str) -> int | None:
     return score if 0 <= score <= 100 else None
 
 
-def ask(settings: JudgeSettings, content: str) -> str:
+def ask(settings: JudgeConfig, content: str) -> str:
     """The judge's whole answer to one user message; JudgeUnavailable says why there is none."""
     endpoint = settings.endpoint
     options = {"seed": settings.seed, "temperature": settings.temperature, "num_ctx": settings.num_ctx}
@@ -157,7 +156,7 @@ def _error_text(exc: urllib.error.HTTPError) -> str:
 
 
 def judge_responses(
-    settings: JudgeSettings, prompts: Sequence[str], references: Sequence[str], responses: Sequence[str]
+    settings: JudgeConfig, prompts: Sequence[str], references: Sequence[str], responses: Sequence[str]
 ) -> JudgeResult:
     """Score each response against its reference and prompt; see the module doc for what can go wrong."""
     if not len(prompts) == len(references) == len(responses):
@@ -185,7 +184,7 @@ def judge_responses(
     return JudgeResult("scored", settings.model, tuple(scores))
 
 
-def _skipped(settings: JudgeSettings, reason: str) -> JudgeResult:
+def _skipped(settings: JudgeConfig, reason: str) -> JudgeResult:
     reason = " ".join(reason.split())  # one line, whatever a server's error message holds
     log.warning("LLM judge skipped: %s", reason)
     return JudgeResult("skipped", settings.model, reason=reason)

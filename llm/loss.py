@@ -10,8 +10,8 @@ the rounding of the compute dtype), and never more than one chunk of fp32 logits
 
 Under torch.compile it runs as one chunk: Inductor fuses the elementwise passes into the matmuls'
 neighbours itself, and the full-size matmuls run faster than chunked ones. Even so it beats compiling
-the plain head + cross-entropy (0.60 vs 0.66 s for 2,048 rows on 2 CPU cores), by its faster layout for
-the weight gradient.
+the plain head + cross-entropy, by its faster layout for the weight gradient (benchmarks/train.py times
+the whole step against nanoGPT's).
 
 Under autocast the matmuls run in the autocast dtype (bf16), as the plain path's would.
 """
@@ -60,7 +60,7 @@ class _Spare:
     """The (N, V) gradient buffer, handed on from a step's backward to the next step's forward.
 
     A new buffer that size (200 MB for 8 x 256 rows in bf16) is memory the C allocator maps afresh, and
-    the first write to each of its pages faults: 5-10% of an eager cpu-small step on 2 cores.
+    the first write to each of its pages faults, a cost paid again at every step.
     Backward gives its buffer back once it has read it. One buffer is kept, the largest N seen, and a
     smaller N uses its front: fine-tuning batches are padded to their own lengths, so N changes from
     step to step, and a buffer kept per shape grew by hundreds of MB a step. Should a graph kept with
@@ -130,7 +130,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if ctx.needs_input_grad[0]:
                 grad_hidden = (grad_logits @ w * scale).to(ctx.dtypes[0])  # (N, C)
             if ctx.needs_input_grad[1]:
-                # (h^T G)^T rather than G^T h: the same product, about 20% faster in this memory layout
+                # (h^T G)^T rather than G^T h: the same product, faster in this memory layout
                 grad_weight = ((h.T @ grad_logits) * scale).T.to(ctx.dtypes[1])  # (V, C)
         _spare.give_back(grad_logits)
         return grad_hidden, grad_weight, None, None, None, None

@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from llm.config import ConfigError, Problem, check_positive, check_range, from_mapping
 from llm.loss import IGNORE_INDEX, Reduction, linear_cross_entropy  # noqa: F401 (IGNORE_INDEX: the model's users import it here)
+from llm.validation import ConfigError, Problem, check_positive, check_range, from_mapping
 
 
 AttentionKind = Literal["sdpa", "explicit"]

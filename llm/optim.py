@@ -21,8 +21,8 @@ def adamw(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, 
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # The fused kernel updates every parameter in one pass over its memory; on a CPU it makes the
-    # optimizer step about 7x faster than the default per-tensor loop (measured: 91 -> 13 ms, 16M params).
+    # The fused kernel updates every parameter in one pass over its memory, where the default loop makes
+    # several passes per tensor: on a CPU the optimizer step is then a small part of a training step.
     fused = device_type in ("cuda", "cpu") and "fused" in inspect.signature(torch.optim.AdamW).parameters
     return torch.optim.AdamW(groups, lr=lr, betas=betas, **({"fused": True} if fused else {}))
 

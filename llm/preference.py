@@ -33,14 +33,14 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llm.checkpoint import SPLIT_FILE, read_config
-from llm.config import Params, PreferenceConfig, weight_settings
+from llm.config import LogProb, Params, PreferenceConfig, weight_settings
 from llm.distributed import Dist
 from llm.download import downloaded_source
 from llm.files import sha256_file
@@ -187,9 +187,6 @@ def pair_batches(examples: Sequence[PairExample], batch_size: int, pad_id: int,
 
 # ---------------------------------------------------------------------------------------------------
 # The loss
-
-
-LogProb = Literal["mean", "sum"]
 
 
 def sequence_logprobs(model: nn.Module, x: Tensor, y: Tensor, logprob: LogProb = "mean") -> Tensor:

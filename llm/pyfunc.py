@@ -1,6 +1,6 @@
 """The MLflow model of a GPT checkpoint: a pyfunc that takes prompts and returns completions.
 
-MLflow loads this file itself ("models from code"): `llm.tracking.log_gpt_model` logs it with the
+MLflow loads this file itself ("models from code"): `llm.registry.log_gpt_model` logs it with the
 checkpoint folder as an artifact and the `llm` package as code, so the logged model needs nothing else
 from this repository:
 

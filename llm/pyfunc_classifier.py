@@ -1,6 +1,6 @@
 """The MLflow model of a classifier checkpoint: a pyfunc that takes texts and returns their labels.
 
-Logged by `llm.tracking.log_gpt_model` like the text generator (llm/pyfunc.py), models from code with
+Logged by `llm.registry.log_gpt_model` like the text generator (llm/pyfunc.py), models from code with
 the checkpoint as an artifact and the `llm` package as code:
 
     mlflow models serve -m "models:/gpt-classifier/latest" --env-manager local -p 5002

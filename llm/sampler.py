@@ -48,14 +48,21 @@ def steps_for_epochs(config: C, n_examples: int) -> C:
     return dataclasses.replace(config, max_steps=max(1, steps), max_tokens=None)
 
 
+def global_batch_problem(batch_size: int, global_batch_size: int, world_size: int = 1) -> str | None:
+    """What is wrong with a global batch that the processes' micro-batches do not divide, if anything."""
+    if global_batch_size % (batch_size * world_size):
+        return f"must be a multiple of batch_size ({batch_size}), got {global_batch_size}" if world_size == 1 else (
+            f"must be a multiple of batch_size {batch_size} x {world_size} processes, got {global_batch_size}")
+    return None
+
+
 def check_global_batch(batch_size: int, global_batch_size: int, world_size: int) -> int:
     """The micro-batches each process accumulates per optimizer step; refuses a global batch that the
     processes' micro-batches do not divide."""
-    per_step = batch_size * world_size
-    if global_batch_size % per_step:
+    if global_batch_problem(batch_size, global_batch_size, world_size):
         raise ValueError(f"global_batch_size {global_batch_size} must be a multiple of batch_size "
                          f"{batch_size} x {world_size} processes")
-    return global_batch_size // per_step
+    return global_batch_size // (batch_size * world_size)
 
 
 class EpochBatches(Generic[T]):

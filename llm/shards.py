@@ -26,8 +26,8 @@ import pyarrow as pa
 import torch
 
 from llm import faults
-from llm.config import bulleted
 from llm.files import atomic_path, read_json
+from llm.validation import bulleted
 
 COLUMN = "input_ids"
 

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from llm import faults
 from llm.config import TokenizeConfig
 from llm.documents import CorpusError, Piece, in_validation, read_records, read_text
-from llm.download import read_manifest as read_raw_manifest
+from llm.download import read_sources_manifest
 from llm.files import atomic_dir, write_json_atomic
 from llm.shards import ShardWriter
 from llm.tokenizer import get_tokenizer, token_dtype
@@ -86,7 +86,7 @@ def _bounded_map(pool: ThreadPoolExecutor, fn, items, in_flight: int) -> Iterato
 def tokenize_corpus(raw_dir: str | Path, shards_dir: str | Path, config: TokenizeConfig) -> TokenizeResult:
     """Tokenize every corpus source under `raw_dir` into shards under `shards_dir` (replaced whole)."""
     raw_dir, shards_dir = Path(raw_dir), Path(shards_dir)
-    entries = read_raw_manifest(raw_dir, "corpus")
+    entries = read_sources_manifest(raw_dir, "corpus")
     paths = [raw_dir / entry["file"] for entry in entries]
     for path in paths:
         if not path.is_file():

@@ -122,8 +122,12 @@ class Progress:
 class TrainResult:
     progress: Progress
     metrics: dict[str, float]  # the final figures, for metrics/<stage>.json
-    precision_used: str  # Progress.precision_used, recorded beside the metrics
     model: nn.Module  # the trained GPT (unwrapped from compile and DDP), on the training device
+
+    @property
+    def precision_used(self) -> str:
+        """What the metrics file records beside the metrics: Progress.precision_used."""
+        return self.progress.precision_used
 
 
 def accumulation_steps(config: TrainConfig, world_size: int) -> int:
@@ -153,7 +157,8 @@ class Trainer:
                  dist: Dist = Dist(), checkpoint_extra: dict | None = None, export: Export | None = None,
                  evaluator: Evaluator | None = None, objective: Objective = next_token_objective):
         self.config, self.out_dir, self.tracker, self.dist = config, Path(out_dir), tracker, dist
-        self.device = distributed.init(dist, resolve_device(config.device))
+        # The loop owns the process group it starts: it ends it when fit() returns or fails.
+        self.device, self._started_group = distributed.init(dist, resolve_device(config.device))
         self.dtype = train_dtype(self.device, config.precision)
         self.gpt = unwrap(model).to(self.device)
         self.model: nn.Module = self.gpt
@@ -178,6 +183,13 @@ class Trainer:
     # --- the loop -----------------------------------------------------------------------------------
 
     def fit(self) -> TrainResult:
+        try:
+            return self._fit()
+        finally:
+            if self._started_group:
+                distributed.shutdown()
+
+    def _fit(self) -> TrainResult:
         resumed = self._resume()  # replaces self.progress: read it only after
         cfg, progress = self.config, self.progress
         if not resumed or progress.step < self.max_steps:  # a resumed run with no step left computes nothing
@@ -226,7 +238,7 @@ class Trainer:
                     self.save_checkpoint()
                 faults.pause_point("train.step")
         self.save_final()
-        return TrainResult(progress, self.final_metrics(), progress.precision_used, self.gpt)
+        return TrainResult(progress, self.final_metrics(), self.gpt)
 
     def _optimizer_step(self) -> tuple[float, float, int, dict[str, float]]:
         """One optimizer step over `accum` micro-batches: (mean loss, gradient norm, tokens processed, the

@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 from llm.checkpoint import CheckpointError, load_model, read_config, save_model
-from llm.config import ConfigError
 from llm.model import GPT, model_config
+from llm.validation import ConfigError
 
 
 def tiny(**overrides) -> GPT:

@@ -16,9 +16,10 @@ from llm import classify
 from llm.checkpoint import load_model, save_model
 from llm.classify import (ClassificationDataError, Classifier, LabeledText, balance, classifier_from, collate,
                           load_texts, run_classify, split_texts)
-from llm.config import Params, from_mapping
+from llm.config import Params
 from llm.model import GPT, IGNORE_INDEX, model_config
 from llm.tracking import MemoryTracker
+from llm.validation import from_mapping
 from tests.conftest import shared_file
 from tests.data import DiesAtStep, Killed
 
@@ -250,7 +251,7 @@ def test_a_classifier_and_a_language_model_refuse_each_others_jobs(trained, tmp_
 
 
 def test_classify_settings_and_data_are_checked_in_the_users_words(tmp_path):
-    from llm.config import ConfigError
+    from llm.validation import ConfigError
 
     with pytest.raises(ConfigError) as caught:
         params(train_fraction=0.8, val_fraction=0.2, trainable="lora", lora_rank=0, max_length=0)

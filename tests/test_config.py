@@ -3,7 +3,9 @@ from typing import Literal
 
 import pytest
 
-from llm.config import ConfigError, Params, ServingConfig, SourceConfig, from_mapping, load_params
+from llm.config import Params, ServingConfig, SourceConfig, load_params
+
+from llm.validation import ConfigError, from_mapping
 from tests.conftest import ROOT
 
 
@@ -212,3 +214,23 @@ def test_serving_caps_must_be_positive():
         from_mapping(Params, {"serving": {"max_new_tokens": 0, "max_prompts": -1}})
     assert dict(info.value.problems) == {"serving.max_new_tokens": "must be > 0, got 0",
                                          "serving.max_prompts": "must be > 0, got -1"}
+
+
+def test_params_yaml_states_the_defaults():
+    """params.yaml shows a user the settings the code defaults to: every value it sets is the dataclass
+    default (the download sources excepted: they have none), so that neither can drift from the other."""
+    import dataclasses
+
+    from llm.config import read_yaml
+
+    def differences(section, values, path):
+        for key, value in values.items():
+            default = getattr(section, key)
+            if dataclasses.is_dataclass(default):
+                yield from differences(default, value, f"{path}.{key}")
+            elif (path, key) != ("download", "sources") and value != default:
+                yield f"{path}.{key}: params.yaml has {value!r}, the default is {default!r}"
+
+    found = [line for name, values in read_yaml(ROOT / "params.yaml").items()
+             for line in differences(getattr(Params(), name), values, name)]
+    assert not found, "\n".join(found)

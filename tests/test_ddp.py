@@ -24,7 +24,8 @@ WORKER = textwrap.dedent("""
     import torch
     torch.set_num_threads(1)
     from llm import distributed
-    from llm.config import Params, from_mapping
+    from llm.config import Params
+    from llm.validation import from_mapping
     from llm.pretrain import run_pretrain
     from llm.tracking import MemoryTracker
 

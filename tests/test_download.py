@@ -15,7 +15,7 @@ import pytest
 
 from llm import download as dl
 from llm.config import DownloadConfig, SourceConfig
-from llm.tracking import flatten
+from llm.lineage import flatten
 from tests.fileserver import FileServer
 
 
@@ -458,8 +458,8 @@ def test_the_manifest_entry_of_a_member_pins_the_stored_file_and_the_archive(tmp
         "sha256": sha(ROWS), "archive_sha256": sha(archive), "bytes": len(ROWS),
     }
     dl.write_manifests(raw, [dl.manifest_entry(source, result, raw)])
-    assert [e["name"] for e in dl.read_manifest(raw, "classification")] == ["spam"]
-    assert dl.read_manifest(raw, "corpus") == [] and dl.read_manifest(raw, "instructions") == []
+    assert [e["name"] for e in dl.read_sources_manifest(raw, "classification")] == ["spam"]
+    assert dl.read_sources_manifest(raw, "corpus") == [] and dl.read_sources_manifest(raw, "instructions") == []
     (raw / "classification" / "gone.tsv").write_text("a source since removed")
     assert dl.prune_raw(raw, [source]) == [raw / "classification" / "gone.tsv"]
 
@@ -561,7 +561,7 @@ def test_download_flow_retries_transient_failures_and_writes_manifests(tmp_path,
                        "columns": None, "file": "corpus/c.txt", "url": server.url("/c.txt"), "member": None,
                        "sha256": sha(body), "archive_sha256": None, "bytes": len(body)}]
     assert sorted(p.name for p in (raw / "classification").iterdir()) == ["manifest.json", "spam.tsv"]
-    (classified,) = dl.read_manifest(raw, "classification")
+    (classified,) = dl.read_sources_manifest(raw, "classification")
     assert (classified["file"], classified["sha256"], classified["archive_sha256"]) == ("classification/spam.tsv",
                                                                                          sha(ROWS), sha(spam))
     everything = json.loads((raw / "manifest.json").read_text())["sources"]

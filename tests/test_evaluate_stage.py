@@ -18,7 +18,8 @@ from llm.scores import Scores
 from llm.instructions import Record, Split, write_split
 from llm.model import GPT, model_config
 from llm.shards import ShardError
-from llm.tracking import configure, promote_if_better
+from llm.evaluate import promote_if_better
+from llm.store import configure
 from tests.conftest import shared_file
 from tests.data import make_shards, patterned_tokens
 

@@ -12,12 +12,13 @@ import safetensors.torch
 import torch
 
 from llm.checkpoint import SPLIT_FILE, load_model, read_config, save_model
-from llm.config import Params, from_mapping
+from llm.config import Params
 from llm.download import write_manifests
 from llm.finetune import run_finetune
 from llm.instructions import InstructionDataError, Record, encode_records, read_split
 from llm.model import GPT, model_config
 from llm.tracking import MemoryTracker
+from llm.validation import from_mapping
 from tests.conftest import shared_file
 
 FINETUNE = {"batch_size": 4, "global_batch_size": 4, "epochs": None, "max_steps": 12, "lr": 1e-3, "min_lr": 1e-3,

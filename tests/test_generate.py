@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from llm.checkpoint import save_model
-from llm.config import ConfigError
 from llm.generate import Sampling, decode_stream, generate, main, sample_next, stream
 from llm.model import GPT, model_config
 from llm.tokenizer import get_tokenizer
+from llm.validation import ConfigError
 from tests.conftest import ROOT
 
 VOCAB = 256

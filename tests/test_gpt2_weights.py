@@ -9,8 +9,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from llm import gpt2_weights
 from llm.checkpoint import load_model, read_config
-from llm.config import ConfigError
 from llm.gpt2_weights import WeightsError, config_from_hf, convert, main
+from llm.validation import ConfigError
 
 VOCAB = 1000
 

@@ -7,7 +7,9 @@ import json
 import pytest
 import torch
 
-from llm.config import TrainConfig, from_mapping
+from llm.config import TrainConfig
+
+from llm.validation import from_mapping
 from llm.instructions import (Example, InstructionBatches, InstructionDataError, Record, collate, count_truncated,
                               encode_records, learnable, load_records, prompt_text, read_split, split_records,
                               training_text, validation_batches, write_split)

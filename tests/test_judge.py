@@ -7,8 +7,9 @@ import time
 
 import pytest
 
-from llm.config import ConfigError
-from llm.judge import JudgeResult, JudgeSettings, judge_prompt, judge_responses, parse_score
+from llm.config import JudgeConfig
+from llm.judge import JudgeResult, judge_prompt, judge_responses, parse_score
+from llm.validation import ConfigError
 from tests.fileserver import FileServer
 from tests.ollama_server import OllamaServer
 
@@ -18,8 +19,8 @@ REFERENCES = ["Paris.", "Hi!", "1, 2"]
 RESPONSES = ["The capital of France is Paris.", "Hello there.", "2, 1"]
 
 
-def settings(url: str | None, **overrides) -> JudgeSettings:
-    return JudgeSettings(url=url, model="judge-model", **overrides)
+def settings(url: str | None, **overrides) -> JudgeConfig:
+    return JudgeConfig(url=url, model="judge-model", **overrides)
 
 
 def closed_port_url() -> str:
@@ -144,14 +145,14 @@ def test_a_model_the_server_lacks_is_skipped_with_ollamas_message():
 
 
 def test_no_url_means_no_judge():
-    result = judge_responses(JudgeSettings(), PROMPTS, REFERENCES, RESPONSES)
+    result = judge_responses(JudgeConfig(), PROMPTS, REFERENCES, RESPONSES)
     assert result.summary() == ("skipped: no judge configured; set its url to an Ollama server, e.g. "
                                 "http://127.0.0.1:11434, to score responses with an LLM")
 
 
 def test_bad_settings_are_named():
     with pytest.raises(ConfigError) as raised:
-        judge_responses(JudgeSettings(url="127.0.0.1:11434", model=" ", timeout_s=0), ["p"], ["r"], ["m"])
+        judge_responses(JudgeConfig(url="127.0.0.1:11434", model=" ", timeout_s=0), ["p"], ["r"], ["m"])
     assert raised.value.problems == [
         ("url", "must be an http(s) URL of an Ollama server, e.g. http://127.0.0.1:11434, "
                 "got '127.0.0.1:11434'"),

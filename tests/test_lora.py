@@ -9,12 +9,13 @@ import torch
 from torch import nn
 
 from llm.checkpoint import load_model, save_model
-from llm.config import TrainConfig, from_mapping
+from llm.config import TrainConfig
 from llm.instructions import InstructionBatches, collate, validation_batches
 from llm.lora import BLOCK_TARGETS, LoRALinear, apply_lora, merge_lora, trainable_parameters
 from llm.model import GPT, model_config
 from llm.tracking import MemoryTracker
 from llm.train import Trainer
+from llm.validation import from_mapping
 from tests.data import copy_examples, one_thread
 
 IDS = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(1))

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from llm.config import ConfigError
 from llm.model import GPT, IGNORE_INDEX, PRESETS, ModelConfig, model_config
+from llm.validation import ConfigError
 
 VOCAB = 256  # a small vocabulary keeps the head cheap; the model does not care
 

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from llm.checkpoint import SPLIT_FILE, load_model, read_config, save_model
-from llm.config import Params, from_mapping
+from llm.config import Params
+from llm.validation import from_mapping
 from llm.download import write_manifests
 from llm.instructions import read_split, split_records, load_records
 from llm.model import GPT, IGNORE_INDEX, model_config

@@ -11,7 +11,7 @@ import torch
 from ruamel.yaml import YAML
 
 from llm.checkpoint import load_model
-from llm.tracking import load_logged_gpt
+from llm.registry import load_logged_gpt
 from tests.data import make_shards, patterned_tokens
 
 PARAMS = {

@@ -24,7 +24,9 @@ from llm.generate import Sampling, generate
 from llm.hardware import inference_dtype
 from llm.model import GPT, model_config
 from llm.tokenizer import get_tokenizer
-from llm.tracking import MLflowTracker, log_gpt_model, promote_if_better
+from llm.evaluate import promote_if_better
+from llm.registry import log_gpt_model
+from llm.tracking import MLflowTracker
 
 
 def free_port() -> int:

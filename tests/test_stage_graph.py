@@ -1,4 +1,5 @@
-"""dvc.yaml lists as deps the project code each stage runs, so that `dvc repro` reruns a stage whose code changed.
+"""dvc.yaml lists as deps the project code each stage runs, so that `dvc repro` reruns a stage whose code changed;
+the library has no import cycle, and the README lists its modules.
 
 DVC knows only the deps it is told. A module missing from them (the one that picks the training dtype,
 say) lets `dvc repro` call a stage up to date while its code would now give other results.
@@ -6,9 +7,11 @@ say) lets `dvc repro` call a stage up to date while its code would now give othe
 
 from __future__ import annotations
 
+import re
+
 from ruamel.yaml import YAML
 
-from llm.imports import code_fingerprint, imported_files
+from llm.imports import code_fingerprint, direct_imports, imported_files
 from tests.conftest import ROOT
 
 
@@ -61,3 +64,35 @@ def test_resume_state_is_not_part_of_any_dvc_output():
         folder = f"data/checkpoints/{name}"
         assert folder not in outs and f"{folder}/resume" not in outs
         assert f"{folder}/model.safetensors" in outs and f"{folder}/config.json" in outs
+
+
+def test_no_module_of_the_library_imports_itself_back():
+    """No import cycle in llm/, counting imports made inside functions (a lazy import hides a cycle; it
+    does not remove it): each module's imports form a graph a reader can take in from the bottom up."""
+    graph = {path.relative_to(ROOT).as_posix(): direct_imports(path.relative_to(ROOT).as_posix(), at_import_time=False)
+             for path in sorted((ROOT / "llm").glob("*.py"))}
+    cycles, done = [], set()
+
+    def visit(node: str, trail: list[str]) -> None:
+        if node in trail:
+            cycles.append(" -> ".join(trail[trail.index(node):] + [node]))
+            return
+        if node in done:
+            return
+        for imported in sorted(graph.get(node, ())):
+            visit(imported, trail + [node])
+        done.add(node)
+
+    for node in graph:
+        visit(node, [])
+    assert not cycles, "import cycles:\n" + "\n".join(cycles)
+
+
+def test_the_readme_lists_every_module_of_the_library_and_no_other():
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    layout = text[text.index("llm/          the library"):text.index("flows/        one Prefect flow")]
+    rows = layout.splitlines()[1:]  # the module columns start at the 29th character of each row
+    columns = re.sub(r"\([^)]*\)", "", "\n".join(row[28:] for row in rows))  # remarks may span rows
+    listed = set(re.findall(r"[a-z_0-9]+", columns))
+    modules = {path.stem for path in (ROOT / "llm").glob("*.py")} - {"__init__"}
+    assert listed == modules, f"not in the README: {sorted(modules - listed)}; not modules: {sorted(listed - modules)}"

@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 
 from llm.checkpoint import REGISTRY_FILE, read_registration, write_registration
-from llm.tracking import (MemoryTracker, MLflowTracker, TrackingUnavailable, artifact_location, flatten, lineage_tags,
-                          log_gpt_model, project_root, registered_version, sqlite_path, tracking_uri,
-                          with_busy_timeout)
+from llm.lineage import flatten, lineage_tags
+from llm.registry import log_gpt_model, registered_version
+from llm.store import TrackingUnavailable, artifact_location, project_root, sqlite_path, tracking_uri, with_busy_timeout
+from llm.tracking import MemoryTracker, MLflowTracker
 from tests.conftest import ROOT
 
 

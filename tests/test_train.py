@@ -13,11 +13,13 @@ import pytest
 import safetensors.torch
 import torch
 
-from llm.config import ConfigError, Params, from_mapping
+from llm.config import Params
+
 from llm.pretrain import CheckpointMismatch, initial_model, run_pretrain
 from llm.shards import read_manifest
 from llm.tracking import MemoryTracker
 from llm.train import TrainingDiverged, latest_checkpoint
+from llm.validation import ConfigError, from_mapping
 from tests.conftest import ROOT
 from tests.data import make_shards, patterned_tokens
 
@@ -74,7 +76,8 @@ RUN = textwrap.dedent("""
     import sys, torch
     torch.set_num_threads(1)
     from pathlib import Path
-    from llm.config import Params, from_mapping
+    from llm.config import Params
+    from llm.validation import from_mapping
     from llm.pretrain import run_pretrain
     from llm.tracking import MemoryTracker
     import json
