@@ -38,11 +38,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from llm.checkpoint import SPLIT_FILE, CheckpointError, load_model, read_config
-from llm.config import ClassifyConfig, Params, weight_settings
+from llm.checkpoint import SPLIT_FILE, CheckpointError, read_config
+from llm.config import INFERENCE_PRECISION, ClassifyConfig, Params, Precision, weight_settings
 from llm.distributed import Dist
 from llm.download import downloaded_source
 from llm.files import atomic_path, read_json, sha256_file, write_json_atomic
+from llm.generate import add_device_options, load_for_inference
 from llm.imports import code_fingerprint
 from llm.lora import apply_lora, merge_lora, trainable_parameters
 from llm.model import GPT, IGNORE_INDEX, ModelConfig, eval_mode
@@ -495,12 +496,13 @@ class Classifier:
         classifier(["You won a free cruise, call now"])   # [("spam", {"ham": 0.03, "spam": 0.97})]
     """
 
-    def __init__(self, checkpoint: str | Path, device: str = "cpu", batch_size: int = 16):
+    def __init__(self, checkpoint: str | Path, device: str = "cpu", batch_size: int = 16,
+                 precision: Precision = INFERENCE_PRECISION):
         saved = read_config(checkpoint)
         if not saved.model.is_classifier:
             raise CheckpointError(f"{checkpoint} is a language model, not a classifier: generate with `python -m "
                                   f"llm.generate --checkpoint {checkpoint}`, or train one with `dvc repro classify`")
-        self.model = load_model(checkpoint, device)  # fp32: the same answers on every machine
+        self.model = load_for_inference(checkpoint, device, precision)  # fp32 by default: the same on every machine
         self.labels: list[str] = list(saved.extra["labels"])
         self.length, self.tokenizer, self.batch_size = int(saved.extra["max_length"]), saved.tokenizer, batch_size
 
@@ -524,10 +526,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--checkpoint", type=Path, default=Path("data/checkpoints/classify"),
                         help="a classifier's checkpoint folder (default: the classify stage's)")
     parser.add_argument("texts", nargs="+", help="texts to classify; - reads one text per line from stdin")
+    add_device_options(parser)
     args = parser.parse_args(argv)
     texts = [line for t in args.texts for line in (sys.stdin.read().splitlines() if t == "-" else [t]) if line.strip()]
     try:
-        classifier = Classifier(args.checkpoint)
+        classifier = Classifier(args.checkpoint, args.device, precision=args.precision)
     except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -44,7 +44,7 @@ def plot_curves(path: str | Path, curves: Mapping[str, History], kind: str = "lo
             points = history.get(metric) or []
             if points:
                 ax.plot(*zip(*points), style, label=metric.replace("_", " "), markersize=3)
-        ax.set(title=f"{label} {title or kind}", xlabel="step", ylabel=ylabel)
+        ax.set(title=f"{label} {title or ylabel}", xlabel="step", ylabel=ylabel)
         ax.grid(alpha=0.3)
         ax.legend()
     _save(fig, path)
