@@ -290,3 +290,11 @@ def test_loss_falls_when_the_trainer_learns_instructions(tmp_path):
     losses = tracker.series("val_loss")
     assert [step for step, _ in losses] == [0, 10, 20, 30]
     assert losses[0][1] > 5.5 and losses[-1][1] < losses[0][1] - 2  # from about ln(512) = 6.2
+
+
+def test_every_prompt_style_the_settings_accept_has_a_template():
+    import typing
+
+    from llm.instructions import TEMPLATES, PromptStyle
+
+    assert set(typing.get_args(PromptStyle)) == set(TEMPLATES)
