@@ -404,9 +404,8 @@ class PreferenceConfig(TuneConfig):
     # A record that is not an object, lacks a field or has chosen == rejected: left out and counted (true;
     # the book's file has 6 pairs whose two responses are equal), or refused with its index (false).
     skip_invalid: bool = True
-    train_fraction: float = 0.85  # the same split as finetune's, so that its test records are the same
-    test_fraction: float = 0.10
-    split_seed: int | None = None
+    # No split settings: the pairs split by finetune's (train_fraction, test_fraction, split_seed), so
+    # that the test pairs are the test records evaluate answers, whatever finetune's settings are.
     registered_model: str = "gpt-instruct"  # a new version of the instruction model
     seed: int = 123
     dropout: float | None = 0.0
@@ -423,7 +422,6 @@ class PreferenceConfig(TuneConfig):
     def problems(self) -> Iterator[Problem]:
         yield from super().problems()
         yield from check_positive("beta", self.beta)
-        yield from check_fractions("train_fraction", self.train_fraction, "test_fraction", self.test_fraction, "val")
         if self.max_length is not None:
             yield from check_range("max_length", self.max_length, 2)
 

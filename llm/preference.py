@@ -17,7 +17,7 @@ paper and TRL define them; the book's plots leave out beta), their difference is
 preference accuracy is the share of pairs whose margin is positive, a tie counting half: the starting
 model, its own reference, scores exactly 50% and 0.
 
-The split is finetune's (85 / 10 / 5 of the same records in the same order), taken before invalid
+The split is finetune's (its settings, 85 / 10 / 5 by default, over the same records in the same order), taken before invalid
 records are left out, so that the test prompts are those the evaluate stage answers. Batches hold the
 chosen responses of B pairs, then their rejected ones, (2B, T), for one forward pass through the training
 loop's model (llm.train.Trainer, with `DPOObjective` as its objective); tokens/s counts both sequences
@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llm.checkpoint import SPLIT_FILE, read_config
-from llm.config import LogProb, Params, PreferenceConfig, weight_settings
+from llm.config import FinetuneConfig, LogProb, Params, PreferenceConfig, weight_settings
 from llm.distributed import Dist
 from llm.download import downloaded_source
 from llm.files import sha256_file
@@ -122,10 +122,11 @@ def load_pairs(path: str | Path, *, skip_invalid: bool = False) -> LoadedPairs:
     return LoadedPairs(pairs, skipped)
 
 
-def split_pairs(loaded: LoadedPairs, config: PreferenceConfig) -> Split[PreferencePair]:
-    """The records split as finetune splits them (by position in the file), then the left-out ones dropped."""
-    split = split_records(loaded.pairs, train=config.train_fraction, test=config.test_fraction,
-                          seed=config.split_seed)
+def split_pairs(loaded: LoadedPairs, finetune: FinetuneConfig) -> Split[PreferencePair]:
+    """The records split by finetune's settings, as finetune splits its records (by position in the file),
+    then the left-out ones dropped."""
+    split = split_records(loaded.pairs, train=finetune.train_fraction, test=finetune.test_fraction,
+                          seed=finetune.split_seed)
     return Split(**{name: [p for p in getattr(split, name) if p is not None] for name in ("train", "val", "test")})
 
 
@@ -221,9 +222,10 @@ class DPOObjective:
         self.reference, self.beta, self.logprob = reference.eval().requires_grad_(False), beta, logprob
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        reference = self.reference.to(x.device)
+        if self.reference.lm_head.weight.device != x.device:  # once: the batches stay on one device
+            self.reference.to(x.device)
         with torch.no_grad():
-            reference_logprobs = sequence_logprobs(reference, x, y, self.logprob)
+            reference_logprobs = sequence_logprobs(self.reference, x, y, self.logprob)
         return dpo_loss(sequence_logprobs(model, x, y, self.logprob), reference_logprobs, self.beta)
 
 
@@ -258,7 +260,8 @@ def run_settings(params: Params, raw_dir: str | Path, finetune_dir: str | Path) 
     """The settings, starting weights, data and code that shape the weights: what a resumable checkpoint
     must match."""
     config = params.preference
-    return {"preference": weight_settings(config),
+    split = {key: getattr(params.finetune, key) for key in ("train_fraction", "test_fraction", "split_seed")}
+    return {"preference": weight_settings(config), "split": split,
             "start": starting_weights(config.init_from, finetune_dir, "preference", stage="finetune"),
             "data": sha256_file(preference_file(raw_dir, config.data)), "code": code_fingerprint(__name__)}
 
@@ -288,18 +291,19 @@ class Prepared:
         return pair_batches(self.examples[name], batch_size, self.pad_id, self.max_length)
 
 
-def prepare(raw_dir: str | Path, config: PreferenceConfig, out_dir: Path, finetune_dir: str | Path,
+def prepare(raw_dir: str | Path, params: Params, out_dir: Path, finetune_dir: str | Path,
             tokenizer: str, context_length: int, *, warn: bool = True) -> Prepared:
     """Load, split (written to `out_dir/split.json`) and encode the pairs; warn about what is left out or cut."""
+    config = params.preference
     path = preference_file(raw_dir, config.data)
     loaded = load_pairs(path, skip_invalid=config.skip_invalid)
     if loaded.skipped and warn:
         log.warning("preference: %d of %d records of %s are left out (skip_invalid), e.g. %s", len(loaded.skipped),
                     len(loaded.pairs), path, next(iter(loaded.skipped.values())))
-    split = split_pairs(loaded, config)
+    split = split_pairs(loaded, params.finetune)
     for name in ("train", "val", "test"):
         if not getattr(split, name):
-            raise ValueError(f"{path}: the {name} split is empty; add records or change preference.*_fraction")
+            raise ValueError(f"{path}: the {name} split is empty; add records or change finetune.*_fraction")
     write_split(out_dir / SPLIT_FILE, split)
     style = prompt_style_of(config, finetune_dir)
     max_length = min(config.max_length or context_length, context_length)
@@ -331,7 +335,7 @@ def run_preference(params: Params, raw_dir: str | Path, finetune_dir: str | Path
         raise ValueError(f"preference.init_from: {config.init_from} is a classifier; start from an instruction "
                          f"model (the finetune stage's, by default)")
     reference = copy.deepcopy(model)  # before any adapter: the starting weights, frozen
-    data = prepare(raw_dir, config, out_dir, finetune_dir, tokenizer, model.config.context_length,
+    data = prepare(raw_dir, params, out_dir, finetune_dir, tokenizer, model.config.context_length,
                    warn=dist.is_main)
     config = steps_for_epochs(config, len(data.examples["train"]))  # epochs, where set, decide the length of the run
     if config.lora_rank:

@@ -178,7 +178,7 @@ def test_invalid_records_can_be_skipped_and_counted_without_moving_the_split(tmp
     path.write_text(json.dumps(records))
     loaded = load_pairs(path, skip_invalid=True)
     assert sorted(loaded.skipped) == [5, 38] and loaded.pairs[5] is None
-    split = split_pairs(loaded, params().preference)
+    split = split_pairs(loaded, params().finetune)
     whole = split_records(list(range(40)))  # the same positions, as finetune splits the same file
     assert [p.instruction for p in split.train] == [records[i]["instruction"] for i in whole.train if i != 5]
     assert [p.instruction for p in split.test] == [records[i]["instruction"] for i in whole.test]
@@ -188,7 +188,7 @@ def test_invalid_records_can_be_skipped_and_counted_without_moving_the_split(tmp
 def test_the_books_pairs_split_as_finetune_splits_its_instructions(tmp_path):
     loaded = load_pairs(shared_file("instruction-data-with-preference.json"), skip_invalid=True)
     assert len(loaded.pairs) == 1100 and len(loaded.skipped) == 6  # six pairs have equal responses
-    pairs = split_pairs(loaded, params().preference)
+    pairs = split_pairs(loaded, params().finetune)
     instructions = split_records(load_records(shared_file("instruction-data.json")))
     kept = {(p.instruction, p.input) for p in pairs.test}
     assert [(r.instruction, r.input) for r in instructions.test if (r.instruction, r.input) in kept] == \
