@@ -6,7 +6,8 @@
 Writes the model to `data/checkpoints/pretrain/` (resumable state under `resume/`), the final figures to
 `metrics/pretrain.json`, and loss curves to `plots/pretrain/` (CSV for `dvc plots`, PNG). A rerun after a
 kill continues from the last checkpoint, in the same MLflow run. The model is logged to MLflow and
-registered as `pretrain.registered_model`.
+registered as `pretrain.registered_model` (an encoder, model.objective: masked, as
+`pretrain.registered_encoder`).
 """
 
 from __future__ import annotations
@@ -27,12 +28,13 @@ def pretrain(params_file: str = "params.yaml", shards_dir: str = "data/shards",
              plots_dir: str = "plots/pretrain") -> dict:
     params = load_params(params_file)
     settings = run_settings(params, shards_dir)  # hashes the shards' manifest and the code: once
+    model = params.model.build()
     return tracked_training(
         "pretrain", experiment=params.tracking.experiment, params_file=params_file,
-        params_to_log={"model": params.model.build().to_dict(), "pretrain": dataclasses.asdict(params.pretrain),
+        params_to_log={"model": model.to_dict(), "pretrain": dataclasses.asdict(params.pretrain),
                        "tokenize": dataclasses.asdict(params.tokenize)},
         settings=settings, out_dir=out_dir, metrics_file=metrics_file,
-        plots_dir=plots_dir, registered_model=params.pretrain.registered_model,
+        plots_dir=plots_dir, registered_model=params.pretrain.registry_name(model.objective),
         train=lambda tracker, dist, run_id: run_pretrain(params, shards_dir, out_dir, tracker=tracker, dist=dist,
                                                          run_id=run_id, settings=settings))
 

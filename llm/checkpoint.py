@@ -152,11 +152,24 @@ def read_config(ckpt_dir: str | Path) -> CheckpointConfig:
 
 
 def require_language_model(saved: CheckpointConfig, ckpt_dir: str | Path) -> None:
-    """Refuse a classifier where text is to be generated, saying what to do with it instead."""
+    """Refuse a classifier or an encoder where text is to be generated, saying what to do with it instead."""
     if saved.model.is_classifier:
         classes = ", ".join(saved.extra.get("labels") or []) or f"{saved.model.num_classes} of them"
         raise CheckpointError(f"{ckpt_dir} is a classifier (classes: {classes}), not a language model: classify texts "
                               f"with `python -m llm.classify --checkpoint {ckpt_dir} TEXT`")
+    if saved.model.is_encoder:
+        raise CheckpointError(f"{ckpt_dir} is an encoder (model.objective: masked), not a causal language model: "
+                              f"it predicts masked tokens and cannot generate text; fill in masks with "
+                              f"`python -m llm.fill --checkpoint {ckpt_dir} \"The capital of France is [MASK].\"`")
+
+
+def require_causal(config: ModelConfig, source: str | Path, purpose: str) -> None:
+    """Refuse an encoder where `purpose` (e.g. "instruction tuning") needs a causal language model."""
+    if config.is_encoder:
+        raise CheckpointError(
+            f"{source} is an encoder (model.objective: masked), but {purpose} needs a causal language model "
+            f"(objective: causal): start from a GPT (the pretrain stage's with model.objective: causal, a GPT-2 "
+            f"size such as gpt2, or a causal checkpoint folder); an encoder fine-tunes with the classify stage")
 
 
 def load_model(ckpt_dir: str | Path, device: torch.device | str = "cpu", **overrides: Any) -> GPT:

@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 
 from llm.files import TMP_PREFIX
 from llm.instructions import PromptStyle
-from llm.model import ModelConfig, Pooling, model_config
+from llm.model import ModelConfig, Objective, Pooling, model_config
 from llm.sampler import global_batch_problem
 from llm.validation import ConfigError, Problem, check_fractions, check_positive, check_range, from_mapping
 
@@ -272,7 +272,7 @@ class TrainConfig:
 RUN_ONLY_SETTINGS = frozenset({
     "device", "precision", "compile", "log_interval", "eval_interval", "eval_batches", "sample_interval",
     "sample_prompt", "sample_tokens", "checkpoint_interval", "keep_checkpoints", "keep_superseded",
-    "registered_model",
+    "registered_model", "registered_encoder",
 })
 
 
@@ -284,7 +284,30 @@ def weight_settings(config: TrainConfig) -> dict[str, Any]:
 @dataclass(frozen=True)
 class PretrainConfig(TrainConfig):
     init_from: str = "scratch"  # scratch, a GPT-2 size (gpt2 ... gpt2-xl), or a checkpoint folder
-    registered_model: str = "gpt-base"  # the MLflow registry name of the result
+    registered_model: str = "gpt-base"  # the MLflow registry name of the result (a GPT: model.objective causal)
+    registered_encoder: str = "encoder-base"  # ... of an encoder (model.objective: masked)
+    # BERT's corruption, for an encoder (llm/masking.py): the positions chosen, and of those the ones that
+    # become the mask token and a random token (the rest stay as they are).
+    mask_rate: float = 0.15
+    mask_token_fraction: float = 0.8
+    random_token_fraction: float = 0.1
+
+    def problems(self) -> Iterator[Problem]:
+        yield from super().problems()
+        yield from check_range("mask_rate", self.mask_rate, 0, 1, closed="(]")
+        yield from check_range("mask_token_fraction", self.mask_token_fraction, 0, 1)
+        yield from check_range("random_token_fraction", self.random_token_fraction, 0, 1)
+        if self.mask_token_fraction + self.random_token_fraction > 1:
+            yield "random_token_fraction", (
+                f"mask_token_fraction + random_token_fraction must be at most 1 (the rest stay unchanged), got "
+                f"{self.mask_token_fraction} + {self.random_token_fraction}")
+
+    def registry_name(self, objective: Objective) -> str:
+        """The name the result is registered under: a GPT's or an encoder's."""
+        return self.registered_encoder if objective == "masked" else self.registered_model
+
+
+MASKING_SETTINGS = frozenset({"mask_rate", "mask_token_fraction", "random_token_fraction"})
 
 
 @dataclass(frozen=True)

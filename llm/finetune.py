@@ -22,11 +22,11 @@ from llm.checkpoint import SPLIT_FILE
 from llm.config import FinetuneConfig, Params, weight_settings
 from llm.distributed import Dist
 from llm.download import downloaded_source
+from llm.generate import prompt_sampler
 from llm.instructions import (Example, InstructionBatches, Split, count_truncated, encode_records, learnable,
                               load_records, prompt_text, split_records, validation_batches, write_split)
 from llm.lora import apply_lora, merge_lora, trainable_parameters
 from llm.sampler import steps_for_epochs
-from llm.pretrain import prompt_sampler
 from llm.starting import starting_model, starting_weights
 from llm.tokenizer import get_tokenizer
 from llm.files import sha256_file
@@ -99,7 +99,8 @@ def run_finetune(params: Params, raw_dir: str | Path, pretrain_dir: str | Path, 
     """Fine-tune and leave the model (LoRA merged), its history and `split.json` in `out_dir`."""
     config, out_dir = params.finetune, Path(out_dir)
     data = instruction_file(raw_dir, config.instructions)
-    model, tokenizer = starting_model(config.init_from, pretrain_dir, section="finetune", dropout=config.dropout)
+    model, tokenizer = starting_model(config.init_from, pretrain_dir, section="finetune",
+                                      causal_for="instruction tuning", dropout=config.dropout)
     split = prepare_split(data, config, out_dir)
     pad_id = get_tokenizer(tokenizer).eot_token
     max_length = min(config.max_length or model.config.context_length, model.config.context_length)

@@ -25,13 +25,13 @@ import argparse
 import codecs
 import contextlib
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import tiktoken
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from llm.checkpoint import CheckpointError, load_model, read_config, require_language_model
 from llm.config import INFERENCE_PRECISION, PRECISIONS, Precision
@@ -100,6 +100,9 @@ def generate_steps(
     use_cache: bool = True,
 ) -> Iterator[Tensor]:
     """Yield the next token of every prompt (B,), `max_new_tokens` times; no stopping at end-of-text."""
+    if model.config.is_encoder:
+        raise ValueError("an encoder (model.objective: masked) does not generate text: it fills in masks "
+                         "(llm.fill); generate with a causal model")
     problems = list(sampling.problems())
     if problems:
         raise ConfigError(problems, source="sampling")
@@ -191,6 +194,19 @@ def decode_stream(tokenizer: tiktoken.Encoding, token_ids: Iterable[int]) -> Ite
             yield text
     if text := decoder.decode(b"", final=True):
         yield text
+
+
+def prompt_sampler(tokenizer: str, prompt: str, max_new_tokens: int, seed: int) -> Callable[[nn.Module, int], dict[str, str]]:
+    """Continuations of one prompt, sampled with a fixed seed so that steps compare."""
+    enc = get_tokenizer(tokenizer)
+    ids = enc.encode_ordinary(prompt)
+
+    def sample(model: nn.Module, step: int) -> dict[str, str]:
+        out = generate(model, [ids], max_new_tokens, Sampling(temperature=0.8, top_k=50, seed=seed),
+                       eos_id=enc.eot_token)[0]
+        return {f"samples/step-{step:06d}.txt": prompt + enc.decode(out)}
+
+    return sample
 
 
 def load_for_inference(checkpoint: str | Path, device: torch.device | str = "cpu",

@@ -80,6 +80,10 @@ def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> ModelC
 
 def load_hf_weights(model: GPT, weights: Path) -> None:
     """Copy a Hugging Face GPT-2 safetensors file into `model`, checking every name and shape."""
+    if model.config.is_encoder:
+        raise WeightsError(f"{weights} holds GPT-2, a causal language model: its weights do not make an encoder "
+                           f"(model.objective: masked); set model.objective: causal to start from GPT-2, or "
+                           f"pretrain the encoder from scratch (pretrain.init_from: scratch)")
     ours = model.state_dict()  # shares storage with the parameters: copying into it loads the model
     if model.config.tie_weights:
         del ours["lm_head.weight"]  # it is wte; a tied file stores it once, as wte

@@ -8,7 +8,9 @@ Attention has two implementations behind `ModelConfig.attention`: the book's exp
 an upper-triangular mask buffer, softmax, dropout) and PyTorch's fused `scaled_dot_product_attention`
 (the default); they agree to float32 rounding. `ModelConfig.init` picks the starting weights: GPT-2's
 N(0, 0.02) (the default), or PyTorch's default of each layer, which the book's `GPTModel` trains from
-(the `gpt2-book` preset's: the book's chapter 5 curve depends on it). Text generation (llm/generate.py)
+(the `gpt2-book` preset's: the book's chapter 5 curve depends on it). `ModelConfig.objective: masked`
+makes the same blocks an encoder (BERT's objective, llm/masking.py): attention without the causal mask,
+and a mask token after the tokenizer's ids. Text generation (llm/generate.py)
 runs the same forward with a `KVCache`, a padding mask for left-padded batches, and position ids
 derived from it.
 
@@ -36,7 +38,10 @@ from llm.validation import ConfigError, Problem, check_positive, check_range, fr
 
 
 AttentionKind = Literal["sdpa", "explicit"]
-Pooling = Literal["last", "mean"]
+# causal: a GPT, each position predicting the next token from those before it. masked: an encoder (BERT's
+# objective), every position seeing the whole sequence, predicting the tokens that were masked out of it.
+Objective = Literal["causal", "masked"]
+Pooling = Literal["last", "mean", "first"]
 WeightInit = Literal["gpt2", "book"]
 
 
@@ -57,6 +62,10 @@ class ModelConfig:
     # default of each layer, as the book's GPTModel keeps it (Linear: uniform within 1/sqrt(fan_in);
     # Embedding: N(0, 1); LayerNorm: ones and zeros). Only construction reads it: loaded weights replace it.
     init: WeightInit = "gpt2"
+    # masked: the token embedding has one row more than the tokenizer's vocab_size, the mask token's (id
+    # vocab_size, `mask_token_id`); the head still predicts the vocab_size real tokens only. A config.json
+    # without the field is of a causal model: every checkpoint written before encoders existed.
+    objective: Objective = "causal"
     # A classifier (the book's chapter 6): the head maps n_embd to num_classes, and a sequence is
     # classified from its last real token (or the mean over its real tokens). None: a language model.
     num_classes: int | None = None
@@ -76,6 +85,22 @@ class ModelConfig:
     @property
     def is_classifier(self) -> bool:
         return self.num_classes is not None
+
+    @property
+    def is_encoder(self) -> bool:
+        return self.objective == "masked"
+
+    @property
+    def mask_token_id(self) -> int:
+        """The encoder's mask token: the id after the tokenizer's last."""
+        if not self.is_encoder:
+            raise ValueError("a causal model has no mask token: it is an encoder's (objective: masked)")
+        return self.vocab_size
+
+    @property
+    def embedding_rows(self) -> int:
+        """Rows of the token embedding: the tokenizer's ids, and an encoder's mask token."""
+        return self.vocab_size + self.is_encoder
 
     @property
     def head_dim(self) -> int:
@@ -165,23 +190,27 @@ def future_mask(context_length: int, device: torch.device | str | None = None) -
     return torch.ones(context_length, context_length, dtype=torch.bool, device=device).triu(1)
 
 
-class CausalSelfAttention(nn.Module):
+class SelfAttention(nn.Module):
+    """Multi-head self-attention: causal in a GPT, bidirectional in an encoder."""
+
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
         self.n_head = config.n_head
         self.layer = layer  # which slice of a KVCache is this layer's
         self.dropout = config.dropout
         self.explicit = config.attention == "explicit"
+        self.causal = not config.is_encoder
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.qkv_bias)  # q, k, v in one
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
-        if self.explicit:
+        if self.explicit and self.causal:
             self.register_buffer("mask", future_mask(config.context_length), persistent=False)
 
     def forward(self, x: Tensor, allowed: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
-        """x (B, T, C). `allowed` (B, 1, T, S) says which keys each query may see; None: causal, with the
-        T queries the last of the S positions (all of them without a cache)."""
+        """x (B, T, C). `allowed` (B, 1, T, S) says which keys each query may see; None: every key in an
+        encoder, and in a GPT the causal mask, with the T queries the last of the S positions (all of them
+        without a cache)."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)  # each (B, T, C)
         hs = C // self.n_head
@@ -194,6 +223,9 @@ class CausalSelfAttention(nn.Module):
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None) -> Tensor:
         T, S = q.size(2), k.size(2)
+        if not self.explicit and not self.causal:
+            dropout_p = self.dropout if self.training else 0.0
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p)
         if not self.explicit:
             # SDPA's is_causal aligns the mask top-left, right only when T == S; one new token sees
             # every key; a chunk after cached positions needs the mask spelled out.
@@ -203,8 +235,11 @@ class CausalSelfAttention(nn.Module):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p,
                                                   is_causal=allowed is None and T == S)
         scores = q @ k.transpose(-2, -1) / math.sqrt(k.size(-1))  # (B, nh, T, S)
-        blocked = self.mask[S - T : S, :S] if allowed is None else ~allowed  # the queries' rows
-        weights = torch.softmax(scores.masked_fill(blocked, float("-inf")), dim=-1)
+        if allowed is not None:
+            scores = scores.masked_fill(~allowed, float("-inf"))
+        elif self.causal:
+            scores = scores.masked_fill(self.mask[S - T : S, :S], float("-inf"))  # the queries' rows
+        weights = torch.softmax(scores, dim=-1)
         return self.attn_dropout(weights) @ v  # (B, nh, T, hs)
 
 
@@ -224,7 +259,7 @@ class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd)
-        self.attn = CausalSelfAttention(config, layer)
+        self.attn = SelfAttention(config, layer)
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
@@ -237,7 +272,7 @@ class GPT(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wte = nn.Embedding(config.embedding_rows, config.n_embd)
         self.wpe = nn.Embedding(config.context_length, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
         self.h = nn.ModuleList(Block(config, layer) for layer in range(config.n_layer))
@@ -259,7 +294,7 @@ class GPT(nn.Module):
         if config.tie_weights:
             model.lm_head.weight = model.wte.weight
         for block in model.h:
-            if block.attn.explicit:
+            if block.attn.explicit and block.attn.causal:
                 block.attn.mask = future_mask(config.context_length, device)
         return model
 
@@ -296,18 +331,26 @@ class GPT(nn.Module):
             return F.cross_entropy(self.class_logits(idx, real).float(), labels)
         hidden = self.forward_hidden(idx)  # (B, T, C)
         if targets is None:
-            return self.lm_head(hidden)  # (B, T, vocab_size)
+            return F.linear(hidden, self.head_weight)  # (B, T, vocab_size)
         # The head and the loss fused (llm/loss.py): the (B, T, vocab_size) logits are never stored.
-        return linear_cross_entropy(hidden, self.lm_head.weight, targets, reduction=reduction)
+        return linear_cross_entropy(hidden, self.head_weight, targets, reduction=reduction)
+
+    @property
+    def head_weight(self) -> Tensor:
+        """The head's matrix (vocab_size or num_classes, C): an encoder's tied head without the mask
+        token's row, which is an input only and never predicted."""
+        return self.lm_head.weight[: self.lm_head.out_features]
 
     def class_logits(self, idx: Tensor, real: Tensor) -> Tensor:
         """A classifier's logits (B, num_classes) for right-padded token ids `idx` (B, T), `real` (B, T)
-        True at real tokens. Pooled over real tokens only: a causal model's real positions never see the
-        padding after them, so padding cannot change a prediction."""
-        hidden = self.forward_hidden(idx)  # (B, T, C)
+        True at real tokens. Pooled over real tokens only, and padding cannot change a prediction: a causal
+        model's real positions never see the padding after them, an encoder's are kept from it by the mask."""
+        hidden = self.forward_hidden(idx, padding_mask=real if self.config.is_encoder else None)  # (B, T, C)
         if self.config.pooling == "mean":
             weights = real.to(hidden.dtype)[:, :, None]  # (B, T, 1)
             pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
+        elif self.config.pooling == "first":
+            pooled = hidden[:, 0]
         else:
             last = real.long().cumsum(1).argmax(1)  # the position of each row's last real token
             pooled = hidden[torch.arange(idx.size(0), device=idx.device), last]
@@ -320,15 +363,21 @@ class GPT(nn.Module):
 
         Training passes only `idx`. Generation may pass a `cache` (these tokens follow its cached
         positions) and, for left-padded batches, a `padding_mask` (B, cached + T), True at real tokens:
-        padding is never attended to, and each row's positions count from its first real token.
+        padding is never attended to, and each row's positions count from its first real token. An
+        encoder takes right-padded batches, and no cache: it does not generate.
         """
         B, T = idx.shape
+        if cache is not None and self.config.is_encoder:
+            raise ValueError("an encoder (objective: masked) sees every position at once and generates "
+                             "nothing: it takes no KV cache")
         past = 0 if cache is None else cache.length
         if past + T > self.config.context_length:
             raise ValueError(f"{past + T} positions exceed context_length {self.config.context_length}: "
                              "crop the input to the last context_length tokens")
         if padding_mask is None:
-            allowed, pos = None, torch.arange(past, past + T, device=idx.device)  # causal
+            allowed, pos = None, torch.arange(past, past + T, device=idx.device)  # causal, or every key
+        elif self.config.is_encoder:
+            allowed, pos = self._padding_keys(B, T, padding_mask), torch.arange(T, device=idx.device)
         else:
             allowed, pos = self._padding_attention(B, T, past, padding_mask)
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
@@ -351,6 +400,14 @@ class GPT(nn.Module):
         allowed = (key <= query) & (padding_mask[:, None, None, :] | (key == query))  # (B, 1, T, S)
         pos = (padding_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
         return allowed, pos
+
+    @staticmethod
+    def _padding_keys(B: int, T: int, padding_mask: Tensor) -> Tensor:
+        """Which keys each of an encoder's queries may see (B, 1, T, T): the real tokens, and itself."""
+        if padding_mask.shape != (B, T):
+            raise ValueError(f"padding_mask must be (batch, positions) = {(B, T)}, got {tuple(padding_mask.shape)}")
+        itself = torch.eye(T, dtype=torch.bool, device=padding_mask.device)  # keeps a padding row from NaN
+        return padding_mask[:, None, None, :] | itself  # (B, 1, T, T)
 
     def new_cache(self, batch_size: int) -> KVCache:
         """An empty KV cache on this model's device, in its dtype."""

@@ -45,12 +45,12 @@ from llm.distributed import Dist
 from llm.download import downloaded_source
 from llm.files import sha256_file
 from llm.imports import code_fingerprint
+from llm.generate import prompt_sampler
 from llm.instructions import (Example, InstructionDataError, PromptStyle, Record, Split, collate, count_truncated,
                               encode_records, json_values, learnable, prompt_text, read_split,
                               split_records, string_fields, write_split)
 from llm.lora import apply_lora, merge_lora, trainable_parameters
 from llm.model import GPT, IGNORE_INDEX, eval_mode
-from llm.pretrain import prompt_sampler
 from llm.sampler import EpochBatches, steps_for_epochs
 from llm.starting import start_folder, starting_model, starting_weights
 from llm.tokenizer import get_tokenizer
@@ -330,7 +330,7 @@ def run_preference(params: Params, raw_dir: str | Path, finetune_dir: str | Path
     """Train the policy with DPO and leave it (LoRA merged), its history and `split.json` in `out_dir`."""
     config, out_dir = params.preference, Path(out_dir)
     model, tokenizer = starting_model(config.init_from, finetune_dir, section="preference", stage="finetune",
-                                      dropout=config.dropout)
+                                      causal_for="preference tuning", dropout=config.dropout)
     if model.config.is_classifier:
         raise ValueError(f"preference.init_from: {config.init_from} is a classifier; start from an instruction "
                          f"model (the finetune stage's, by default)")

@@ -7,6 +7,11 @@ The model comes from params.yaml's `model` section (a preset and overrides) and 
 `scratch`, a GPT-2 size (OpenAI's weights, downloaded through llm.download), or a checkpoint folder. A
 starting checkpoint must use the shards' tokenizer and have the architecture the `model` section
 describes; dropout and the attention implementation are taken from params.
+
+`model.objective: masked` pretrains an encoder on the same shards instead: each batch's windows are
+corrupted as BERT's are (llm/masking.py, `pretrain.mask_rate` and the fractions), the loss and the val
+figures (`val_loss`, `val_accuracy`, `val_top5_accuracy`) are on the masked tokens, and the samples are
+the model's guesses for a masked prompt.
 """
 
 from __future__ import annotations
@@ -17,21 +22,23 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from llm.config import Params, weight_settings
+from llm.config import MASKING_SETTINGS, Params, weight_settings
+from llm.fill import fill_sampler
 from llm.distributed import Dist
-from llm.generate import Sampling, generate
+from llm.generate import prompt_sampler
+from llm.masking import Masking, MaskedBatches, masked_token_metrics, masked_val_batches
 from llm.model import GPT, ModelConfig
 from llm.starting import starting_model, starting_weights
 from llm.shards import RandomWindows, ShardError, TokenStream, to_batch, read_manifest
-from llm.tokenizer import get_tokenizer
 from llm.files import sha256_file
 from llm.imports import code_fingerprint
-from llm.train import Batch, Sampler, Trainer, TrainResult
+from llm.train import Batch, Trainer, TrainResult
 
 if TYPE_CHECKING:
     from llm.tracking import Tracker
 
-ARCHITECTURE = ("vocab_size", "context_length", "n_embd", "n_head", "n_layer", "qkv_bias", "tie_weights", "num_classes")
+ARCHITECTURE = ("vocab_size", "context_length", "n_embd", "n_head", "n_layer", "qkv_bias", "tie_weights", "objective",
+                "num_classes")
 
 
 class CheckpointMismatch(ValueError):
@@ -88,22 +95,13 @@ def initial_model(params: Params, manifest: dict) -> GPT:
 def run_settings(params: Params, shards_dir: str | Path) -> dict[str, Any]:
     """Everything that shapes the weights (model, settings, data, starting weights, code): a checkpoint
     of other settings is not resumed. Logging, sampling and checkpoint settings may change."""
-    return {"model": params.model.build().to_dict(), "pretrain": weight_settings(params.pretrain),
+    model = params.model.build()
+    settings = weight_settings(params.pretrain)
+    if not model.is_encoder:  # a GPT's weights do not depend on them: changing them resumes its run
+        settings = {k: v for k, v in settings.items() if k not in MASKING_SETTINGS}
+    return {"model": model.to_dict(), "pretrain": settings,
             "shards": sha256_file(Path(shards_dir) / "manifest.json"),
             "start": starting_weights(params.pretrain.init_from), "code": code_fingerprint(__name__)}
-
-
-def prompt_sampler(tokenizer: str, prompt: str, max_new_tokens: int, seed: int) -> Sampler:
-    """Continuations of one prompt, sampled with a fixed seed so that steps compare."""
-    enc = get_tokenizer(tokenizer)
-    ids = enc.encode_ordinary(prompt)
-
-    def sample(model: torch.nn.Module, step: int) -> dict[str, str]:
-        out = generate(model, [ids], max_new_tokens, Sampling(temperature=0.8, top_k=50, seed=seed),
-                       eos_id=enc.eot_token)[0]
-        return {f"samples/step-{step:06d}.txt": prompt + enc.decode(out)}
-
-    return sample
 
 
 def run_pretrain(params: Params, shards_dir: str | Path, out_dir: str | Path, *, tracker: Tracker,
@@ -119,9 +117,21 @@ def run_pretrain(params: Params, shards_dir: str | Path, out_dir: str | Path, *,
     val = fixed_val_batches(TokenStream.from_manifest(shards_dir, "val"), T, config.batch_size, config.eval_batches)
     sampler = (prompt_sampler(manifest["tokenizer"], config.sample_prompt, config.sample_tokens, config.seed)
                if config.sample_interval else None)
+    evaluator = None
+    if model.config.is_encoder:  # the same windows, corrupted as they are drawn (llm/masking.py)
+        masking = Masking(config.mask_rate, config.mask_token_fraction, config.random_token_fraction)
+        batches = MaskedBatches(batches, masking, model.config, config.seed, dist.rank)
+        val = masked_val_batches(val, masking, model.config, config.seed)
+        sampler = fill_sampler(manifest["tokenizer"], config.sample_prompt) if config.sample_interval else None
+
+        def evaluator(model: torch.nn.Module) -> dict[str, float]:
+            measured = masked_token_metrics(model, val)
+            return {"val_accuracy": measured.accuracy, "val_top5_accuracy": measured.top5_accuracy}
+
     trainer = Trainer(
         model, batches, val, config, out_dir, settings=settings or run_settings(params, shards_dir),
         tracker=tracker, tokenizer=manifest["tokenizer"], sampler=sampler, run_id=run_id, dist=dist,
+        evaluator=evaluator,
         checkpoint_extra={"stage": "pretrain", "init_from": config.init_from,
                           "shards_manifest_sha256": sha256_file(Path(shards_dir) / "manifest.json")})
     return trainer.fit()

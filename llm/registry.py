@@ -30,7 +30,8 @@ def log_gpt_model(checkpoint_dir: str | Path, registered_name: str | None = None
                   version_tags: Mapping[str, str] | None = None, serving: ServingConfig | None = None) -> str | None:
     """Log the checkpoint's model (weights and config only) to the active run as a pyfunc, and register it
     under `registered_name`; returns the new version number. A language model becomes a text generator
-    (llm/pyfunc.py), a classifier a text classifier (llm/pyfunc_classifier.py). The model refuses requests
+    (llm/pyfunc.py), a classifier a text classifier (llm/pyfunc_classifier.py), an encoder a mask filler
+    (llm/pyfunc_fill.py). The model refuses requests
     above `serving`'s caps (default: ServingConfig's)."""
     import dataclasses
     import shutil
@@ -53,6 +54,13 @@ def log_gpt_model(checkpoint_dir: str | Path, registered_name: str | None = None
                                  **{f"p_{k}": float(k == labels[0]) for k in labels}}])
         python_model = package / "pyfunc_classifier.py"
         signature = infer_signature(pd.DataFrame({"text": ["a text"]}), outputs)
+    elif saved.model.is_encoder:
+        from llm.pyfunc_fill import COLUMNS, DEFAULT_PARAMS as FILL_PARAMS
+
+        python_model = package / "pyfunc_fill.py"
+        outputs = pd.DataFrame([(0, 1, 1, " Paris", 0.5)], columns=COLUMNS)
+        signature = infer_signature(pd.DataFrame({"text": ["The capital of France is [MASK]."]}), outputs,
+                                    params=FILL_PARAMS)
     else:
         python_model = package / "pyfunc.py"
         signature = infer_signature(pd.DataFrame({"prompt": ["Every effort moves you"]}), ["a completion"],

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from llm.checkpoint import MODEL_FILE, load_model, read_config
+from llm.checkpoint import MODEL_FILE, load_model, read_config, require_causal
 from llm.files import sha256_file
 from llm.model import GPT
 
@@ -28,10 +28,11 @@ def start_folder(init_from: str, stage_dir: str | Path, section: str, stage: str
 
 
 def starting_model(init_from: str, stage_dir: str | Path, *, section: str, stage: str = "pretrain",
-                   **overrides: Any) -> tuple[GPT, str]:
+                   causal_for: str | None = None, **overrides: Any) -> tuple[GPT, str]:
     """The trained model `init_from` names (a GPT-2 size, `stage` for that stage's model in `stage_dir`,
     or a folder) and its tokenizer; `overrides` change settings that leave the weights as they are
-    (dropout, attention), None keeping the model's own."""
+    (dropout, attention), None keeping the model's own. `causal_for` (e.g. "instruction tuning") refuses
+    an encoder, before its weights are read."""
     from llm import gpt2_weights
 
     overrides = {key: value for key, value in overrides.items() if value is not None}
@@ -39,7 +40,10 @@ def starting_model(init_from: str, stage_dir: str | Path, *, section: str, stage
         weights = gpt2_weights.download_gpt2(init_from)
         return gpt2_weights.gpt2_from_files(weights, gpt2_weights.model_config(init_from, **overrides)), "gpt2"
     folder = start_folder(init_from, stage_dir, section, stage)
-    return load_model(folder, **overrides), read_config(folder).tokenizer
+    saved = read_config(folder)
+    if causal_for:
+        require_causal(saved.model, f"{section}.init_from: {folder}", causal_for)
+    return load_model(folder, **overrides), saved.tokenizer
 
 
 def starting_weights(init_from: str, stage_dir: str | Path | None = None, section: str = "",

@@ -149,7 +149,7 @@ def test_a_config_of_another_model_names_the_file_and_the_keys(tmp_path):
         f"by another version of the code?); fix the keys below, or {fix}:",
         "  model.n_kv_head: unknown key; did you mean 'n_head'?",
         "  model.rotary: unknown key; known keys: vocab_size, context_length, n_embd, n_head, n_layer, dropout, "
-        "qkv_bias, tie_weights, attention, init, num_classes, pooling",
+        "qkv_bias, tie_weights, attention, init, objective, num_classes, pooling",
         "  model.n_layer: must be an integer, got str '2'",
     ]
     config_path.write_text(json.dumps({**data, "model": {**data["model"], "dropout": 1.5}}))
