@@ -378,7 +378,7 @@ class ClassifyConfig(TuneConfig):
     # What trains: the book's last transformer block with the final LayerNorm and the head, every
     # weight, or LoRA adapters on lora_targets (and the head), merged into the saved model.
     trainable: Trainable = "all"
-    pooling: Pooling = "last"  # classify from the last real token, or the mean of all
+    pooling: Pooling = "last"  # classify from the last real token, the mean of all, or the first (an encoder's)
     max_length: int | None = None  # cut texts to this many tokens; None: the longest training text's
     balance: bool = True  # undersample every class to the smallest one's size, as the book does
     train_fraction: float = 0.7  # the book's split: 70% train, 10% val, the rest (20%) test

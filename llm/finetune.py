@@ -98,9 +98,9 @@ def run_finetune(params: Params, raw_dir: str | Path, pretrain_dir: str | Path, 
                  settings: dict[str, Any] | None = None) -> TrainResult:
     """Fine-tune and leave the model (LoRA merged), its history and `split.json` in `out_dir`."""
     config, out_dir = params.finetune, Path(out_dir)
-    data = instruction_file(raw_dir, config.instructions)
     model, tokenizer = starting_model(config.init_from, pretrain_dir, section="finetune",
                                       causal_for="instruction tuning", dropout=config.dropout)
+    data = instruction_file(raw_dir, config.instructions)
     split = prepare_split(data, config, out_dir)
     pad_id = get_tokenizer(tokenizer).eot_token
     max_length = min(config.max_length or model.config.context_length, model.config.context_length)

@@ -67,7 +67,8 @@ class ModelConfig:
     # without the field is of a causal model: every checkpoint written before encoders existed.
     objective: Objective = "causal"
     # A classifier (the book's chapter 6): the head maps n_embd to num_classes, and a sequence is
-    # classified from its last real token (or the mean over its real tokens). None: a language model.
+    # classified from its last real token (or the mean over its real tokens, or its first token, which
+    # only an encoder's sees the whole text). None: a language model.
     num_classes: int | None = None
     pooling: Pooling = "last"
 

@@ -141,11 +141,12 @@ def test_collate_pads_right_to_the_longest_and_marks_the_real_tokens():
     assert y.tolist() == [[1, 1, 1], [0, IGNORE_INDEX, IGNORE_INDEX]]
 
 
-@pytest.mark.parametrize("pooling", ["last", "mean"])
+@pytest.mark.parametrize("pooling", ["last", "mean", "first"])
 @pytest.mark.parametrize("attention", ["sdpa", "explicit"])
-def test_padding_never_changes_a_prediction(pooling, attention):
+@pytest.mark.parametrize("objective", ["causal", "masked"])
+def test_padding_never_changes_a_prediction(pooling, attention, objective):
     torch.manual_seed(0)
-    lm = GPT(model_config("tiny", attention=attention))
+    lm = GPT(model_config("tiny", attention=attention, objective=objective))
     model = classifier_from(lm, num_classes=3, pooling=pooling, seed=0).eval()
     text = classify.Example(tuple(torch.randint(0, 50000, (5,)).tolist()), 0)
     longer = classify.Example(tuple(torch.randint(0, 50000, (17,)).tolist()), 1)
@@ -202,6 +203,20 @@ def test_a_classifier_learns_and_a_killed_run_resumes_to_the_same_weights(tmp_pa
     ours = safetensors.torch.load_file(tmp_path / "killed" / "model.safetensors")
     for name, p in safetensors.torch.load_file(tmp_path / "whole" / "model.safetensors").items():
         assert torch.equal(p, ours[name]), name
+
+
+@pytest.mark.parametrize("pooling", ["mean", "first"])
+def test_an_encoder_backbone_learns_to_classify(tmp_path, pooling):
+    torch.manual_seed(0)
+    start = tmp_path / "encoder"
+    save_model(GPT(model_config("tiny", objective="masked")), start)
+    raw = raw_folder(tmp_path, toy_rows(160))
+    result = run_classify(params(trainable="all", epochs=3, lr=2e-3, min_lr=2e-3, pooling=pooling), raw, start,
+                          tmp_path / "out", tracker=MemoryTracker())
+    saved = load_model(tmp_path / "out").config
+    assert saved.is_encoder and saved.is_classifier and saved.pooling == pooling
+    assert classify.final_scores(result.model, tmp_path / "out", batch_size=16).metrics["test_accuracy"] >= 0.85
+    assert [label for label, _ in Classifier(tmp_path / "out")(["WINNER call now"])] == ["spam"]
 
 
 def test_lora_adapters_are_merged_into_a_plain_classifier(tmp_path):
