@@ -19,7 +19,7 @@ from prefect import flow
 
 from flows.common import stage_logger, tracked_run, write_metrics
 from llm import faults
-from llm.checkpoint import MODEL_FILE
+from llm.checkpoint import MODEL_FILE, read_config
 from llm.config import EvaluateConfig, load_params
 from llm.download import redact_url
 from llm.evaluate import evaluate_models, promote_best, write_evaluation
@@ -49,7 +49,7 @@ def evaluate(params_file: str = "params.yaml", base_dir: str = "data/checkpoints
         log.info("evaluate: no preference model in %s (`dvc repro preference` makes one); evaluating the "
                  "finetune model alone", preference_dir)
     names = {"finetune": params.finetune.registered_model, "preference": params.preference.registered_model}
-    base_name = params.pretrain.registered_model
+    base_name = params.pretrain.registry_name(read_config(base_dir).model.objective)
     with tracked_run("evaluate", out_dir=out_dir, experiment=params.tracking.experiment, params_file=params_file,
                      params_to_log={"evaluate": loggable_config(params.evaluate)}) as t:
         measured = evaluate_models(params.evaluate, base_dir, tuned_dirs, shards_dir)

@@ -2,7 +2,10 @@
 
     python -m flows.evaluate                                       (what `dvc repro evaluate` runs)
 
-- Loss and perplexity of each model over the whole val split of the shards (every target once).
+- Loss and perplexity of each model over the whole val split of the shards (every target once). A base
+  model that is an encoder (model.objective: masked; the instruction models are GPTs, started from a GPT-2
+  size say) has no perplexity: its masked-token loss and accuracies are measured instead
+  (llm.masking.split_metrics), and it answers no prompts.
 - Each instruction model (the finetune stage's SFT model, the preference stage's DPO model) answers every
   held-out test record (the finetune stage's `split.json`; the preference stage splits the same records
   the same way), decoded with the KV cache; the answers are saved in the book's shape, each record plus
@@ -31,6 +34,7 @@ from llm.generate import Sampling
 from llm.hardware import inference_dtype, precision_name, resolve_device
 from llm.instructions import TEMPLATES, prompt_text, read_split
 from llm.judge import JudgeResult, judge_responses
+from llm.masking import MaskedMetrics, split_metrics
 from llm.perplexity import PerplexityResult, perplexity
 from llm.registry import CHAMPION, champion, record_scores, set_champion
 from llm.report import Evaluation, Example, Tuned, write_report
@@ -42,6 +46,10 @@ from llm.tokenizer import get_tokenizer
 RESPONSES_FILE = "responses.json"  # the finetune model's answers; another stage's: responses_<stage>.json
 # The stages that make instruction models, and their columns in the report.
 INSTRUCTION_STAGES = {"finetune": "SFT", "preference": "DPO"}
+
+
+# What the report shows as an encoder base model's answer.
+ENCODER_ANSWER = "(an encoder, model.objective: masked: it fills in masks and writes no text)"
 
 
 def responses_file(stage: str) -> str:
@@ -75,7 +83,7 @@ class TunedMeasurements:
 
 @dataclasses.dataclass(frozen=True)
 class Measurements:
-    base_loss: PerplexityResult
+    base_loss: PerplexityResult | MaskedMetrics  # an encoder's (model.objective: masked): masked-token figures
     tuned: dict[str, TunedMeasurements]  # by stage, finetune first
     examples: list[Example]
     histories: dict[str, dict]
@@ -84,8 +92,11 @@ class Measurements:
     def metrics(self) -> dict[str, float]:
         """The headline numbers, for metrics/evaluate.json (`dvc metrics diff`) and MLflow."""
         first = next(iter(self.tuned.values()))
-        metrics = {"val_loss_base": self.base_loss.loss, "val_perplexity_base": self.base_loss.perplexity,
-                   "eval_tokens_per_s": first.loss.tokens_per_s, "test_records": float(first.scores.count)}
+        base = self.base_loss
+        metrics = ({f"val_masked_{name}_base": getattr(base, name) for name in ("loss", "accuracy", "top5_accuracy")}
+                   if isinstance(base, MaskedMetrics) else
+                   {"val_loss_base": base.loss, "val_perplexity_base": base.perplexity})
+        metrics.update(eval_tokens_per_s=first.loss.tokens_per_s, test_records=float(first.scores.count))
         for stage, measured in self.tuned.items():
             metrics.update({metric_key(name, stage): value for name, value in measured.metrics().items()})
         return metrics
@@ -129,10 +140,17 @@ def evaluate_models(config: EvaluateConfig, base_dir: str | Path, tuned_dirs: Ma
         # autocast would convert the fp32 ones at every step.
         return loss, model.to(dtype)
 
-    base_loss, base = measure(base_dir)
-    shown = {"base": [r["model_response"] for r in generate_responses(base, tokenizer, records[:config.examples],
-                                                                      prompts[:config.examples], **answer)]}
-    del base
+    if saved["base"].model.is_encoder:  # no perplexity, and no text: its masked-token figures instead
+        encoder = load_model(base_dir, device)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            base_loss: PerplexityResult | MaskedMetrics = split_metrics(encoder, val, config.batch_size, config.seed)
+        shown = {"base": [ENCODER_ANSWER] * min(config.examples, len(prompts))}
+        del encoder
+    else:
+        base_loss, base = measure(base_dir)
+        shown = {"base": [r["model_response"] for r in generate_responses(
+            base, tokenizer, records[:config.examples], prompts[:config.examples], **answer)]}
+        del base
     tuned: dict[str, TunedMeasurements] = {}
     for stage, folder in tuned_dirs.items():  # one model in memory at a time
         loss, model = measure(folder)

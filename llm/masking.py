@@ -30,6 +30,7 @@ from llm.loss import IGNORE_INDEX
 
 if TYPE_CHECKING:
     from llm.model import GPT, ModelConfig
+    from llm.shards import TokenStream
     from llm.train import Batch, BatchSource
 
 VAL_STREAM = 0  # the val batches' draws; rank r's training draws are stream r + 1
@@ -137,3 +138,18 @@ def masked_token_metrics(model: GPT, batches: Iterable[Batch]) -> MaskedMetrics:
     first, within = hits.tolist()
     return MaskedMetrics(loss=loss.item() / count, accuracy=first / count, top5_accuracy=within / count,
                          targets=count)
+
+
+def split_metrics(model: GPT, stream: TokenStream, batch_size: int, seed: int,
+                  masking: Masking = Masking()) -> MaskedMetrics:
+    """An encoder's masked-token figures over a whole split (the evaluate stage's, where a GPT gets its
+    perplexity): its consecutive windows of context_length tokens (the few after the last full window
+    left out), each corrupted by `seed`, the same in every run."""
+    T = model.config.context_length
+    count = len(stream) // T
+    if count == 0:
+        raise ValueError(f"the split holds {len(stream)} tokens, fewer than one window of context_length {T}")
+    windows = torch.from_numpy(np.stack([stream.window(i * T, T) for i in range(count)]).astype(np.int64))
+    batches = (corrupt(windows[i:i + batch_size], masking, model.config, draws(seed, VAL_STREAM, i))
+               for i in range(0, count, batch_size))
+    return masked_token_metrics(model, batches)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from llm.files import write_text_atomic
 from llm.judge import JudgeResult
+from llm.masking import MaskedMetrics
 from llm.perplexity import PerplexityResult
 from llm.plots import History, plot_curves
 from llm.scores import Scores
@@ -59,7 +60,7 @@ class Evaluation:
     """What the evaluate stage found, as the report shows it."""
 
     base_model: str  # e.g. "gpt-base version 3"
-    base_loss: PerplexityResult  # on the val split
+    base_loss: PerplexityResult | MaskedMetrics  # on the val split (an encoder's: its masked-token figures)
     tuned: Sequence[Tuned]  # the instruction models, in column order
     champion: str | None  # the label of the model given the champion alias; None: the holder stays
     histories: Mapping[str, History] = field(default_factory=dict)  # {"pretrain": ..., "finetune": ...}
@@ -116,17 +117,23 @@ def _models(e: Evaluation) -> str:
 def _metrics(e: Evaluation) -> str:
     none = "–"
     judge_model = e.tuned[0].judge.model if e.tuned else ""
+    base = e.base_loss
+    masked = isinstance(base, MaskedMetrics)  # an encoder: no perplexity, its masked-token figures instead
     rows = [
-        ["val loss", f"{e.base_loss.loss:.4f}", *(f"{t.loss.loss:.4f}" for t in e.tuned)],
-        ["val perplexity", _number(e.base_loss.perplexity), *(_number(t.loss.perplexity) for t in e.tuned)],
+        ["val loss", f"{base.loss:.4f}" + (" (masked tokens)" if masked else ""), *(f"{t.loss.loss:.4f}" for t in e.tuned)],
+        ["val perplexity", none if masked else _number(base.perplexity), *(_number(t.loss.perplexity) for t in e.tuned)],
+        *([["val masked-token accuracy (top-5)", f"{base.accuracy:.3f} ({base.top5_accuracy:.3f})",
+            *(none for _ in e.tuned)]] if masked else []),
         ["exact match", none, *(f"{t.scores.exact_match:.3f} ({round(t.scores.exact_match * t.scores.count)} of "
                                 f"{t.scores.count})" for t in e.tuned)],
         ["ROUGE-L F1", none, *(f"{t.scores.rouge_l_f1:.3f}" for t in e.tuned)],
         [cell(f"LLM judge ({judge_model}), 0-100"), none, *(cell(t.judge.summary()) for t in e.tuned)],
     ]
     count = e.tuned[0].scores.count if e.tuned else 0
-    notes = (f"Val loss: mean cross-entropy over all {e.base_loss.tokens:,} next-token targets of the "
-             f"val split. Exact match (ignoring case and whitespace) and ROUGE-L F1 (stemmed) over the "
+    loss_note = (f"the base model's over its {base.targets:,} masked tokens of the val split (an encoder), "
+                 f"the others' over every next-token target" if masked else
+                 f"mean cross-entropy over all {base.tokens:,} next-token targets of the val split")
+    notes = (f"Val loss: {loss_note}. Exact match (ignoring case and whitespace) and ROUGE-L F1 (stemmed) over the "
              f"{count:,} test responses.")
     header = ["metric", "base", *(cell(t.label) for t in e.tuned)]
     return table(header, rows, ["---"] + ["---:"] * (len(header) - 1)) + "\n\n" + notes

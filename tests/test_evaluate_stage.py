@@ -17,7 +17,7 @@ from llm.perplexity import PerplexityResult
 from llm.scores import Scores
 from llm.instructions import Record, Split, write_split
 from llm.model import GPT, model_config
-from llm.shards import ShardError
+from llm.shards import ShardError, TokenStream
 from llm.evaluate import promote_if_better
 from llm.store import configure
 from tests.conftest import shared_file
@@ -132,3 +132,31 @@ def test_the_judges_credentials_never_reach_mlflow():
     config = EvaluateConfig(judge=JudgeConfig(url="https://user:secret@judge.example/api/chat?key=abc"))
     assert loggable_config(config)["judge"]["url"] == "https://judge.example/api/chat"
     assert loggable_config(EvaluateConfig())["judge"]["url"] is None
+
+
+def test_an_encoder_base_gets_masked_token_figures_instead_of_perplexity(tmp_path):
+    from llm.evaluate import ENCODER_ANSWER
+    from llm.masking import split_metrics
+    from llm.report import Evaluation, write_report
+
+    shards = make_shards(tmp_path / "shards", patterned_tokens(3000), patterned_tokens(700))
+    torch.manual_seed(0)
+    encoder = GPT(model_config("tiny", objective="masked"))
+    save_model(encoder, tmp_path / "base")
+    save_model(GPT(model_config("tiny")), tmp_path / "tuned", extra={"prompt_style": "alpaca"})
+    records = [Record(**r) for r in json.loads(shared_file("instruction-data.json").read_text())[:6]]
+    write_split(tmp_path / "tuned" / SPLIT_FILE, Split(records[:2], records[2:4], records[4:]))
+    config = EvaluateConfig(device="cpu", max_new_tokens=3, examples=1, batch_size=4)
+
+    measured = evaluate_models(config, tmp_path / "base", {"finetune": tmp_path / "tuned"}, shards)
+
+    expected = split_metrics(encoder.eval(), TokenStream.from_manifest(shards, "val"), 4, config.seed)
+    metrics = measured.metrics()
+    assert "val_perplexity_base" not in metrics and "val_loss_base" not in metrics
+    assert metrics["val_masked_loss_base"] == pytest.approx(expected.loss)
+    assert metrics["val_masked_accuracy_base"] == expected.accuracy and expected.targets > 0.1 * 700
+    assert measured.examples[0].answers["base"] == ENCODER_ANSWER
+    report = write_report(tmp_path / "eval", Evaluation("encoder-base version 1", measured.base_loss,
+                                                        [], None)).read_text()
+    assert f"| val loss | {expected.loss:.4f} (masked tokens) |" in report
+    assert f"| val masked-token accuracy (top-5) | {expected.accuracy:.3f} ({expected.top5_accuracy:.3f}) |" in report
