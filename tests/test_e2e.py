@@ -124,6 +124,17 @@ def test_a_fresh_clone_runs_the_pipeline_and_keeps_its_promises(tmp_path, prefec
     dvc(clone, "plots", "diff", "-o", str(tmp_path / "plots"), env=env)
     assert (tmp_path / "plots" / "index.html").is_file()
 
+    # The README's comparison: an encoder pretrained on the same shards, and classify fine-tuning it.
+    encoder = dvc(clone, "exp", "run", "-n", "encoder", "-S", "model.objective=masked", "-S", "classify.pooling=mean",
+                  "classify", env=env)
+    assert stages_run(encoder) == ["pretrain", "classify"]
+    pretrained = json.loads((clone / "metrics/pretrain.json").read_text())
+    assert {"val_accuracy", "val_top5_accuracy"} <= set(pretrained)
+    assert json.loads((clone / "data/checkpoints/classify/config.json").read_text())["model"]["objective"] == "masked"
+    compared = dvc(clone, "exp", "diff", "faster-lr", "encoder", "--md", env=env)
+    assert "test_accuracy" in compared and "model.objective" in compared
+    assert client.get_registered_model("encoder-base").latest_versions
+
     # Another clone pulls the data and checkpoints, and has nothing to reproduce.
     subprocess.run(["git", "clone", "-q", str(clone), str(tmp_path / "clone2")], check=True)
     dvc(tmp_path / "clone2", "pull", env=env)
