@@ -125,7 +125,7 @@ def test_a_fresh_clone_runs_the_pipeline_and_keeps_its_promises(tmp_path, prefec
     assert (tmp_path / "plots" / "index.html").is_file()
 
     # The README's comparison: an encoder pretrained on the same shards, and classify fine-tuning it.
-    encoder = dvc(clone, "exp", "run", "-n", "encoder", "-S", "model.objective=masked", "-S", "classify.pooling=mean",
+    encoder = dvc(clone, "exp", "run", "-n", "encoder", "-S", "+model.objective=masked", "-S", "classify.pooling=mean",
                   "classify", env=env)
     assert stages_run(encoder) == ["pretrain", "classify"]
     pretrained = json.loads((clone / "metrics/pretrain.json").read_text())
