@@ -500,8 +500,11 @@ class Classifier:
                  precision: Precision = INFERENCE_PRECISION):
         saved = read_config(checkpoint)
         if not saved.model.is_classifier:
-            raise CheckpointError(f"{checkpoint} is a language model, not a classifier: generate with `python -m "
-                                  f"llm.generate --checkpoint {checkpoint}`, or train one with `dvc repro classify`")
+            use = (f"fill in masks with `python -m llm.fill --checkpoint {checkpoint} TEXT`" if saved.model.is_encoder
+                   else f"generate with `python -m llm.generate --checkpoint {checkpoint}`")
+            kind = "an encoder" if saved.model.is_encoder else "a language model"
+            raise CheckpointError(f"{checkpoint} is {kind}, not a classifier: {use}, or train one with "
+                                  f"`dvc repro classify`")
         self.model = load_for_inference(checkpoint, device, precision)  # fp32 by default: the same on every machine
         self.labels: list[str] = list(saved.extra["labels"])
         self.length, self.tokenizer, self.batch_size = int(saved.extra["max_length"]), saved.tokenizer, batch_size

@@ -275,6 +275,15 @@ def test_generate_and_chat_refuse_an_encoder(trained, capsys):
         generate.generate(load_model(out), [[1, 2]], 3)
 
 
+def test_the_classify_command_refuses_an_encoder(trained, capsys):
+    from llm import classify
+
+    out, _ = trained
+    assert classify.main(["--checkpoint", str(out), "hello"]) == 1
+    assert (f"{out} is an encoder, not a classifier: fill in masks with `python -m llm.fill --checkpoint {out} "
+            f"TEXT`, or train one with `dvc repro classify`") in capsys.readouterr().err
+
+
 def test_fill_refuses_a_causal_model(tmp_path, capsys):
     save_model(GPT(model_config("tiny", vocab_size=VOCAB)), tmp_path / "gpt")
     assert fill.main(["--checkpoint", str(tmp_path / "gpt"), "a [MASK]"]) == 1
