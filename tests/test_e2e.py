@@ -131,7 +131,7 @@ def test_a_fresh_clone_runs_the_pipeline_and_keeps_its_promises(tmp_path, prefec
     pretrained = json.loads((clone / "metrics/pretrain.json").read_text())
     assert {"val_accuracy", "val_top5_accuracy"} <= set(pretrained)
     assert json.loads((clone / "data/checkpoints/classify/config.json").read_text())["model"]["objective"] == "masked"
-    compared = dvc(clone, "exp", "diff", "faster-lr", "encoder", "--md", env=env)
+    compared = dvc(clone, "exp", "diff", "--all", "faster-lr", "encoder", "--md", env=env)
     assert "test_accuracy" in compared and "model.objective" in compared
     assert client.get_registered_model("encoder-base").latest_versions
 
