@@ -2,7 +2,8 @@
 
     python -m flows.evaluate                                       (what `dvc repro evaluate` runs)
 
-- Loss and perplexity of each model over the whole val split of the shards (every target once). A base
+- Loss, perplexity and bits per byte of each model over the whole val split of the shards (every target
+  once). A base
   model that is an encoder (model.objective: masked; the instruction models are GPTs, started from a GPT-2
   size say) has no perplexity: its masked-token loss and accuracies are measured instead
   (llm.masking.split_metrics), and it answers no prompts.
@@ -35,7 +36,7 @@ from llm.hardware import inference_dtype, precision_name, resolve_device
 from llm.instructions import TEMPLATES, prompt_text, read_split
 from llm.judge import JudgeResult, judge_responses
 from llm.masking import MaskedMetrics, split_metrics
-from llm.perplexity import PerplexityResult, perplexity
+from llm.perplexity import PerplexityResult, perplexity, token_byte_lengths
 from llm.registry import CHAMPION, champion, record_scores, set_champion
 from llm.report import Evaluation, Example, Tuned, write_report
 from llm.responses import generate_responses, write_responses
@@ -74,6 +75,7 @@ class TunedMeasurements:
 
     def metrics(self) -> dict[str, float]:
         metrics = {"val_loss": self.loss.loss, "val_perplexity": self.loss.perplexity,
+                   "val_bits_per_byte": self.loss.bits_per_byte,
                    "exact_match": self.scores.exact_match, "rouge_l_f1": self.scores.rouge_l_f1}
         if self.judge.status == "scored" and self.judge.average is not None:
             metrics.update(judge_score=self.judge.average, judge_scored=float(self.judge.scored),
@@ -95,7 +97,8 @@ class Measurements:
         base = self.base_loss
         metrics = ({f"val_masked_{name}_base": getattr(base, name) for name in ("loss", "accuracy", "top5_accuracy")}
                    if isinstance(base, MaskedMetrics) else
-                   {"val_loss_base": base.loss, "val_perplexity_base": base.perplexity})
+                   {"val_loss_base": base.loss, "val_perplexity_base": base.perplexity,
+                    "val_bits_per_byte_base": base.bits_per_byte})
         metrics.update(eval_tokens_per_s=first.loss.tokens_per_s, test_records=float(first.scores.count))
         for stage, measured in self.tuned.items():
             metrics.update({metric_key(name, stage): value for name, value in measured.metrics().items()})
@@ -132,10 +135,12 @@ def evaluate_models(config: EvaluateConfig, base_dir: str | Path, tuned_dirs: Ma
     sampling = Sampling(temperature=config.temperature, top_k=config.top_k, top_p=config.top_p, seed=config.seed)
     answer = dict(max_new_tokens=config.max_new_tokens, sampling=sampling, batch_size=config.generate_batch_size)
     val = TokenStream.from_manifest(shards_dir, "val")
+    token_bytes = token_byte_lengths(get_tokenizer(manifest["tokenizer"]))
 
     def measure(folder: Path) -> tuple[PerplexityResult, torch.nn.Module]:
         model = load_model(folder, device)
-        loss = perplexity(model, val, model.config.context_length, config.batch_size, device, autocast_dtype)
+        loss = perplexity(model, val, model.config.context_length, config.batch_size, device, autocast_dtype,
+                          token_bytes=token_bytes)
         # Decoding reads every weight for each token: bf16 weights (where asked for) halve the bytes, where
         # autocast would convert the fp32 ones at every step.
         return loss, model.to(dtype)

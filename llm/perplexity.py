@@ -3,6 +3,7 @@
     stream = TokenStream.from_manifest("data/shards", "val")
     result = perplexity(model, stream, context_length=model.config.context_length, batch_size=8)
     result.loss, result.perplexity          # mean cross-entropy per target (nats), and exp(loss)
+    perplexity(..., token_bytes=token_byte_lengths(enc)).bits_per_byte   # bits per UTF-8 byte
 
 The split is cut into consecutive, non-overlapping windows of `context_length` tokens
 (`sequential_batches`), so each of its len(stream) - 1 next-token targets is predicted once,
@@ -23,6 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
+import tiktoken
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,6 +40,11 @@ class PerplexityResult:
     perplexity: float  # exp(loss)
     tokens: int  # targets scored: every token of the split but the first
     tokens_per_s: float
+    # The targets' loss in bits over their UTF-8 bytes: independent of the tokenizer, so models of other
+    # vocabularies compare (nanochat's measure). NaN when no token lengths were given. Special tokens
+    # (end-of-text) have no bytes and count in neither sum, as nanochat counts them.
+    bits_per_byte: float = math.nan
+    bytes: int = 0  # the bytes of the targets bits_per_byte is over
 
 
 def perplexity(
@@ -47,8 +54,10 @@ def perplexity(
     batch_size: int,
     device: torch.device | str = "cpu",
     autocast_dtype: torch.dtype | None = None,
+    token_bytes: torch.Tensor | None = None,
 ) -> PerplexityResult:
-    """Loss and perplexity of `model` (token ids (B, T) -> logits (B, T, vocab)) over all of `stream`.
+    """Loss and perplexity of `model` (token ids (B, T) -> logits (B, T, vocab)) over all of `stream`,
+    and with `token_bytes` (each token id's length in bytes, `token_byte_lengths`) bits per byte.
 
     `model` must already be on `device`. `autocast_dtype` (e.g. torch.bfloat16 on a GPU) runs the
     forward under autocast; the cross-entropy is always summed in float32 and accumulated in float64.
@@ -58,19 +67,44 @@ def perplexity(
                          "next-token target); tokenize more text into it")
     device = torch.device(device)
     total = torch.zeros((), dtype=torch.float64, device=device)
-    tokens = 0
+    with_bytes = torch.zeros((), dtype=torch.float64, device=device)  # the loss of targets that have bytes
+    lengths = None if token_bytes is None else token_bytes.to(device)
+    tokens, nbytes = 0, 0
     start = time.perf_counter()
     autocast = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
     with eval_mode(model), torch.inference_mode(), autocast:
         for inputs, targets in sequential_batches(stream, context_length, batch_size):
             logits = model(inputs.to(device))
-            total += F.cross_entropy(logits.flatten(0, 1).float(), targets.to(device).flatten(),
-                                     ignore_index=IGNORE_INDEX, reduction="sum")
+            targets = targets.to(device).flatten()
+            losses = F.cross_entropy(logits.flatten(0, 1).float(), targets, ignore_index=IGNORE_INDEX,
+                                     reduction="none")  # 0 where ignored
+            total += losses.sum()
             tokens += int((targets != IGNORE_INDEX).sum())
+            if lengths is not None:
+                size = lengths[targets.clamp(min=0)] * (targets != IGNORE_INDEX)
+                with_bytes += losses[size > 0].sum()
+                nbytes += int(size.sum())
     loss = total.item()  # waits for the device: the timing below covers all of the work
     elapsed = time.perf_counter() - start
     mean = loss / tokens
-    return PerplexityResult(loss=mean, perplexity=_exp(mean), tokens=tokens, tokens_per_s=tokens / elapsed)
+    bpb = with_bytes.item() / (math.log(2) * nbytes) if nbytes else math.nan
+    return PerplexityResult(loss=mean, perplexity=_exp(mean), tokens=tokens, tokens_per_s=tokens / elapsed,
+                            bits_per_byte=bpb, bytes=nbytes)
+
+
+def token_byte_lengths(enc: tiktoken.Encoding, vocab_size: int | None = None) -> torch.Tensor:
+    """Each token id's length in UTF-8 bytes (vocab_size,), 0 for special tokens and ids past the
+    tokenizer's: what bits per byte divides by."""
+    special = {enc.encode_single_token(token) for token in enc.special_tokens_set}
+    lengths = torch.zeros(vocab_size or enc.n_vocab, dtype=torch.int64)
+    for i in range(min(len(lengths), enc.n_vocab)):
+        if i in special:
+            continue
+        try:
+            lengths[i] = len(enc.decode_single_token_bytes(i))
+        except KeyError:  # an id the encoding leaves unused
+            pass
+    return lengths
 
 
 def sequential_batches(stream: TokenStream, context_length: int, batch_size: int,

@@ -122,6 +122,8 @@ def _metrics(e: Evaluation) -> str:
     rows = [
         ["val loss", f"{base.loss:.4f}" + (" (masked tokens)" if masked else ""), *(f"{t.loss.loss:.4f}" for t in e.tuned)],
         ["val perplexity", none if masked else _number(base.perplexity), *(_number(t.loss.perplexity) for t in e.tuned)],
+        ["val bits per byte", none if masked else _number(base.bits_per_byte, 4),
+         *(_number(t.loss.bits_per_byte, 4) for t in e.tuned)],
         *([["val masked-token accuracy (top-5)", f"{base.accuracy:.3f} ({base.top5_accuracy:.3f})",
             *(none for _ in e.tuned)]] if masked else []),
         ["exact match", none, *(f"{t.scores.exact_match:.3f} ({round(t.scores.exact_match * t.scores.count)} of "
@@ -133,14 +135,15 @@ def _metrics(e: Evaluation) -> str:
     loss_note = (f"the base model's over its {base.targets:,} masked tokens of the val split (an encoder), "
                  f"the others' over every next-token target" if masked else
                  f"mean cross-entropy over all {base.tokens:,} next-token targets of the val split")
-    notes = (f"Val loss: {loss_note}. Exact match (ignoring case and whitespace) and ROUGE-L F1 (stemmed) over the "
+    notes = (f"Val loss: {loss_note}; bits per byte: the same loss in bits over the UTF-8 bytes of those "
+             f"targets (end-of-text left out), which compares across tokenizers. Exact match (ignoring case and whitespace) and ROUGE-L F1 (stemmed) over the "
              f"{count:,} test responses.")
     header = ["metric", "base", *(cell(t.label) for t in e.tuned)]
     return table(header, rows, ["---"] + ["---:"] * (len(header) - 1)) + "\n\n" + notes
 
 
-def _number(value: float) -> str:
-    return f"{value:,.2f}" if math.isfinite(value) else str(value)
+def _number(value: float, digits: int = 2) -> str:
+    return f"{value:,.{digits}f}" if math.isfinite(value) else str(value)
 
 
 def _examples(examples: Sequence[Example]) -> str:

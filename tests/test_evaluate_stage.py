@@ -105,6 +105,7 @@ def test_evaluate_flow_measures_reports_and_promotes(tmp_path, monkeypatch, pref
     assert json.loads((tmp_path / "metrics/evaluate.json").read_text()) == metrics
     assert metrics["test_records"] == 4 and "judge_score" not in metrics and metrics["precision_used"] == "fp32"
     assert metrics["val_loss_base"] == pytest.approx(metrics["val_loss_finetuned"])  # the same weights
+    assert 0 < metrics["val_bits_per_byte_base"] == pytest.approx(metrics["val_bits_per_byte_finetuned"])
     assert metrics["rouge_l_f1_preference"] == metrics["rouge_l_f1"]
     assert metrics["val_loss_preference"] == pytest.approx(metrics["val_loss_finetuned"])
     report = (tmp_path / "data/eval/report.md").read_text()

@@ -91,3 +91,28 @@ def test_a_split_without_a_target_is_refused_with_the_fix(tmp_path):
     with pytest.raises(ValueError, match=r"^the split holds 1 token\(s\): perplexity needs at least 2 "
                                          r"\(one next-token target\); tokenize more text into it$"):
         perplexity(Bigram(torch.zeros(4, 4)), stream, context_length=4, batch_size=2)
+
+
+def test_bits_per_byte_is_the_loss_in_bits_over_the_targets_bytes_without_end_of_text(tmp_path):
+    from llm.perplexity import token_byte_lengths
+    from llm.tokenizer import get_tokenizer
+
+    enc = get_tokenizer("gpt2")
+    lengths = token_byte_lengths(enc)
+    assert lengths[enc.eot_token] == 0 and lengths[enc.encode_ordinary(" the")[0]] == 4
+    assert lengths.shape == (50257,) and int(lengths.min()) == 0 and int((lengths == 0).sum()) == 1
+    text = "Every effort moves you. The café was empty — naïve, wasn't it?"
+    ids = enc.encode_ordinary(text) + [enc.eot_token] + enc.encode_ordinary(" A second document.")
+    stream = val_stream(tmp_path, ids, 50257)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(50257, 8), nn.Linear(8, 50257))  # logits from the current token alone
+    result = perplexity(model, stream, context_length=8, batch_size=2, token_bytes=lengths)
+    with torch.no_grad():
+        losses = torch.nn.functional.cross_entropy(model(torch.tensor(ids[:-1])), torch.tensor(ids[1:]),
+                                                   reduction="none")
+    counted = torch.tensor([t != enc.eot_token for t in ids[1:]])
+    nbytes = len(enc.decode_bytes([t for t in ids[1:] if t != enc.eot_token]))
+    assert result.bytes == nbytes
+    assert result.bits_per_byte == pytest.approx(losses[counted].sum().item() / (math.log(2) * nbytes), rel=1e-6)
+    assert result.loss == pytest.approx(losses.mean().item(), rel=1e-6)
+    assert math.isnan(perplexity(model, stream, 8, 2).bits_per_byte)  # no lengths given

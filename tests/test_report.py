@@ -26,7 +26,8 @@ def evaluation(judge: JudgeResult = JudgeResult("scored", "llama3", (85, 92, 40)
     references = ["paris.", "Rome.", "the dog runs"]
     fields = dict(
         base_model="gpt-base version 3",
-        base_loss=PerplexityResult(loss=3.412, perplexity=30.33, tokens=12345, tokens_per_s=1000.0),
+        base_loss=PerplexityResult(loss=3.412, perplexity=30.33, tokens=12345, tokens_per_s=1000.0,
+                                   bits_per_byte=1.2345, bytes=50000),
         tuned=[Tuned("SFT", "gpt-instruct version 2",
                      PerplexityResult(loss=3.201, perplexity=24.558, tokens=12345, tokens_per_s=1000.0),
                      score_responses(["Paris.", "", "The dogs are running"], references), judge),
@@ -82,6 +83,7 @@ def test_the_report_holds_the_models_the_metrics_table_and_the_curves(tmp_path):
             "| --- | ---: | ---: | ---: |\n"
             "| val loss | 3.4120 | 3.2010 | 3.2500 |\n"
             "| val perplexity | 30.33 | 24.56 | 25.79 |\n"
+            "| val bits per byte | 1.2345 | nan | nan |\n"
             "| exact match | – | 0.333 (1 of 3) | 0.667 (2 of 3) |\n"
             "| ROUGE-L F1 | – | 0.619 | 0.833 |\n"
             "| LLM judge (llama3), 0-100 | – | 72.33 (3 of 3 scored) | 72.33 (3 of 3 scored) |\n") in text
