@@ -3,7 +3,8 @@
     python -m flows.evaluate                                       (what `dvc repro evaluate` runs)
 
 Writes `data/eval/` (responses.json of the SFT model and responses_preference.json of the DPO model, in
-the book's shape; report.md with base, SFT and DPO side by side; losses.png) and `metrics/evaluate.json`
+the book's shape; report.md with base, SFT and DPO side by side; losses.png; best.json, the best model,
+which the export stage exports) and `metrics/evaluate.json`
 (for `dvc metrics show/diff`; `precision_used` says whether it computed in fp32, the default, or bf16),
 and logs all of it to MLflow. The champion: of this run's instruction models, the best by the primary
 score (the judge's when a judge scored them all, else ROUGE-L F1) gets the `champion` alias of its
@@ -24,7 +25,7 @@ from llm.config import EvaluateConfig, load_params
 from llm.download import redact_url
 from llm.evaluate import evaluate_models, promote_best, write_evaluation
 from llm.files import atomic_dir
-from llm.registry import registered_version
+from llm.registry import Best, registered_version, write_best
 
 
 def loggable_config(config: EvaluateConfig) -> dict:
@@ -65,12 +66,14 @@ def evaluate(params_file: str = "params.yaml", base_dir: str = "data/checkpoints
         with atomic_dir(out_dir) as tmp:
             report = write_evaluation(tmp, measured, f"{base_name} version {base_version}",
                                       {s: f"{names[s]} version {v}" for s, v in versions.items()}, promotion)
+            best = promotion.best
+            write_best(tmp, Best(stage=best, checkpoint=str(tuned_dirs[best]), registered_model=names[best],
+                                 version=versions[best], champion=promotion.promoted, primary_score=promotion.key))
             faults.pause_point("evaluate.write")
         for path in sorted(Path(out_dir).iterdir()):
             t.log_artifact(path, "eval")
     recorded = {**metrics, "precision_used": measured.precision}  # a string: MLflow's metrics take numbers only
     write_metrics(metrics_file, recorded)
-    best = promotion.best
     verdict = "promoted to champion" if promotion.promoted else f"not promoted: version {promotion.previous} stays champion"
     log.info("evaluate: best by %s is the %s model, %s version %s, %s; report %s; judge %s", promotion.key, best,
              names[best], versions[best], verdict, Path(out_dir) / report.name, measured.tuned[best].judge.summary())

@@ -537,6 +537,18 @@ class ServingConfig:
             yield from check_positive(key, getattr(self, key))
 
 
+ExportFormat = Literal["hf", "gguf"]  # a Hugging Face folder; a GGUF file for llama.cpp and Ollama
+GGUFType = Literal["f32", "f16", "q8_0"]
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """What the export stage makes of the evaluate stage's best model (llm/export.py says what each is)."""
+
+    formats: list[ExportFormat] = field(default_factory=lambda: ["hf", "gguf"])  # []: export nothing
+    gguf_dtype: GGUFType = "f16"  # 2-D weights; norms, biases and the position embedding stay f32
+
+
 @dataclass(frozen=True)
 class TrackingConfig:
     experiment: str = "llm-pipeline"  # the MLflow experiment every stage logs to
@@ -555,6 +567,7 @@ class Params:
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     serving: ServingConfig = field(default_factory=ServingConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 

@@ -2,6 +2,7 @@
 
     version = log_gpt_model("data/checkpoints/finetune", "gpt-instruct", {"stage": "finetune"})
     registered_version("data/checkpoints/finetune", "gpt-instruct", "finetune")  # as its stage recorded it
+    log_exports("gpt-instruct", version, "data/exports")  # the export stage's files, on the version
     champion("gpt-instruct")                         # (version, its eval.* scores), or None
 
 Which version deserves the champion alias is the evaluate stage's rule (llm/evaluate.py); here is how
@@ -10,6 +11,7 @@ the registry records scores and moves the alias.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -125,6 +127,24 @@ def registered_version(checkpoint_dir: str | Path, name: str, stage: str, servin
     return str(log_gpt_model(checkpoint_dir, name, {"stage": stage, "registered_by": "evaluate"}, serving))
 
 
+def log_exports(name: str, version: str, folder: str | Path, artifact_path: str = "exports") -> str:
+    """Log the files in `folder` as artifacts of the registered version's own model (MLflow 3's logged
+    model, beside its MLmodel), so the version carries its exports; returns their artifact URI, which the
+    version's `exports` tag also holds."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    found = client.get_model_version(name, version)
+    if found.model_id:
+        client.log_model_artifacts(found.model_id, str(folder), artifact_path)
+        uri = f"{client.get_logged_model(found.model_id).artifact_location.rstrip('/')}/{artifact_path}"
+    else:  # a version registered from a run's artifacts rather than a logged model
+        client.log_artifacts(found.run_id, str(folder), artifact_path)
+        uri = f"runs:/{found.run_id}/{artifact_path}"
+    client.set_model_version_tag(name, version, "exports", uri)
+    return uri
+
+
 def record_scores(name: str, version: str, scores: Mapping[str, float]) -> None:
     """Tag the version with its evaluation's scores (`eval.<name>`), which later promotions compare with."""
     import mlflow
@@ -152,3 +172,41 @@ def set_champion(name: str, version: str, alias: str = CHAMPION) -> None:
     import mlflow
 
     mlflow.MlflowClient().set_registered_model_alias(name, alias, version)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The evaluate stage's choice, for the export stage
+
+BEST_FILE = "best.json"  # which model the stage found best: what the export stage exports
+
+
+@dataclasses.dataclass(frozen=True)
+class Best:
+    """The evaluate stage's best instruction model (the champion when promoted), as `BEST_FILE` records it."""
+
+    stage: str
+    checkpoint: str  # its checkpoint folder
+    registered_model: str
+    version: str
+    champion: bool  # whether it holds the champion alias (it was promoted)
+    primary_score: str
+
+
+def write_best(folder: str | Path, best: Best) -> None:
+    from llm.files import write_json_atomic
+
+    write_json_atomic(Path(folder) / BEST_FILE, dataclasses.asdict(best))
+
+
+def read_best(path: str | Path) -> Best:
+    """The evaluate stage's record of its best model, or an error that says how to make one."""
+    from llm.files import read_json
+
+    path = Path(path)
+    try:
+        return Best(**read_json(path))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is missing: the evaluate stage writes it (`dvc repro evaluate`)") from None
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{path} is not the evaluate stage's record of its best model ({exc}); rerun the evaluate "
+                         f"stage (`dvc repro -f evaluate`) to write it again") from None

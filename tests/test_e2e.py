@@ -15,7 +15,7 @@ from ruamel.yaml import YAML
 from tests.conftest import SHARED_DATA, shared_file
 from tests.project import dvc, git, make_repo, stage_env, stages_run
 
-STAGES = ["download", "tokenize", "pretrain", "finetune", "classify", "preference", "evaluate"]
+STAGES = ["download", "tokenize", "pretrain", "finetune", "classify", "preference", "evaluate", "export"]
 TINY = {
     "model": {"preset": "tiny"},
     "pretrain": {"max_steps": 6, "batch_size": 4, "global_batch_size": 4, "eval_interval": 3, "eval_batches": 2,
@@ -63,7 +63,8 @@ def test_a_fresh_clone_runs_the_pipeline_and_keeps_its_promises(tmp_path, prefec
                  "data/eval/report.md", "data/eval/responses.json", "plots/pretrain/loss.png",
                  "data/checkpoints/classify/split.json", "plots/classify/confusion.png", "plots/classify/accuracy.png",
                  "metrics/classify.md", "data/checkpoints/preference/split.json", "plots/preference/reward_margin.png",
-                 "data/eval/responses_preference.json"):
+                 "data/eval/responses_preference.json", "data/exports/hf/model.safetensors",
+                 "data/exports/gpt-instruct.gguf", "data/exports/gpt-instruct.Modelfile"):
         assert (clone / path).is_file(), path
     for stage in STAGES:
         assert json.loads((clone / f"metrics/{stage}.json").read_text()), stage
@@ -78,6 +79,7 @@ def test_a_fresh_clone_runs_the_pipeline_and_keeps_its_promises(tmp_path, prefec
     champion = client.get_model_version_by_alias("gpt-instruct", "champion")
     (evaluated,) = [r for r in runs if r.info.run_name == "evaluate"]
     assert champion.tags["stage"] == evaluated.data.tags["best_stage"]  # the better of SFT and DPO
+    assert champion.tags["exports"].endswith("/exports")  # the export stage's files, logged on the champion
     assert len(client.search_model_versions("name='gpt-instruct'")) == 2  # SFT and DPO, one version each
     preference = json.loads((clone / "metrics/preference.json").read_text())
     assert {"test_preference_accuracy", "test_reward_margin", "val_chosen_reward"} <= set(preference)
@@ -118,7 +120,7 @@ def test_a_fresh_clone_runs_the_pipeline_and_keeps_its_promises(tmp_path, prefec
     # An experiment on a fine-tuning setting reruns exactly finetune, what starts from it, and evaluate.
     variant = dvc(clone, "exp", "run", "-n", "faster-lr", "-S", "finetune.lr=0.0005", "-S", "finetune.min_lr=0.0005",
                   env=env)
-    assert stages_run(variant) == ["finetune", "preference", "evaluate"]
+    assert stages_run(variant) == ["finetune", "preference", "evaluate", "export"]
     assert "faster-lr" in dvc(clone, "exp", "show", "--md", env=env)
     assert "rouge_l_f1" in dvc(clone, "metrics", "diff", "--all", env=env)
     dvc(clone, "plots", "diff", "-o", str(tmp_path / "plots"), env=env)

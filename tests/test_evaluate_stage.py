@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -124,6 +125,26 @@ def test_evaluate_flow_measures_reports_and_promotes(tmp_path, monkeypatch, pref
     assert run.data.tags["precision_used"] == "fp32"
     assert {a.path for a in client.list_artifacts(run.info.run_id, "eval")} >= {"eval/report.md",
                                                                                 "eval/responses.json"}
+
+    # The export stage takes the best model, as best.json names it, and logs its files to that version.
+    from flows.export import export
+
+    assert json.loads((tmp_path / "data/eval/best.json").read_text()) == {
+        "stage": "finetune", "checkpoint": "data/checkpoints/finetune", "registered_model": "gpt-instruct",
+        "version": "1", "champion": True, "primary_score": "rouge_l_f1"}
+    (tmp_path / "params.yaml").write_text("export: {formats: [hf, gguf], gguf_dtype: f32}\n"
+                                          "tracking: {experiment: test-evaluate}\n")
+    exported = export()
+    assert exported["files"] == ["gpt-instruct.Modelfile", "gpt-instruct.gguf", "hf"]
+    sizes = json.loads((tmp_path / "metrics/export.json").read_text())
+    assert sizes["gguf_bytes"] == (tmp_path / "data/exports/gpt-instruct.gguf").stat().st_size
+    assert sizes["hf_bytes"] > (tmp_path / "data/exports/hf/model.safetensors").stat().st_size
+    tags = client.get_model_version("gpt-instruct", "1").tags
+    assert tags["exports"] == exported["exports"]
+    logged = Path(mlflow.artifacts.download_artifacts(artifact_uri=tags["exports"], dst_path=str(tmp_path / "dl")))
+    assert sorted(p.name for p in logged.iterdir()) == exported["files"]
+    assert (logged / "gpt-instruct.gguf").read_bytes() == (tmp_path / "data/exports/gpt-instruct.gguf").read_bytes()
+    assert json.loads((logged / "hf/config.json").read_text())["architectures"] == ["GPT2LMHeadModel"]
 
 
 def test_the_judges_credentials_never_reach_mlflow():
