@@ -8,7 +8,8 @@ which the export stage exports) and `metrics/evaluate.json`
 (for `dvc metrics show/diff`; `precision_used` says whether it computed in fp32, the default, or bf16),
 and logs all of it to MLflow. The champion: of this run's instruction models, the best by the primary
 score (the judge's when a judge scored them all, else ROUGE-L F1) gets the `champion` alias of its
-registered model when that score is at least the current holder's.
+registered model when that score is at least the current holder's. With `evaluate.hellaswag` naming a
+download source (role: hellaswag), each causal model is scored on its HellaSwag items too.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from flows.common import stage_logger, tracked_run, write_metrics
 from llm import faults
 from llm.checkpoint import MODEL_FILE, read_config
 from llm.config import EvaluateConfig, load_params
-from llm.download import redact_url
+from llm.download import downloaded_source, redact_url
 from llm.evaluate import evaluate_models, promote_best, write_evaluation
 from llm.files import atomic_dir
+from llm.hellaswag import read_items
 from llm.registry import Best, registered_version, write_best
 
 
@@ -39,10 +41,14 @@ def loggable_config(config: EvaluateConfig) -> dict:
 @flow(name="evaluate")
 def evaluate(params_file: str = "params.yaml", base_dir: str = "data/checkpoints/pretrain",
              finetuned_dir: str = "data/checkpoints/finetune", preference_dir: str = "data/checkpoints/preference",
-             shards_dir: str = "data/shards", out_dir: str = "data/eval",
+             shards_dir: str = "data/shards", raw_dir: str = "data/raw", out_dir: str = "data/eval",
              metrics_file: str = "metrics/evaluate.json") -> dict:
     params = load_params(params_file)
     log = stage_logger()
+    swag = params.evaluate.hellaswag
+    # Read before any model is loaded: a source the download stage did not fetch fails at once.
+    swag_items = None if swag is None else read_items(
+        downloaded_source(raw_dir, "hellaswag", swag, "evaluate.hellaswag")[0])
     tuned_dirs = {"finetune": finetuned_dir}
     if (Path(preference_dir) / MODEL_FILE).is_file():
         tuned_dirs["preference"] = preference_dir
@@ -53,7 +59,7 @@ def evaluate(params_file: str = "params.yaml", base_dir: str = "data/checkpoints
     base_name = params.pretrain.registry_name(read_config(base_dir).model.objective)
     with tracked_run("evaluate", out_dir=out_dir, experiment=params.tracking.experiment, params_file=params_file,
                      params_to_log={"evaluate": loggable_config(params.evaluate)}) as t:
-        measured = evaluate_models(params.evaluate, base_dir, tuned_dirs, shards_dir)
+        measured = evaluate_models(params.evaluate, base_dir, tuned_dirs, shards_dir, swag_items)
         metrics = measured.metrics()
         t.log_metrics(metrics, step=0)
         base_version = registered_version(base_dir, base_name, "pretrain", params.serving)

@@ -30,7 +30,8 @@ from llm.validation import ConfigError, Problem, check_fractions, check_positive
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 SourceKind = Literal["text", "json", "jsonl", "parquet", "csv", "tsv"]
-SourceRole = Literal["corpus", "instructions", "classification", "preference"]
+# hellaswag: the HellaSwag file the evaluate stage scores every model on (evaluate.hellaswag names the source)
+SourceRole = Literal["corpus", "instructions", "classification", "preference", "hellaswag"]
 SOURCE_ROLES: tuple[str, ...] = typing.get_args(SourceRole)  # one folder under data/raw/ each
 _DELIMITED = ("csv", "tsv")
 
@@ -118,6 +119,9 @@ class SourceConfig:
             for key, holds in (("text_field", "text"), ("label_field", "label")):
                 if not getattr(self, key):
                     yield key, f"is required for a classification source: name the {holder} that holds the {holds}"
+        elif self.role == "hellaswag" and self.kind != "jsonl":
+            yield "kind", (f"must be jsonl for a hellaswag source (HellaSwag's own format, one item a line), got "
+                           f"{self.kind}")
         elif self.kind in _DELIMITED:
             yield "kind", (f"{self.kind} is for classification sources only; {self.role} sources must be "
                            f"{_either([k for k in kinds if k not in _DELIMITED])}")
@@ -491,6 +495,10 @@ class EvaluateConfig:
     seed: int = 123
     examples: int = 5  # test prompts shown in the report, base and fine-tuned side by side
     test_records: int | None = None  # evaluate the first N test records only; None: all of them
+    # The download source (role: hellaswag) to score every model on, as llm.c scores HellaSwag; None: none.
+    # Off by default: the file is not in the offline mirror, and 10,042 items x 4 endings per model is a
+    # GPU's work (the GPU recipes turn it on). Items of batch_size x 4 rows go through the model at once.
+    hellaswag: str | None = None
     judge: JudgeConfig = field(default_factory=JudgeConfig)
 
     def problems(self) -> Iterator[Problem]:
@@ -504,6 +512,9 @@ class EvaluateConfig:
         yield from check_range("examples", self.examples, 0)
         if self.test_records is not None:
             yield from check_positive("test_records", self.test_records)
+        if self.hellaswag is not None and not self.hellaswag.strip():
+            yield "hellaswag", ("must name a download source with role hellaswag, e.g. hellaswag-val, or be null "
+                                "for no HellaSwag scores")
 
 
 _CRON_FIELD = re.compile(r"[0-9A-Za-z*/,?LW#-]+")

@@ -12,6 +12,8 @@
   the same way), decoded with the KV cache; the answers are saved in the book's shape, each record plus
   `model_response`.
 - Exact match and ROUGE-L F1 against the reference outputs; optionally an LLM judge's 0-100 score.
+- With `evaluate.hellaswag` set, every causal model's HellaSwag acc and acc_norm, scored as llm.c scores
+  them (llm/hellaswag.py).
 - A few test prompts answered by every model, base, SFT and DPO side by side, for the report.
 
 All of it is computed in fp32 unless `evaluate.precision` asks for bf16, so that the figures and answers
@@ -24,7 +26,7 @@ are the same whichever machine runs the stage (llm/hardware.py has the rule).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -32,6 +34,7 @@ import torch
 from llm.checkpoint import SPLIT_FILE, load_model, read_config, read_history
 from llm.config import EvaluateConfig
 from llm.generate import Sampling
+from llm.hellaswag import HellaSwagResult, Item, hellaswag
 from llm.hardware import inference_dtype, precision_name, resolve_device
 from llm.instructions import TEMPLATES, prompt_text, read_split
 from llm.judge import JudgeResult, judge_responses
@@ -60,8 +63,9 @@ def responses_file(stage: str) -> str:
 def metric_key(name: str, stage: str) -> str:
     """A tuned model's metric in metrics/evaluate.json: the finetune model's keep the names they have always
     had (exact_match, rouge_l_f1, val_loss_finetuned, ...), so `dvc metrics diff` compares across commits;
-    another stage's carry its name (rouge_l_f1_preference, val_loss_preference)."""
-    if name.startswith("val_"):
+    another stage's carry its name (rouge_l_f1_preference, val_loss_preference). A figure the base model has
+    too (val_*, hellaswag_*) names the model it is of: val_loss_base, hellaswag_acc_finetuned."""
+    if name.startswith(("val_", "hellaswag_")):
         return f"{name}_finetuned" if stage == "finetune" else f"{name}_{stage}"
     return name if stage == "finetune" else f"{name}_{stage}"
 
@@ -72,11 +76,14 @@ class TunedMeasurements:
     responses: list[dict]  # test records with `model_response`
     scores: Scores
     judge: JudgeResult
+    hellaswag: HellaSwagResult | None = None  # None: not scored (evaluate.hellaswag unset)
 
     def metrics(self) -> dict[str, float]:
         metrics = {"val_loss": self.loss.loss, "val_perplexity": self.loss.perplexity,
                    "val_bits_per_byte": self.loss.bits_per_byte,
                    "exact_match": self.scores.exact_match, "rouge_l_f1": self.scores.rouge_l_f1}
+        if self.hellaswag is not None:
+            metrics.update(hellaswag_acc=self.hellaswag.acc, hellaswag_acc_norm=self.hellaswag.acc_norm)
         if self.judge.status == "scored" and self.judge.average is not None:
             metrics.update(judge_score=self.judge.average, judge_scored=float(self.judge.scored),
                            judge_unscored=float(self.judge.unscored))
@@ -90,6 +97,7 @@ class Measurements:
     examples: list[Example]
     histories: dict[str, dict]
     precision: str  # what the losses and answers were computed in: fp32 or bf16
+    base_hellaswag: HellaSwagResult | None = None  # None: not scored (evaluate.hellaswag unset, or an encoder)
 
     def metrics(self) -> dict[str, float]:
         """The headline numbers, for metrics/evaluate.json (`dvc metrics diff`) and MLflow."""
@@ -100,15 +108,22 @@ class Measurements:
                    {"val_loss_base": base.loss, "val_perplexity_base": base.perplexity,
                     "val_bits_per_byte_base": base.bits_per_byte})
         metrics.update(eval_tokens_per_s=first.loss.tokens_per_s, test_records=float(first.scores.count))
+        if self.base_hellaswag is not None:
+            metrics.update(hellaswag_acc_base=self.base_hellaswag.acc,
+                           hellaswag_acc_norm_base=self.base_hellaswag.acc_norm)
+        scored = [r for r in (self.base_hellaswag, first.hellaswag) if r is not None]
+        if scored:
+            metrics.update(hellaswag_items=float(scored[0].count))  # every model scores the same items
         for stage, measured in self.tuned.items():
             metrics.update({metric_key(name, stage): value for name, value in measured.metrics().items()})
         return metrics
 
 
 def evaluate_models(config: EvaluateConfig, base_dir: str | Path, tuned_dirs: Mapping[str, str | Path],
-                    shards_dir: str | Path) -> Measurements:
+                    shards_dir: str | Path, hellaswag_items: Sequence[Item] | None = None) -> Measurements:
     """Measure the base model and each instruction model of `tuned_dirs` ({stage: folder}, finetune first:
-    its `split.json` holds the test records every model answers)."""
+    its `split.json` holds the test records every model answers); with `hellaswag_items`
+    (llm.hellaswag.read_items), score each causal model on them too."""
     base_dir = Path(base_dir)
     tuned_dirs = {stage: Path(folder) for stage, folder in tuned_dirs.items()}
     finetuned_dir = next(iter(tuned_dirs.values()))
@@ -137,32 +152,35 @@ def evaluate_models(config: EvaluateConfig, base_dir: str | Path, tuned_dirs: Ma
     val = TokenStream.from_manifest(shards_dir, "val")
     token_bytes = token_byte_lengths(get_tokenizer(manifest["tokenizer"]))
 
-    def measure(folder: Path) -> tuple[PerplexityResult, torch.nn.Module]:
+    def measure(folder: Path, name: str) -> tuple[PerplexityResult, HellaSwagResult | None, torch.nn.Module]:
         model = load_model(folder, device)
         loss = perplexity(model, val, model.config.context_length, config.batch_size, device, autocast_dtype,
                           token_bytes=token_bytes)
+        swag = None if hellaswag_items is None else hellaswag(
+            model, hellaswag_items, get_tokenizer(saved[name].tokenizer), config.batch_size, autocast_dtype)
         # Decoding reads every weight for each token: bf16 weights (where asked for) halve the bytes, where
         # autocast would convert the fp32 ones at every step.
-        return loss, model.to(dtype)
+        return loss, swag, model.to(dtype)
 
-    if saved["base"].model.is_encoder:  # no perplexity, and no text: its masked-token figures instead
+    base_hellaswag: HellaSwagResult | None = None
+    if saved["base"].model.is_encoder:  # no perplexity, no HellaSwag, no text: its masked-token figures instead
         encoder = load_model(base_dir, device)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             base_loss: PerplexityResult | MaskedMetrics = split_metrics(encoder, val, config.batch_size, config.seed)
         shown = {"base": [ENCODER_ANSWER] * min(config.examples, len(prompts))}
         del encoder
     else:
-        base_loss, base = measure(base_dir)
+        base_loss, base_hellaswag, base = measure(base_dir, "base")
         shown = {"base": [r["model_response"] for r in generate_responses(
             base, tokenizer, records[:config.examples], prompts[:config.examples], **answer)]}
         del base
     tuned: dict[str, TunedMeasurements] = {}
     for stage, folder in tuned_dirs.items():  # one model in memory at a time
-        loss, model = measure(folder)
+        loss, swag, model = measure(folder, stage)
         responses = generate_responses(model, tokenizer, records, prompts, **answer)
         answers = [r["model_response"] for r in responses]
         tuned[stage] = TunedMeasurements(loss, responses, score_responses(answers, references),
-                                         judge_responses(config.judge, judge_inputs, references, answers))
+                                         judge_responses(config.judge, judge_inputs, references, answers), swag)
         shown[INSTRUCTION_STAGES.get(stage, stage)] = answers[:config.examples]
     return Measurements(
         base_loss=base_loss, tuned=tuned,
@@ -170,6 +188,7 @@ def evaluate_models(config: EvaluateConfig, base_dir: str | Path, tuned_dirs: Ma
                   for i, (p, r) in enumerate(zip(prompts[:config.examples], tests))],
         histories={"pretrain": read_history(base_dir), **{stage: read_history(f) for stage, f in tuned_dirs.items()}},
         precision=precision_name(dtype),
+        base_hellaswag=base_hellaswag,
     )
 
 
@@ -235,6 +254,7 @@ def write_evaluation(folder: Path, measured: Measurements, base_model: str, mode
     label = {stage: INSTRUCTION_STAGES.get(stage, stage) for stage in measured.tuned}
     return write_report(folder, Evaluation(
         base_model=base_model, base_loss=measured.base_loss,
-        tuned=[Tuned(label[stage], models[stage], m.loss, m.scores, m.judge) for stage, m in measured.tuned.items()],
+        tuned=[Tuned(label[stage], models[stage], m.loss, m.scores, m.judge, m.hellaswag)
+               for stage, m in measured.tuned.items()],
         champion=label[promotion.best] if promotion.promoted else None,
-        histories=measured.histories, examples=measured.examples))
+        histories=measured.histories, examples=measured.examples, base_hellaswag=measured.base_hellaswag))

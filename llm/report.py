@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llm.files import write_text_atomic
+from llm.hellaswag import GPT2_124M, HellaSwagResult
 from llm.judge import JudgeResult
 from llm.masking import MaskedMetrics
 from llm.perplexity import PerplexityResult
@@ -53,6 +54,7 @@ class Tuned:
     loss: PerplexityResult  # on the val split
     scores: Scores  # its test responses against the references
     judge: JudgeResult
+    hellaswag: HellaSwagResult | None = None  # None: not scored
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,7 @@ class Evaluation:
     champion: str | None  # the label of the model given the champion alias; None: the holder stays
     histories: Mapping[str, History] = field(default_factory=dict)  # {"pretrain": ..., "finetune": ...}
     examples: Sequence[Example] = ()
+    base_hellaswag: HellaSwagResult | None = None  # None: not scored (or an encoder, which cannot be)
 
 
 def cell(text: str) -> str:
@@ -131,6 +134,11 @@ def _metrics(e: Evaluation) -> str:
         ["ROUGE-L F1", none, *(f"{t.scores.rouge_l_f1:.3f}" for t in e.tuned)],
         [cell(f"LLM judge ({judge_model}), 0-100"), none, *(cell(t.judge.summary()) for t in e.tuned)],
     ]
+    swags = [e.base_hellaswag, *(t.hellaswag for t in e.tuned)]
+    scored = next((r for r in swags if r is not None), None)
+    if scored is not None:
+        rows += [[f"HellaSwag {cell(name)}", *(none if r is None else f"{getattr(r, name):.4f}" for r in swags)]
+                 for name in ("acc", "acc_norm")]
     count = e.tuned[0].scores.count if e.tuned else 0
     loss_note = (f"the base model's over its {base.targets:,} masked tokens of the val split (an encoder), "
                  f"the others' over every next-token target" if masked else
@@ -138,6 +146,10 @@ def _metrics(e: Evaluation) -> str:
     notes = (f"Val loss: {loss_note}; bits per byte: the same loss in bits over the UTF-8 bytes of those "
              f"targets (end-of-text left out), which compares across tokenizers. Exact match (ignoring case and whitespace) and ROUGE-L F1 (stemmed) over the "
              f"{count:,} test responses.")
+    if scored is not None:
+        notes += (f" HellaSwag over {scored.count:,} items, as llm.c scores it: each ending's loss after the "
+                  f"context, acc by the summed loss, acc_norm by the mean per token (GPT-2 124M in llm.c: "
+                  f"{GPT2_124M['acc']:.4f} and {GPT2_124M['acc_norm']:.4f} on the 10,042 validation items).")
     header = ["metric", "base", *(cell(t.label) for t in e.tuned)]
     return table(header, rows, ["---"] + ["---:"] * (len(header) - 1)) + "\n\n" + notes
 

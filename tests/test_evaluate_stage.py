@@ -12,7 +12,8 @@ import torch
 from llm.checkpoint import save_model
 from llm.checkpoint import SPLIT_FILE
 from llm.config import EvaluateConfig
-from llm.evaluate import TunedMeasurements, best_stage, evaluate_models, primary_score
+from llm.evaluate import TunedMeasurements, best_stage, evaluate_models, metric_key, primary_score
+from llm.hellaswag import Item
 from llm.judge import JudgeResult
 from llm.perplexity import PerplexityResult
 from llm.scores import Scores
@@ -66,6 +67,13 @@ def test_the_best_model_is_chosen_by_the_judge_when_it_scored_every_one_else_by_
     assert primary_score(partly) == "rouge_l_f1" and best_stage(partly) == "finetune"
 
 
+def test_a_figure_every_model_has_names_its_model_and_the_finetune_scores_keep_their_names():
+    assert [metric_key(name, "finetune") for name in ("val_loss", "hellaswag_acc", "rouge_l_f1")] == [
+        "val_loss_finetuned", "hellaswag_acc_finetuned", "rouge_l_f1"]
+    assert [metric_key(name, "preference") for name in ("hellaswag_acc_norm", "exact_match")] == [
+        "hellaswag_acc_norm_preference", "exact_match_preference"]
+
+
 def test_shards_that_do_not_fit_a_model_are_refused_before_any_work(tmp_path):
     shards = make_shards(tmp_path / "shards", patterned_tokens(300), patterned_tokens(300), vocab_size=512)
     save_model(GPT(model_config("tiny", vocab_size=512)), tmp_path / "base")
@@ -93,8 +101,15 @@ def test_evaluate_flow_measures_reports_and_promotes(tmp_path, monkeypatch, pref
         save_model(model, tmp_path / f"data/checkpoints/{stage}", extra={"prompt_style": "alpaca"})
     records = [Record(**r) for r in json.loads(shared_file("instruction-data.json").read_text())[:12]]
     write_split(tmp_path / "data/checkpoints/finetune" / SPLIT_FILE, Split(records[:6], records[6:8], records[8:]))
+    swag = tmp_path / "data/raw/hellaswag"  # as the download stage leaves a source of role hellaswag
+    swag.mkdir(parents=True)
+    (swag / "hellaswag_val.jsonl").write_text("".join(
+        json.dumps({"ctx": f"Item {i}: a man", "endings": ["runs.", "sits down.", "is blue", "eats"], "label": i % 4,
+                    "ind": i}) + "\n" for i in range(3)))
+    (swag / "manifest.json").write_text(json.dumps({"sources": [{"name": "hellaswag-val", "role": "hellaswag",
+                                                                 "file": "hellaswag/hellaswag_val.jsonl"}]}))
     (tmp_path / "params.yaml").write_text(
-        "evaluate: {max_new_tokens: 6, examples: 2, batch_size: 4, judge: {url: null}}\n"
+        "evaluate: {max_new_tokens: 6, examples: 2, batch_size: 4, hellaswag: hellaswag-val, judge: {url: null}}\n"
         "tracking: {experiment: test-evaluate}\n")
 
     metrics = evaluate()
@@ -109,16 +124,23 @@ def test_evaluate_flow_measures_reports_and_promotes(tmp_path, monkeypatch, pref
     assert 0 < metrics["val_bits_per_byte_base"] == pytest.approx(metrics["val_bits_per_byte_finetuned"])
     assert metrics["rouge_l_f1_preference"] == metrics["rouge_l_f1"]
     assert metrics["val_loss_preference"] == pytest.approx(metrics["val_loss_finetuned"])
+    assert metrics["hellaswag_items"] == 3
+    for name in ("hellaswag_acc", "hellaswag_acc_norm"):  # the same weights: the same choices
+        assert metrics[f"{name}_base"] == metrics[f"{name}_finetuned"] == metrics[f"{name}_preference"]
+        assert metrics[f"{name}_base"] in (0, 1 / 3, 2 / 3, 1)
     report = (tmp_path / "data/eval/report.md").read_text()
     assert "- **SFT model:** gpt-instruct version 1\n- **DPO model:** gpt-instruct version 2\n" in report
     assert "- **Promoted to champion:** SFT (gpt-instruct version 1)" in report  # a tie goes to the simpler
     assert "| metric | base | SFT | DPO |" in report and "skipped: no judge configured" in report
+    acc = f"{metrics['hellaswag_acc_base']:.4f}"
+    assert f"| HellaSwag acc | {acc} | {acc} | {acc} |" in report and "HellaSwag over 3 items" in report
     assert (tmp_path / "data/eval/losses.png").is_file() or "losses.png" not in report
 
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert str(client.get_model_version_by_alias("gpt-instruct", "champion").version) == "1"
     (run,) = client.search_runs([client.get_experiment_by_name("test-evaluate").experiment_id])
     assert run.data.metrics["rouge_l_f1"] == metrics["rouge_l_f1"] and run.data.tags["promoted"] == "True"
+    assert run.data.metrics["hellaswag_acc_norm_preference"] == metrics["hellaswag_acc_norm_preference"]
     assert run.data.tags["best_stage"] == "finetune" and run.data.tags["primary_score"] == "rouge_l_f1"
     dpo = client.get_model_version("gpt-instruct", "2")
     assert dpo.tags["stage"] == "preference" and float(dpo.tags["eval.rouge_l_f1"]) == metrics["rouge_l_f1"]
@@ -169,8 +191,9 @@ def test_an_encoder_base_gets_masked_token_figures_instead_of_perplexity(tmp_pat
     records = [Record(**r) for r in json.loads(shared_file("instruction-data.json").read_text())[:6]]
     write_split(tmp_path / "tuned" / SPLIT_FILE, Split(records[:2], records[2:4], records[4:]))
     config = EvaluateConfig(device="cpu", max_new_tokens=3, examples=1, batch_size=4)
+    swag = [Item("A man", ("runs.", "sits.", "is blue", "eats"), 1)]
 
-    measured = evaluate_models(config, tmp_path / "base", {"finetune": tmp_path / "tuned"}, shards)
+    measured = evaluate_models(config, tmp_path / "base", {"finetune": tmp_path / "tuned"}, shards, swag)
 
     expected = split_metrics(encoder.eval(), TokenStream.from_manifest(shards, "val"), 4, config.seed)
     metrics = measured.metrics()
@@ -178,6 +201,8 @@ def test_an_encoder_base_gets_masked_token_figures_instead_of_perplexity(tmp_pat
     assert metrics["val_masked_loss_base"] == pytest.approx(expected.loss)
     assert metrics["val_masked_accuracy_base"] == expected.accuracy and expected.targets > 0.1 * 700
     assert measured.examples[0].answers["base"] == ENCODER_ANSWER
+    assert "hellaswag_acc_base" not in metrics and metrics["hellaswag_items"] == 1  # an encoder has no next token
+    assert metrics["hellaswag_acc_finetuned"] in (0, 1) and measured.base_hellaswag is None
     report = write_report(tmp_path / "eval", Evaluation("encoder-base version 1", measured.base_loss,
                                                         [], None)).read_text()
     assert f"| val loss | {expected.loss:.4f} (masked tokens) |" in report

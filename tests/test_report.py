@@ -116,3 +116,21 @@ def test_a_skipped_judge_and_a_missing_history_say_so(tmp_path):
     assert ["LLM judge (llama3), 0-100", "–", f"skipped: {reason}", f"skipped: {reason}"] in Rendered(text).rows
     assert "## Loss curves\n\nNo loss history was recorded.\n" in text
     assert not (tmp_path / "losses.png").exists()
+
+
+def test_hellaswag_rows_show_each_scored_model_and_a_dash_for_one_not_scored(tmp_path):
+    import dataclasses
+
+    from llm.hellaswag import HellaSwagResult
+
+    base = evaluation()
+    sft, dpo = base.tuned
+    text = write_report(tmp_path, dataclasses.replace(
+        base, base_hellaswag=HellaSwagResult(acc=0.2859, acc_norm=0.2955, count=10042),
+        tuned=[dataclasses.replace(sft, hellaswag=HellaSwagResult(0.3, 0.31, 10042)), dpo])).read_text()
+
+    rows = Rendered(text).rows
+    assert ["HellaSwag acc", "0.2859", "0.3000", "–"] in rows
+    assert ["HellaSwag acc_norm", "0.2955", "0.3100", "–"] in rows
+    assert "HellaSwag over 10,042 items, as llm.c scores it" in text
+    assert "HellaSwag" not in write_report(tmp_path / "none", base).read_text()  # not scored: no rows
