@@ -20,8 +20,11 @@ from prefect import flow
 from flows.training import tracked_training
 from llm import distributed
 from llm.classify import final_scores, run_classify, run_settings, write_report
+from llm.checkpoint import SPLIT_FILE
 from llm.config import load_params
+from llm.lineage import source_inputs, split_inputs
 from llm.plots import plot_confusion
+from llm.starting import starting_input
 from llm.tracking import MLflowTracker
 from llm.train import TrainResult
 
@@ -47,6 +50,9 @@ def classify(params_file: str = "params.yaml", raw_dir: str = "data/raw",
         params_to_log={"classify": dataclasses.asdict(params.classify)},
         settings=settings, out_dir=out_dir, metrics_file=metrics_file, plots_dir=plots_dir,
         registered_model=params.classify.registered_model, score=score,
+        inputs=lambda: [*source_inputs(raw_dir, "classification", [params.classify.data]),
+                        *split_inputs(Path(out_dir) / SPLIT_FILE, params.classify.data),
+                        starting_input(params.classify.init_from, pretrain_dir, "classify")],
         train=lambda tracker, dist, run_id: run_classify(params, raw_dir, pretrain_dir, out_dir, tracker=tracker,
                                                          dist=dist, run_id=run_id, settings=settings))
 

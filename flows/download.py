@@ -20,6 +20,7 @@ from prefect.tasks import exponential_backoff
 from flows.common import stage_logger, tracked_run, write_metrics
 from llm import download as dl
 from llm.config import SourceConfig, load_params
+from llm.lineage import source_inputs
 
 
 def _is_transient(task, task_run, state) -> bool:
@@ -51,6 +52,7 @@ def download(
         wait(futures)
         entries = [future.result() for future in futures]  # raises the first failure, after all finished
         dl.write_manifests(raw, entries)
+        tracker.log_inputs(source_inputs(raw))
         metrics = {"files": len(entries), "bytes": sum(e["bytes"] for e in entries)}
         tracker.log_metrics(metrics, step=0)
         tracker.log_artifact(raw / "manifest.json")

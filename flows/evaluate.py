@@ -21,12 +21,13 @@ from prefect import flow
 
 from flows.common import stage_logger, tracked_run, write_metrics
 from llm import faults
-from llm.checkpoint import MODEL_FILE, read_config
+from llm.checkpoint import MODEL_FILE, SPLIT_FILE, read_config
 from llm.config import EvaluateConfig, load_params
 from llm.download import downloaded_source, redact_url
 from llm.evaluate import evaluate_models, promote_best, write_evaluation
 from llm.files import atomic_dir
 from llm.hellaswag import read_items
+from llm.lineage import checkpoint_input, shards_input, source_inputs, split_inputs
 from llm.registry import Best, registered_version, write_best
 
 
@@ -66,6 +67,10 @@ def evaluate(params_file: str = "params.yaml", base_dir: str = "data/checkpoints
         versions = {stage: registered_version(folder, names[stage], stage, params.serving)
                     for stage, folder in tuned_dirs.items()}
         promotion = promote_best(measured, names, versions)
+        t.log_inputs([shards_input(shards_dir, "eval"),
+                      *split_inputs(Path(finetuned_dir) / SPLIT_FILE, params.finetune.instructions, ("test",)),
+                      *(checkpoint_input(folder, "evaluated") for folder in (base_dir, *tuned_dirs.values())),
+                      *(source_inputs(raw_dir, "hellaswag", [swag], "eval") if swag else [])])
         t.set_tags({"evaluated_models": ", ".join(f"{names[s]}/{v} ({s})" for s, v in versions.items()),
                     "best_stage": promotion.best, "primary_score": promotion.key, "promoted": str(promotion.promoted),
                     "precision_used": measured.precision})

@@ -22,6 +22,7 @@ from flows.common import stage_logger, tracked_run, write_metrics
 from llm.config import ExportFormat, load_params
 from llm.export import export as export_model
 from llm.files import atomic_dir
+from llm.lineage import checkpoint_input
 from llm.registry import log_exports, read_best
 
 
@@ -43,6 +44,7 @@ def export(params_file: str = "params.yaml", best_file: str = "data/eval/best.js
     log = stage_logger()
     with tracked_run("export", out_dir=out_dir, experiment=params.tracking.experiment, params_file=params_file,
                      params_to_log={"export": dataclasses.asdict(config)}) as t:
+        t.log_inputs([checkpoint_input(best.checkpoint, "exported")])
         with atomic_dir(out_dir) as tmp:
             for fmt in config.formats:
                 export_model(best.checkpoint, fmt, tmp / export_name(fmt, best.registered_model), config.gguf_dtype)

@@ -11,13 +11,17 @@ writes the fine-tuned model (LoRA merged) with `split.json` to `data/checkpoints
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 from prefect import flow
 
 from flows.training import tracked_training
 from llm import distributed
+from llm.checkpoint import SPLIT_FILE
 from llm.config import load_params
 from llm.finetune import run_finetune, run_settings
+from llm.lineage import source_inputs, split_inputs
+from llm.starting import starting_input
 
 
 @flow(name="finetune")
@@ -31,6 +35,9 @@ def finetune(params_file: str = "params.yaml", raw_dir: str = "data/raw",
         params_to_log={"finetune": dataclasses.asdict(params.finetune)},
         settings=settings, out_dir=out_dir, metrics_file=metrics_file,
         plots_dir=plots_dir, registered_model=params.finetune.registered_model,
+        inputs=lambda: [*source_inputs(raw_dir, "instructions", [params.finetune.instructions]),
+                        *split_inputs(Path(out_dir) / SPLIT_FILE, params.finetune.instructions),
+                        starting_input(params.finetune.init_from, pretrain_dir, "finetune")],
         train=lambda tracker, dist, run_id: run_finetune(params, raw_dir, pretrain_dir, out_dir, tracker=tracker,
                                                          dist=dist, run_id=run_id, settings=settings))
 

@@ -13,13 +13,17 @@ instruction model's name, tagged stage=preference), for the evaluate stage to co
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 from prefect import flow
 
 from flows.training import tracked_training
 from llm import distributed
+from llm.checkpoint import SPLIT_FILE
 from llm.config import load_params
+from llm.lineage import source_inputs, split_inputs
 from llm.preference import final_scores, run_preference, run_settings
+from llm.starting import starting_input
 from llm.tracking import MLflowTracker
 from llm.train import TrainResult
 
@@ -39,6 +43,9 @@ def preference(params_file: str = "params.yaml", raw_dir: str = "data/raw",
         params_to_log={"preference": dataclasses.asdict(params.preference)},
         settings=settings, out_dir=out_dir, metrics_file=metrics_file, plots_dir=plots_dir,
         registered_model=params.preference.registered_model, score=score,
+        inputs=lambda: [*source_inputs(raw_dir, "preference", [params.preference.data]),
+                        *split_inputs(Path(out_dir) / SPLIT_FILE, params.preference.data),
+                        starting_input(params.preference.init_from, finetune_dir, "preference", stage="finetune")],
         train=lambda tracker, dist, run_id: run_preference(params, raw_dir, finetune_dir, out_dir, tracker=tracker,
                                                            dist=dist, run_id=run_id, settings=settings))
 

@@ -19,7 +19,9 @@ from prefect import flow
 from flows.training import tracked_training
 from llm import distributed
 from llm.config import load_params
+from llm.lineage import shards_input
 from llm.pretrain import run_pretrain, run_settings
+from llm.starting import starting_input
 
 
 @flow(name="pretrain")
@@ -35,6 +37,7 @@ def pretrain(params_file: str = "params.yaml", shards_dir: str = "data/shards",
                        "tokenize": dataclasses.asdict(params.tokenize)},
         settings=settings, out_dir=out_dir, metrics_file=metrics_file,
         plots_dir=plots_dir, registered_model=params.pretrain.registry_name(model.objective),
+        inputs=lambda: [shards_input(shards_dir, "train"), starting_input(params.pretrain.init_from, section="pretrain")],
         train=lambda tracker, dist, run_id: run_pretrain(params, shards_dir, out_dir, tracker=tracker, dist=dist,
                                                          run_id=run_id, settings=settings))
 

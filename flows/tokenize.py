@@ -15,6 +15,7 @@ from prefect import flow
 
 from flows.common import stage_logger, tracked_run, write_metrics
 from llm.config import load_params
+from llm.lineage import source_inputs
 from llm.tokenize import tokenize_corpus
 
 
@@ -29,6 +30,7 @@ def tokenize(
     with tracked_run("tokenize", out_dir=shards_dir, experiment=params.tracking.experiment, params_file=params_file,
                      params_to_log={"tokenize": dataclasses.asdict(params.tokenize)}) as tracker:
         result = tokenize_corpus(raw_dir, shards_dir, params.tokenize)
+        tracker.log_inputs(source_inputs(raw_dir, "corpus"))
         metrics = result.metrics
         tracker.log_metrics(metrics, step=0)
         tracker.log_artifact(Path(shards_dir) / "manifest.json")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -13,6 +13,7 @@ from llm import distributed
 from llm.config import load_params
 from llm.checkpoint import HISTORY_FILE, write_registration
 from llm.distributed import Dist
+from llm.lineage import DataInput
 from llm.plots import write_loss_plots
 from llm.registry import log_gpt_model
 from llm.tracking import MemoryTracker, MLflowTracker, Tracker
@@ -24,10 +25,13 @@ def tracked_training(
     settings: Mapping[str, Any], out_dir: str, metrics_file: str, plots_dir: str, registered_model: str,
     train: Callable[[Tracker, Dist, str | None], TrainResult],
     score: Callable[[MLflowTracker, TrainResult], dict[str, float]] | None = None,
+    inputs: Callable[[], Sequence[DataInput | None]] | None = None,
 ) -> dict:
     """Run `train` as one MLflow run (continued after a kill), log whatever of its history the run lacks,
     then write its metrics and loss plots, log the model and register it. `score`, if given, measures the
-    trained model in the run (logging what it draws) and returns figures for the metrics file. The dtype
+    trained model in the run (logging what it draws) and returns figures for the metrics file. `inputs`
+    gives the run's data and starting checkpoint for MLflow's Datasets panel, once training has written
+    what they include (a stage's split.json). The dtype
     training computed in (`precision: auto` picks it by the host) is the run's tag `precision_used` and a
     key of the metrics file. Under torchrun only rank 0 locks, tracks, logs and writes."""
     dist = distributed.from_env()
@@ -42,6 +46,8 @@ def tracked_training(
         # Points the store did not take during training (or a killed run never logged): logged now,
         # or the stage fails here, with the model and its history.json saved.
         t.sync_history(result.progress.history, Path(out_dir) / HISTORY_FILE)
+        if inputs:
+            t.log_inputs(inputs())
         for path in write_loss_plots(plots_dir, result.progress.history, stage):
             t.log_artifact(path, "plots")
         if score:

@@ -127,6 +127,19 @@ def registered_version(checkpoint_dir: str | Path, name: str, stage: str, servin
     return str(log_gpt_model(checkpoint_dir, name, {"stage": stage, "registered_by": "evaluate"}, serving))
 
 
+def logged_model_id(name: str, version: str) -> str | None:
+    """The id of the logged model (MLflow 3's `m-...`) that a registered version holds; None for a version
+    registered from a run's artifacts. The SQL store leaves the version's `model_id` empty, but its source
+    names the model."""
+    import mlflow
+
+    found = mlflow.MlflowClient().get_model_version(name, version)
+    if found.model_id:
+        return found.model_id
+    source = found.source or ""
+    return source.removeprefix("models:/") if source.startswith("models:/m-") else None
+
+
 def log_exports(name: str, version: str, folder: str | Path, artifact_path: str = "exports") -> str:
     """Log the files in `folder` as artifacts of the registered version's own model (MLflow 3's logged
     model, beside its MLmodel), so the version carries its exports; returns their artifact URI, which the
@@ -134,13 +147,14 @@ def log_exports(name: str, version: str, folder: str | Path, artifact_path: str 
     import mlflow
 
     client = mlflow.MlflowClient()
-    found = client.get_model_version(name, version)
-    if found.model_id:
-        client.log_model_artifacts(found.model_id, str(folder), artifact_path)
-        uri = f"{client.get_logged_model(found.model_id).artifact_location.rstrip('/')}/{artifact_path}"
+    model_id = logged_model_id(name, version)
+    if model_id:
+        client.log_model_artifacts(model_id, str(folder), artifact_path)
+        uri = f"{client.get_logged_model(model_id).artifact_location.rstrip('/')}/{artifact_path}"
     else:  # a version registered from a run's artifacts rather than a logged model
-        client.log_artifacts(found.run_id, str(folder), artifact_path)
-        uri = f"runs:/{found.run_id}/{artifact_path}"
+        run_id = client.get_model_version(name, version).run_id
+        client.log_artifacts(run_id, str(folder), artifact_path)
+        uri = f"runs:/{run_id}/{artifact_path}"
     client.set_model_version_tag(name, version, "exports", uri)
     return uri
 

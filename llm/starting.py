@@ -14,6 +14,7 @@ from typing import Any
 
 from llm.checkpoint import MODEL_FILE, load_model, read_config, require_causal
 from llm.files import sha256_file
+from llm.lineage import DataInput, checkpoint_input
 from llm.model import GPT
 
 
@@ -56,3 +57,18 @@ def starting_weights(init_from: str, stage_dir: str | Path | None = None, sectio
         return init_from
     folder = start_folder(init_from, stage_dir, section, stage) if stage_dir is not None else Path(init_from)
     return sha256_file(folder / MODEL_FILE) if (folder / MODEL_FILE).is_file() else str(folder)
+
+
+def starting_input(init_from: str, stage_dir: str | Path | None = None, section: str = "",
+                   stage: str = "pretrain") -> DataInput | None:
+    """What a run starts from, as an MLflow input: a checkpoint folder (and its registered version), or a
+    GPT-2 size by its URL and pinned sha256; None from scratch (or a GPT-2 size with no pinned hash)."""
+    from llm import gpt2_weights
+
+    if init_from == "scratch":
+        return None
+    if init_from in gpt2_weights.SIZES:
+        sha256 = gpt2_weights.SHA256[init_from]
+        return DataInput(init_from, gpt2_weights.URL.format(size=init_from), sha256, "start") if sha256 else None
+    folder = start_folder(init_from, stage_dir, section, stage) if stage_dir is not None else Path(init_from)
+    return checkpoint_input(folder, "start")

@@ -23,7 +23,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Protocol
 
-from llm.lineage import flatten, lineage_tags
+from llm.lineage import DataInput, flatten, lineage_tags
 from llm.store import (TrackingUnavailable, configure, display_uri, ensure_experiment, is_transient, retrying,
                        short_error)
 
@@ -59,6 +59,7 @@ class MemoryTracker:
 # A run
 
 MAX_BATCH = 1000  # metrics per log_batch request: MLflow's limit
+DIGEST_CHARS = 36  # the longest dataset digest MLflow's SQL stores hold
 
 
 def _point(step: int, value: float) -> tuple[int, float | str]:
@@ -275,6 +276,43 @@ class MLflowTracker(AbstractContextManager):
         data = {c: [row[c] for row in rows] for c in columns}
         client = mlflow.MlflowClient()
         self._retrying("log a table", lambda: client.log_table(self.run_id, data, artifact_file))
+
+    def log_inputs(self, inputs: Sequence[DataInput | None]) -> None:
+        """The run's inputs as MLflow datasets, which the UI lists in the run's Datasets panel: each by
+        name, source (URL or path) and digest (its sha256, cut to the store's 36 characters; the whole of
+        it is the input's `sha256` tag), with its context (`mlflow.data.context`). A checkpoint that has a
+        registered version is logged as that version's model too, so the UI links the run to it."""
+        import json
+
+        import mlflow
+        from mlflow.data.dataset_source_registry import get_dataset_source_from_json, resolve_dataset_source
+        from mlflow.data.http_dataset_source import HTTPDatasetSource
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag, LoggedModelInput
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        from llm.registry import logged_model_id
+
+        client = mlflow.MlflowClient()
+        datasets, models = [], []
+        for item in (i for i in inputs if i is not None):
+            if item.source.startswith(("http://", "https://")):
+                source = HTTPDatasetSource(item.source)
+            elif "://" in item.source:
+                source = resolve_dataset_source(item.source)
+            else:  # a local path, as a file:// URI (MLflow has two sources that read one, alike)
+                source = get_dataset_source_from_json(json.dumps({"uri": Path(item.source).resolve().as_uri()}),
+                                                      "local")
+            dataset = MetaDataset(source, name=item.name, digest=item.sha256[:DIGEST_CHARS])
+            datasets.append(DatasetInput(dataset._to_mlflow_entity(), tags=[
+                InputTag(MLFLOW_DATASET_CONTEXT, item.context), InputTag("sha256", item.sha256)]))
+            if item.registered is not None:
+                model_id = self._retrying("read the model version", lambda item=item: logged_model_id(*item.registered))
+                if model_id:
+                    models.append(LoggedModelInput(model_id))
+        if datasets:
+            self._retrying("log the inputs", lambda: client.log_inputs(self.run_id, datasets=datasets,
+                                                                       models=models or None))
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         import mlflow

@@ -76,6 +76,20 @@ def test_a_fresh_clone_runs_the_pipeline_and_keeps_its_promises(tmp_path, prefec
     commits = {r.data.tags["pipeline.commit"] for r in runs}
     assert len(commits) == 1 and all(r.info.status == "FINISHED" and r.data.metrics for r in runs)
     assert len({r.data.tags["pipeline.params_sha256"] for r in runs}) == 1
+    # Lineage in MLflow's own terms: each run's inputs are datasets, by sha256, and models (the UI's Datasets panel).
+    inputs = {r.info.run_name: {d.dataset.name: {t.key: t.value for t in d.tags} for d in r.inputs.dataset_inputs}
+              for r in runs}
+    manifest = {e["name"]: e["sha256"] for e in json.loads((clone / "data/raw/manifest.json").read_text())["sources"]}
+    assert {name: tags["sha256"] for name, tags in inputs["download"].items()} == manifest
+    assert set(inputs["tokenize"]) == {"the-verdict", "tinyshakespeare"} and "shards" in inputs["pretrain"]
+    assert {"instruction-data", "instruction-data/train", "instruction-data/test", "checkpoint pretrain"} <= set(
+        inputs["finetune"])
+    assert inputs["finetune"]["checkpoint pretrain"]["mlflow.data.context"] == "start"
+    assert "checkpoint finetune" in inputs["preference"] and "sms-spam/train" in inputs["classify"]
+    assert {"shards", "instruction-data/test", "checkpoint finetune"} <= set(inputs["evaluate"])
+    (finetuned,) = [r for r in runs if r.info.run_name == "finetune"]
+    base_version = client.get_registered_model("gpt-base").latest_versions[0]
+    assert [f"models:/{m.model_id}" for m in finetuned.inputs.model_inputs] == [base_version.source]
     champion = client.get_model_version_by_alias("gpt-instruct", "champion")
     (evaluated,) = [r for r in runs if r.info.run_name == "evaluate"]
     assert champion.tags["stage"] == evaluated.data.tags["best_stage"]  # the better of SFT and DPO

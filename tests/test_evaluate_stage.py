@@ -11,6 +11,7 @@ import torch
 
 from llm.checkpoint import save_model
 from llm.checkpoint import SPLIT_FILE
+from llm.files import sha256_file
 from llm.config import EvaluateConfig
 from llm.evaluate import TunedMeasurements, best_stage, evaluate_models, metric_key, primary_score
 from llm.hellaswag import Item
@@ -106,8 +107,9 @@ def test_evaluate_flow_measures_reports_and_promotes(tmp_path, monkeypatch, pref
     (swag / "hellaswag_val.jsonl").write_text("".join(
         json.dumps({"ctx": f"Item {i}: a man", "endings": ["runs.", "sits down.", "is blue", "eats"], "label": i % 4,
                     "ind": i}) + "\n" for i in range(3)))
-    (swag / "manifest.json").write_text(json.dumps({"sources": [{"name": "hellaswag-val", "role": "hellaswag",
-                                                                 "file": "hellaswag/hellaswag_val.jsonl"}]}))
+    (swag / "manifest.json").write_text(json.dumps({"sources": [{
+        "name": "hellaswag-val", "role": "hellaswag", "file": "hellaswag/hellaswag_val.jsonl",
+        "url": "https://example.org/hellaswag_val.jsonl", "sha256": sha256_file(swag / "hellaswag_val.jsonl")}]}))
     (tmp_path / "params.yaml").write_text(
         "evaluate: {max_new_tokens: 6, examples: 2, batch_size: 4, hellaswag: hellaswag-val, judge: {url: null}}\n"
         "tracking: {experiment: test-evaluate}\n")

@@ -3,6 +3,8 @@ all on real SQLite stores."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
 import sqlite3
 import subprocess
@@ -271,3 +273,49 @@ def test_a_checkpoint_with_a_truncated_registration_is_registered_again(store, t
         (tmp_path / "ckpt" / REGISTRY_FILE).write_text(text[: len(text) // 2])
         again = registered_version(tmp_path / "ckpt", "gpt-base", "pretrain")
     assert int(again) == int(version) + 1
+
+
+def test_a_runs_inputs_are_mlflow_datasets_with_their_sha256_and_a_checkpoint_links_its_model(store, tmp_path):
+    import json
+
+    import mlflow
+    import torch
+
+    from llm.checkpoint import save_model
+    from llm.files import sha256_file
+    from llm.instructions import Record, Split, write_split
+    from llm.lineage import checkpoint_input, source_inputs, split_inputs
+    from llm.model import GPT, model_config
+
+    raw = tmp_path / "raw"
+    (raw / "instructions").mkdir(parents=True)
+    (raw / "instructions" / "data.json").write_text("[]")
+    url = "https://example.org/data.json"
+    entry = {"name": "data", "url": url, "sha256": sha256_file(raw / "instructions" / "data.json")}
+    (raw / "instructions" / "manifest.json").write_text(json.dumps({"sources": [entry, {**entry, "name": "other"}]}))
+    records = [Record(f"instruction {i}", "", f"output {i}") for i in range(5)]
+    write_split(tmp_path / "split.json", Split(records[:3], records[3:4], records[4:]))
+    save_model(GPT(model_config("tiny")), tmp_path / "ckpt")
+    with MLflowTracker("inputs", "pretrain") as tracker:
+        write_registration(tmp_path / "ckpt", "gpt-base", log_gpt_model(tmp_path / "ckpt", "gpt-base"), tracker.run_id)
+    assert checkpoint_input(tmp_path / "nothing-here", "start") is None  # from scratch: no input
+
+    with MLflowTracker("inputs", "finetune") as tracker:
+        tracker.log_inputs([*source_inputs(raw, "instructions", ["data"]), *split_inputs(tmp_path / "split.json", "data"),
+                            checkpoint_input(tmp_path / "ckpt", "start"), None])
+    run = mlflow.MlflowClient().get_run(tracker.run_id)
+    logged = {d.dataset.name: (d.dataset.digest, d.dataset.source, {t.key: t.value for t in d.tags})
+              for d in run.inputs.dataset_inputs}
+    assert set(logged) == {"data", "data/train", "data/val", "data/test", "checkpoint ckpt"}
+    digest, source, tags = logged["data"]
+    assert (digest, json.loads(source)) == (entry["sha256"][:36], {"url": url})
+    assert tags == {"mlflow.data.context": "source", "sha256": entry["sha256"]}
+    weights = sha256_file(tmp_path / "ckpt" / "model.safetensors")
+    assert logged["checkpoint ckpt"][2] == {"mlflow.data.context": "start", "sha256": weights}
+    assert json.loads(logged["checkpoint ckpt"][1]) == {"uri": (tmp_path / "ckpt").as_uri()}
+    train = [dataclasses.asdict(r) for r in records[:3]]
+    assert logged["data/train"][2]["sha256"] == hashlib.sha256(json.dumps(
+        train, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    assert len({logged[f"data/{s}"][0] for s in ("train", "val", "test")}) == 3
+    source = mlflow.MlflowClient().get_model_version("gpt-base", "1").source  # models:/<the logged model's id>
+    assert [f"models:/{m.model_id}" for m in run.inputs.model_inputs] == [source]
