@@ -16,7 +16,7 @@ modules by concern:
 - model: model, loss, lora, gpt2_weights, checkpoint (the one owner of checkpoint folders), starting
 - training: hardware, distributed, optim, train (the loop), pretrain, finetune, classify, preference
 - evaluation: perplexity, generate, responses, scores, judge, report, plots, evaluate, hellaswag, chat
-- tracking and serving: store, lineage, tracking, registry, pyfunc, pyfunc_classifier
+- tracking and serving: store, lineage, tracking, registry, pyfunc, pyfunc_chat, pyfunc_classifier
 - the pipeline's own: imports (the code a stage runs), faults (fault injection for the tests)
 """
 

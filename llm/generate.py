@@ -185,14 +185,54 @@ def stream(
             yield token
 
 
+class TextDecoder:
+    """The text of one answer's tokens as they arrive, in pieces to show at once. A character of several
+    UTF-8 bytes may be split across tokens: its bytes are held back until it is complete (invalid bytes
+    become U+FFFD). With `stops`, the text ends before the first of them (`stopped` turns True), and text
+    that may be the start of one is held back until the next tokens tell: a piece once given is never
+    taken back, so the pieces of a stream add up to the whole answer."""
+
+    def __init__(self, tokenizer: tiktoken.Encoding, stops: Iterable[str] = ()):
+        self.tokenizer = tokenizer
+        self.stops = [stop for stop in stops if stop]
+        self.stopped = False
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._held = ""  # decoded text that may begin a stop text
+
+    def add(self, token: int) -> str:
+        """The text that `token` completes ("" while it is held back, and once stopped)."""
+        if self.stopped:
+            return ""
+        return self._release(self._utf8.decode(self.tokenizer.decode_single_token_bytes(token)))
+
+    def finish(self) -> str:
+        """The rest of the text, at the end of the tokens."""
+        if self.stopped:
+            return ""
+        text = self._release(self._utf8.decode(b"", final=True))
+        held, self._held = self._held, ""
+        return text + ("" if self.stopped else held)
+
+    def _release(self, text: str) -> str:
+        text = self._held + text
+        found = [i for i in (text.find(stop) for stop in self.stops) if i >= 0]
+        if found:
+            self.stopped, self._held = True, ""
+            return text[:min(found)]
+        # Hold back the longest end of the text that a stop text starts with.
+        keep = max((n for stop in self.stops for n in range(min(len(stop) - 1, len(text)), 0, -1)
+                    if text.endswith(stop[:n])), default=0)
+        self._held = text[len(text) - keep:]
+        return text[:len(text) - keep]
+
+
 def decode_stream(tokenizer: tiktoken.Encoding, token_ids: Iterable[int]) -> Iterator[str]:
-    """Text pieces for token ids as they arrive. A character of several UTF-8 bytes may be split across
-    tokens: its bytes are held back until it is complete (invalid bytes become U+FFFD)."""
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    """Text pieces for token ids as they arrive (TextDecoder without stop texts)."""
+    decoder = TextDecoder(tokenizer)
     for token in token_ids:
-        if text := decoder.decode(tokenizer.decode_single_token_bytes(token)):
+        if text := decoder.add(token):
             yield text
-    if text := decoder.decode(b"", final=True):
+    if text := decoder.finish():
         yield text
 
 

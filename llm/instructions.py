@@ -202,34 +202,71 @@ PromptStyle = Literal["alpaca", "phi3"]
 
 @dataclass(frozen=True)
 class PromptTemplate:
-    head: str  # before the instruction
+    system: str | None  # the preamble before the first instruction (None: none); a chat's system message replaces it
+    system_head: str  # around the preamble: before it ...
+    system_tail: str  # ... and after it
+    instruction: str  # before each instruction
     input: str  # between the instruction and the input, when there is an input
     response: str  # the response header, after which the model writes
+    turn_end: str  # in a conversation: after an earlier turn's answer, before the next instruction
+
+    def turn(self, record: Record) -> str:
+        """One instruction with its input (if not empty), up to and including the response header."""
+        text = self.instruction + record.instruction
+        if record.input:
+            text += self.input + record.input
+        return text + self.response
+
+    @property
+    def stops(self) -> tuple[str, ...]:
+        """Where an answer ends that the model runs on past: the format's next instruction, input or
+        response header (an untrained or rambling model writes the user's next turn itself)."""
+        marks = (self.turn_end + self.instruction, self.input, self.response)
+        return tuple(mark.rstrip("\n") for mark in marks if mark.strip())
 
 
 TEMPLATES: dict[str, PromptTemplate] = {
     # The book's format_input (ch07/01_main-chapter-code/gpt_instruction_finetuning.py) and the
-    # "\n\n### Response:\n" its InstructionDataset puts before the output.
+    # "\n\n### Response:\n" its InstructionDataset puts before the output. Its first sentence is the
+    # preamble, which a conversation's system message replaces; earlier turns are separated as its
+    # sections are, by a blank line.
     "alpaca": PromptTemplate(
-        head="Below is an instruction that describes a task. Write a response that appropriately completes "
-             "the request.\n\n### Instruction:\n",
-        input="\n\n### Input:\n",
-        response="\n\n### Response:\n"),
+        system="Below is an instruction that describes a task. Write a response that appropriately completes "
+               "the request.",
+        system_head="", system_tail="\n\n",
+        instruction="### Instruction:\n", input="\n\n### Input:\n", response="\n\n### Response:\n", turn_end="\n\n"),
     # Exercise 7.1's Phi-3 template: format_input_phi and InstructionDatasetPhi in the book's
     # ch07/01_main-chapter-code/exercise_experiments.py. Its markers are plain text to GPT-2's tokenizer.
-    "phi3": PromptTemplate(head="<|user|>\n", input="\n", response="\n<|assistant|>:\n"),
+    # It has no preamble; a system message goes in Phi-3's own <|system|> block, which the book leaves out.
+    "phi3": PromptTemplate(system=None, system_head="<|system|>\n", system_tail="\n", instruction="<|user|>\n",
+                           input="\n", response="\n<|assistant|>:\n", turn_end="\n"),
 }
 
 
-def prompt_text(record: Record, style: PromptStyle = "alpaca") -> str:
-    """What the model is given: the instruction, the input if not empty, and the response header."""
+def template(style: PromptStyle) -> PromptTemplate:
+    """The template of `style`; a ValueError naming the known styles for another."""
     if style not in TEMPLATES:
         raise ValueError(f"unknown prompt style {style!r}; known styles: {', '.join(TEMPLATES)}")
-    template = TEMPLATES[style]
-    text = template.head + record.instruction
-    if record.input:
-        text += template.input + record.input
-    return text + template.response
+    return TEMPLATES[style]
+
+
+def prompt_text(record: Record, style: PromptStyle = "alpaca", *, system: str | None = None,
+                history: Sequence[Record] = ()) -> str:
+    """What the model is given: the instruction, the input if not empty, and the response header.
+
+    A conversation (the served chat model, llm/pyfunc_chat.py) also has `history`, its earlier turns as
+    records whose output is the answer given: each is written as `training_text` writes a record, without
+    the preamble, which comes once, and ended by the template's `turn_end` (text, not the end-of-text token
+    the model learnt after an answer: prompts are encoded as plain text). It may also have a `system`
+    message, which replaces the template's preamble ("": none). With neither, this is the prompt the model
+    was fine-tuned on.
+    """
+    form = template(style)
+    preamble = form.system if system is None else system
+    text = form.system_head + preamble + form.system_tail if preamble else ""
+    for turn in history:
+        text += form.turn(turn) + turn.output + form.turn_end
+    return text + form.turn(record)
 
 
 def training_text(record: Record, style: PromptStyle = "alpaca") -> str:

@@ -1,12 +1,15 @@
-"""The MLflow model of a GPT checkpoint: a pyfunc that takes prompts and returns completions.
+"""The MLflow model of a base GPT checkpoint: a pyfunc that takes prompts and returns completions.
 
 MLflow loads this file itself ("models from code"): `llm.registry.log_gpt_model` logs it with the
 checkpoint folder as an artifact and the `llm` package as code, so the logged model needs nothing else
 from this repository:
 
-    mlflow models serve -m "models:/gpt-instruct@champion" --env-manager local -p 5001
+    mlflow models serve -m "models:/gpt-base/latest" --env-manager local -p 5001
     curl -s 127.0.0.1:5001/invocations -H 'Content-Type: application/json' \
          -d '{"inputs": {"prompt": ["Every effort moves you"]}, "params": {"max_new_tokens": 20}}'
+
+An instruction-tuned checkpoint (one whose config names a prompt format) is logged as a chat model
+instead, llm/pyfunc_chat.py, which also says why.
 
 Input: a column `prompt` (strings). Params: max_new_tokens, temperature (0: greedy), top_k, top_p, seed.
 Output: the completions, prompt not included, computed in fp32 on the CPU, so that they do not depend on
@@ -41,12 +44,15 @@ def serving_limits(model_config: Mapping[str, Any] | None) -> dict[str, int]:
     return {key: int((model_config or {}).get(key, value)) for key, value in defaults.items()}
 
 
-def check_request(limits: Mapping[str, int], prompts: int, max_new_tokens: int, what: str = "prompts") -> None:
+def check_request(limits: Mapping[str, int], prompts: int, max_new_tokens: int, what: str = "prompts",
+                  tokens_param: str = "max_new_tokens") -> None:
+    """Refuse (HTTP 400 when served) a request above `limits`: `prompts` counts `what` the request asks
+    for, `max_new_tokens` the tokens per prompt, which the request names `tokens_param`."""
     if prompts > limits["max_prompts"]:
         raise MlflowException(f"{prompts} {what} is above this model's limit of {limits['max_prompts']} {what} "
                               f"per request (serving.max_prompts in params.yaml)", error_code=INVALID_PARAMETER_VALUE)
     if max_new_tokens > limits["max_new_tokens"]:
-        raise MlflowException(f"max_new_tokens {max_new_tokens} is above this model's limit of "
+        raise MlflowException(f"{tokens_param} {max_new_tokens} is above this model's limit of "
                               f"{limits['max_new_tokens']} (serving.max_new_tokens in params.yaml)",
                               error_code=INVALID_PARAMETER_VALUE)
 

@@ -32,9 +32,10 @@ def log_gpt_model(checkpoint_dir: str | Path, registered_name: str | None = None
                   version_tags: Mapping[str, str] | None = None, serving: ServingConfig | None = None) -> str | None:
     """Log the checkpoint's model (weights and config only) to the active run as a pyfunc, and register it
     under `registered_name`; returns the new version number. A language model becomes a text generator
-    (llm/pyfunc.py), a classifier a text classifier (llm/pyfunc_classifier.py), an encoder a mask filler
-    (llm/pyfunc_fill.py). The model refuses requests
-    above `serving`'s caps (default: ServingConfig's)."""
+    (llm/pyfunc.py), an instruction-tuned one (its config names a `prompt_style`) an MLflow ChatModel
+    (llm/pyfunc_chat.py), a classifier a text classifier (llm/pyfunc_classifier.py), an encoder a mask
+    filler (llm/pyfunc_fill.py). The model refuses requests above `serving`'s caps (default:
+    ServingConfig's)."""
     import dataclasses
     import shutil
     import tempfile
@@ -50,6 +51,7 @@ def log_gpt_model(checkpoint_dir: str | Path, registered_name: str | None = None
 
     package = Path(__file__).resolve().parent
     saved = read_config(checkpoint_dir)
+    input_example = None
     if saved.model.is_classifier:
         labels = list(saved.extra["labels"])
         outputs = pd.DataFrame([{"label": labels[0], "probability": 1.0,
@@ -63,6 +65,11 @@ def log_gpt_model(checkpoint_dir: str | Path, registered_name: str | None = None
         outputs = pd.DataFrame([(0, 1, 1, " Paris", 0.5)], columns=COLUMNS)
         signature = infer_signature(pd.DataFrame({"text": ["The capital of France is [MASK]."]}), outputs,
                                     params=FILL_PARAMS)
+    elif "prompt_style" in saved.extra:  # an instruction model (finetune, preference): it chats
+        from llm.pyfunc_chat import INPUT_EXAMPLE
+
+        # A ChatModel's signature is MLflow's chat schema; logging checks the model answers the example.
+        python_model, signature, input_example = package / "pyfunc_chat.py", None, INPUT_EXAMPLE
     else:
         python_model = package / "pyfunc.py"
         signature = infer_signature(pd.DataFrame({"prompt": ["Every effort moves you"]}), ["a completion"],
@@ -79,7 +86,8 @@ def log_gpt_model(checkpoint_dir: str | Path, registered_name: str | None = None
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=str(python_model), artifacts={"checkpoint": str(checkpoint)},
                 code_paths=[str(package)], pip_requirements=_pip_requirements(), signature=signature,
-                model_config=dataclasses.asdict(serving or ServingConfig()), registered_model_name=registered_name)
+                input_example=input_example, model_config=dataclasses.asdict(serving or ServingConfig()),
+                registered_model_name=registered_name)
     if registered_name is None:
         return None
     version = str(info.registered_model_version)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from llm.checkpoint import save_model
-from llm.generate import Sampling, decode_stream, generate, main, sample_next, stream
+from llm.generate import Sampling, TextDecoder, decode_stream, generate, main, sample_next, stream
 from llm.model import GPT, model_config
 from llm.tokenizer import get_tokenizer
 from llm.validation import ConfigError
@@ -141,6 +141,23 @@ def test_streamed_text_holds_back_characters_split_across_tokens():
     assert "".join(pieces) == text
     assert not any("\ufffd" in piece for piece in pieces)
     assert "".join(decode_stream(tokenizer, ids[:-4])).endswith("\ufffd")  # a cut character shows as U+FFFD
+
+
+def test_text_ends_before_a_stop_text_and_what_may_begin_one_waits_for_the_next_tokens():
+    tokenizer = get_tokenizer("gpt2")
+    stops = ["\n\n### Instruction:"]
+
+    def pieces(text: str) -> tuple[list[str], str, bool]:
+        decoder = TextDecoder(tokenizer, stops)
+        given = [decoder.add(token) for token in tokenizer.encode_ordinary(text)]
+        return given, decoder.finish(), decoder.stopped
+
+    given, rest, stopped = pieces("Blue is nice.\n\n### Instruction:\nName another")
+    assert "".join(given) + rest == "Blue is nice." and stopped
+    given, rest, stopped = pieces("Blue.\n\n### Instr")  # ends while it may still be a stop text
+    assert given[-1] == "" and "".join(given) == "Blue." and rest == "\n\n### Instr" and not stopped
+    given, rest, stopped = pieces("A.\n\n## B")  # held back until it is no stop text
+    assert "".join(given) + rest == "A.\n\n## B" and not stopped
 
 
 @pytest.mark.slow

@@ -48,6 +48,26 @@ def test_an_unknown_prompt_style_is_refused():
         prompt_text(NO_INPUT, "chatml")
 
 
+def test_a_conversation_is_its_turns_after_one_preamble_which_a_system_message_replaces():
+    history = [Record("Name a color.", "", "Blue.")]
+    last = Record("Name another.", "", "")
+    turns = ("### Instruction:\nName a color.\n\n### Response:\nBlue.\n\n"
+             "### Instruction:\nName another.\n\n### Response:\n")
+    assert prompt_text(last, "alpaca", history=history) == ALPACA_HEAD.removesuffix("### Instruction:\n") + turns
+    assert prompt_text(last, "alpaca", system="Answer in French.", history=history) == "Answer in French.\n\n" + turns
+    assert prompt_text(NO_INPUT, "alpaca", system="") == "### Instruction:\nName a color.\n\n### Response:\n"
+    assert prompt_text(last, "phi3", system="Be brief.", history=history) == (
+        "<|system|>\nBe brief.\n<|user|>\nName a color.\n<|assistant|>:\nBlue.\n"
+        "<|user|>\nName another.\n<|assistant|>:\n")
+
+
+def test_an_answer_ends_where_the_format_goes_on():
+    from llm.instructions import TEMPLATES
+
+    assert TEMPLATES["alpaca"].stops == ("\n\n### Instruction:", "\n\n### Input:", "\n\n### Response:")
+    assert TEMPLATES["phi3"].stops == ("\n<|user|>", "\n<|assistant|>:")  # its input separator is a bare newline
+
+
 def test_examples_hold_the_prompt_then_the_output_then_end_of_text():
     enc = get_tokenizer("gpt2")
     tricky = Record("Say it.", "", "a <|endoftext|> b")  # plain text, not the special token
