@@ -39,7 +39,7 @@ import torch
 from llm.checkpoint import CheckpointConfig, CheckpointError, load_model, read_config, require_language_model
 from llm.config import ExportFormat, GGUFType
 from llm.files import atomic_dir, atomic_path, write_text_atomic
-from llm.instructions import TEMPLATES
+from llm.instructions import TEMPLATES, Record, prompt_text
 from llm.model import GPT
 from llm.tokenizer import get_tokenizer
 
@@ -288,17 +288,20 @@ def modelfile_path(gguf_path: str | Path) -> Path:
 
 
 def modelfile(gguf_name: str, saved: CheckpointConfig) -> str:
-    """An Ollama Modelfile for the GGUF file beside it: the model's prompt template, greedy, its context."""
+    """An Ollama Modelfile for the GGUF file beside it: greedy, the model's context, and for an instruction
+    model the prompt it was tuned on, with the user's message as the instruction, and its format's stops."""
     style = saved.extra.get("prompt_style")
-    if style in TEMPLATES:  # an instruction model: the prompt it was tuned on, the user's message as instruction
-        template = TEMPLATES[style].head + "{{ .Prompt }}" + TEMPLATES[style].response
+    if style in TEMPLATES:
+        prompt = prompt_text(Record("{{ .Prompt }}", "", ""), style)
+        stops = TEMPLATES[style].stops
     else:
-        template = "{{ .Prompt }}"
-    eot = get_tokenizer(saved.tokenizer).decode([get_tokenizer(saved.tokenizer).eot_token])
+        prompt, stops = "{{ .Prompt }}", ()
+    enc = get_tokenizer(saved.tokenizer)
     return "\n".join([
         f"FROM ./{gguf_name}",
-        f'TEMPLATE """{template}"""',
-        f'PARAMETER stop "{eot}"',
+        f'TEMPLATE """{prompt}"""',
+        # Each stop on one line, without the newlines before it: a Modelfile's quoted values are not escaped.
+        *(f'PARAMETER stop "{stop.strip()}"' for stop in (enc.decode([enc.eot_token]), *stops)),
         "PARAMETER temperature 0",
         f"PARAMETER num_ctx {saved.model.context_length}",
         "",

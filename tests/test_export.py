@@ -156,7 +156,8 @@ def test_the_modelfile_carries_the_prompt_template_of_an_instruction_model_and_n
     tuned_file = modelfile_path(tmp_path / "tuned.gguf").read_text(encoding="utf-8")
     assert tuned_file.startswith("FROM ./tuned.gguf\n")
     assert 'TEMPLATE """<|user|>\n{{ .Prompt }}\n<|assistant|>:\n"""' in tuned_file
-    assert 'PARAMETER stop "<|endoftext|>"' in tuned_file and "PARAMETER num_ctx 64" in tuned_file
+    assert 'PARAMETER stop "<|endoftext|>"\nPARAMETER stop "<|user|>"\n' in tuned_file
+    assert "PARAMETER temperature 0\nPARAMETER num_ctx 64\n" in tuned_file
     assert 'TEMPLATE """{{ .Prompt }}"""' in modelfile_path(tmp_path / "base.gguf").read_text(encoding="utf-8")
 
 
