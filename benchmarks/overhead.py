@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
+
+from flows.server import prefect_server
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,23 +51,6 @@ def timed(command: list[str], cwd: Path, env: dict[str, str], repeats: int) -> f
     return statistics.median(times)
 
 
-def start_server(env: dict[str, str]) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                               "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    api = f"http://127.0.0.1:{port}/api"
-    for _ in range(240):
-        try:
-            if urllib.request.urlopen(f"{api}/health", timeout=1).status == 200:
-                return server, api
-        except OSError:
-            time.sleep(0.5)
-    server.kill()
-    raise SystemExit("the Prefect server did not start in 2 minutes")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -91,14 +74,10 @@ def main() -> None:
         timed(stage, project, env, 1)  # first run: creates the stores and Prefect's database
         bare = timed([sys.executable, "-c", "pass"], project, env, args.repeats)
         temporary = timed(stage, project, env, args.repeats)
-        server, api = start_server(env)
-        try:
+        with prefect_server(env) as api:  # as scripts/pipeline starts one for the whole run
             with_server = timed(stage, project, {**env, "PREFECT_API_URL": api}, args.repeats)
             with_dvc = timed([sys.executable, "-m", "dvc", "repro", "-f", "-q"], project,
                              {**env, "PREFECT_API_URL": api}, args.repeats)
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
     print(f"python -c pass:                              {bare:6.2f} s")
     print(f"no-op stage, temporary Prefect server:       {temporary:6.2f} s")
     print(f"no-op stage, running Prefect server:         {with_server:6.2f} s")
