@@ -36,7 +36,8 @@ def noop_stage() -> None:
 
     @flow(name="noop")
     def noop() -> None:
-        with tracked_run("noop", experiment="overhead", params_file="params.yaml", params_to_log={"work": "none"}) as t:
+        with tracked_run("noop", out_dir="out", experiment="overhead", params_file="params.yaml",
+                         params_to_log={"work": "none"}) as t:
             t.log_metrics({"work": 0.0}, step=0)
 
     noop()
