@@ -89,7 +89,8 @@ def test_a_fresh_clone_runs_the_pipeline_and_keeps_its_promises(tmp_path, prefec
     assert {"shards", "instruction-data/test", "checkpoint finetune"} <= set(inputs["evaluate"])
     (finetuned,) = [r for r in runs if r.info.run_name == "finetune"]
     base_version = client.get_registered_model("gpt-base").latest_versions[0]
-    assert [f"models:/{m.model_id}" for m in finetuned.inputs.model_inputs] == [base_version.source]
+    model_inputs = client.get_run(finetuned.info.run_id).inputs.model_inputs  # search_runs leaves them out
+    assert [f"models:/{m.model_id}" for m in model_inputs] == [base_version.source]
     champion = client.get_model_version_by_alias("gpt-instruct", "champion")
     (evaluated,) = [r for r in runs if r.info.run_name == "evaluate"]
     assert champion.tags["stage"] == evaluated.data.tags["best_stage"]  # the better of SFT and DPO
