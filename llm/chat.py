@@ -1,5 +1,7 @@
 """Chat with the fine-tuned model in a terminal: each line you type is an instruction, put in the
-model's prompt format (the Alpaca prompt by default, as it was fine-tuned), and the answer streams back.
+model's prompt format (the Alpaca prompt by default, as it was fine-tuned), and the answer streams back,
+ending at end-of-text or where the model starts the format's next part ("### Instruction:"), as the
+served chat model's answers do (llm/pyfunc_chat.py).
 
     python -m llm.chat                                              # data/checkpoints/finetune
     python -m llm.chat --checkpoint DIR --temperature 0.7 --max-new-tokens 200
@@ -18,8 +20,9 @@ from typing import TextIO
 
 from llm.checkpoint import CheckpointError, read_config, require_language_model
 from llm.config import INFERENCE_PRECISION, Precision
-from llm.generate import Sampling, add_sampling_options, decode_stream, load_for_inference, sampling_from, stream
-from llm.instructions import Record, prompt_text
+from llm.generate import (Sampling, TextDecoder, add_sampling_options, load_for_inference, sampling_from,
+                          stream)
+from llm.instructions import Record, prompt_text, template
 from llm.tokenizer import TokenizerError, get_tokenizer
 from llm.validation import ConfigError
 
@@ -47,11 +50,14 @@ def chat(checkpoint: Path, sampling: Sampling, max_new_tokens: int, device: str,
         if not line.strip():
             return
         prompt = tokenizer.encode_ordinary(prompt_text(instruction(line), style))
-        tokens = stream(model, prompt, max_new_tokens, sampling, eos_id=tokenizer.eot_token)
-        for text in decode_stream(tokenizer, tokens):
-            out.write(text)
+        # As the served chat model does: an answer also ends where the model starts the format's next part.
+        decoder = TextDecoder(tokenizer, template(style).stops)
+        for token in stream(model, prompt, max_new_tokens, sampling, eos_id=tokenizer.eot_token):
+            out.write(decoder.add(token))
             out.flush()
-        out.write("\n\n")
+            if decoder.stopped:
+                break
+        out.write(decoder.finish() + "\n\n")
         out.flush()
 
 

@@ -48,3 +48,23 @@ def test_the_command_reads_stdin_and_reports_a_missing_checkpoint(tmp_path):
     missing = subprocess.run([sys.executable, "-m", "llm.chat", "--checkpoint", str(tmp_path / "none")],
                              input="", capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert missing.returncode == 1 and "is not a checkpoint" in missing.stderr
+
+
+def test_an_answer_ends_where_the_model_starts_the_formats_next_part(tmp_path, monkeypatch):
+    import llm.chat
+
+    save_model(GPT(model_config("tiny")), tmp_path / "ckpt", extra={"prompt_style": "alpaca"})
+    enc = get_tokenizer()
+    runs_on = enc.encode_ordinary("Green, and blue.\n\n### Instruction:\nName" + " more" * 20)
+    given = []
+
+    def scripted(model, prompt, max_new_tokens, sampling, eos_id=None):
+        for token in runs_on:
+            given.append(token)
+            yield token
+
+    monkeypatch.setattr(llm.chat, "stream", scripted)
+    out = io.StringIO()
+    chat(tmp_path / "ckpt", Sampling(), 64, "cpu", lines=io.StringIO("Name a color\n"), out=out)
+    assert out.getvalue() == "Green, and blue.\n\n"
+    assert len(given) < len(runs_on)  # generation stopped there, not at max_new_tokens
