@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import gc
 import os
 import sys
@@ -179,8 +180,8 @@ def run_ours(params: Params, shards: Path, out: Path, measure: tuple[DataLoader,
     curve = [Point(t - started, step, train.get(step, float("nan")), m["val_loss"])
              for t, (step, m) in zip(tracker.times, tracker.metrics) if "val_loss" in m]
     for point in curve:
-        print(f"  {point.seconds:6.0f} s  step {point.step:3d}: train loss {point.train_loss:.3f}, "
-              f"val loss {point.val_loss:.3f}")
+        train_loss = "-" if math.isnan(point.train_loss) else f"{point.train_loss:.3f}"  # none before step 1
+        print(f"  {point.seconds:6.0f} s  step {point.step:3d}: train loss {train_loss}, val loss {point.val_loss:.3f}")
     last_sample = max(tracker.texts) if tracker.texts else None
     if last_sample:
         print(f"  {last_sample}: {tracker.texts[last_sample]!r}")
