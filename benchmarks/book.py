@@ -42,8 +42,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import gc
+import math
 import os
 import sys
 import tempfile
