@@ -53,11 +53,9 @@ import torch
 from benchmarks.common import time_interleaved
 from llm import distributed
 from llm.config import EvaluateConfig, Params, read_yaml
-from llm.files import write_json_atomic
 from llm.generate import generate
 from llm.hardware import bf16_is_fast, peak_flops, resolve_device
 from llm.model import GPT, model_config
-from llm.shards import ShardWriter
 from llm.tracking import MemoryTracker
 from llm.validation import from_mapping
 
@@ -112,18 +110,14 @@ def train_params(args: argparse.Namespace, recipe: dict) -> Params:
 # --- synthetic shards ------------------------------------------------------------------------------------
 
 def synthetic_shards(root: Path, vocab_size: int, train_tokens: int, val_tokens: int, seed: int = 0) -> Path:
-    """A shards folder as the tokenize stage writes it: one document per split, the same random phrase
-    repeated (val starts elsewhere in it), so that a model's loss falls fast."""
+    """A shards folder as the tokenize stage writes it (the test suite's writer, tests/data.py): one document
+    per split, the same random phrase repeated (val starts elsewhere in it), so that a model's loss falls fast."""
+    from tests.data import make_shards
+
     phrase = np.random.default_rng(seed).integers(0, min(PHRASE_VOCAB, vocab_size), size=PHRASE).astype(np.uint16)
-    splits = {}
-    for split, count, shift in (("train", train_tokens, 0), ("val", val_tokens, PHRASE // 2)):
-        writer = ShardWriter(root / split, tokens_per_shard=4_000_000)
-        (root / split).mkdir(parents=True, exist_ok=True)
-        writer.add(np.resize(np.roll(phrase, shift), count), ends_document=True)
-        splits[split] = {"docs": 1, "tokens": int(count), "shards": writer.close()}
-    write_json_atomic(root / "manifest.json", {"tokenizer": "gpt2", "vocab_size": vocab_size,
-                                               "eot_token": vocab_size - 1, "dtype": "uint16", "splits": splits})
-    return root
+    train, val = (np.resize(np.roll(phrase, shift), count) for count, shift in ((train_tokens, 0),
+                                                                               (val_tokens, PHRASE // 2)))
+    return make_shards(root, train, val, tokens_per_shard=4_000_000, vocab_size=vocab_size)
 
 
 # --- train -----------------------------------------------------------------------------------------------

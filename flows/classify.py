@@ -52,7 +52,7 @@ def classify(params_file: str = "params.yaml", raw_dir: str = "data/raw",
         registered_model=params.classify.registered_model, score=score,
         inputs=lambda: [*source_inputs(raw_dir, "classification", [params.classify.data]),
                         *split_inputs(Path(out_dir) / SPLIT_FILE, params.classify.data),
-                        starting_input(params.classify.init_from, pretrain_dir, "classify")],
+                        starting_input(params.classify.init_from, settings["start"], pretrain_dir, "classify")],
         train=lambda tracker, dist, run_id: run_classify(params, raw_dir, pretrain_dir, out_dir, tracker=tracker,
                                                          dist=dist, run_id=run_id, settings=settings))
 

@@ -37,7 +37,7 @@ def finetune(params_file: str = "params.yaml", raw_dir: str = "data/raw",
         plots_dir=plots_dir, registered_model=params.finetune.registered_model,
         inputs=lambda: [*source_inputs(raw_dir, "instructions", [params.finetune.instructions]),
                         *split_inputs(Path(out_dir) / SPLIT_FILE, params.finetune.instructions),
-                        starting_input(params.finetune.init_from, pretrain_dir, "finetune")],
+                        starting_input(params.finetune.init_from, settings["start"], pretrain_dir, "finetune")],
         train=lambda tracker, dist, run_id: run_finetune(params, raw_dir, pretrain_dir, out_dir, tracker=tracker,
                                                          dist=dist, run_id=run_id, settings=settings))
 

@@ -45,7 +45,8 @@ def preference(params_file: str = "params.yaml", raw_dir: str = "data/raw",
         registered_model=params.preference.registered_model, score=score,
         inputs=lambda: [*source_inputs(raw_dir, "preference", [params.preference.data]),
                         *split_inputs(Path(out_dir) / SPLIT_FILE, params.preference.data),
-                        starting_input(params.preference.init_from, finetune_dir, "preference", stage="finetune")],
+                        starting_input(params.preference.init_from, settings["start"], finetune_dir, "preference",
+                                       stage="finetune")],
         train=lambda tracker, dist, run_id: run_preference(params, raw_dir, finetune_dir, out_dir, tracker=tracker,
                                                            dist=dist, run_id=run_id, settings=settings))
 

@@ -37,7 +37,8 @@ def pretrain(params_file: str = "params.yaml", shards_dir: str = "data/shards",
                        "tokenize": dataclasses.asdict(params.tokenize)},
         settings=settings, out_dir=out_dir, metrics_file=metrics_file,
         plots_dir=plots_dir, registered_model=params.pretrain.registry_name(model.objective),
-        inputs=lambda: [shards_input(shards_dir, "train"), starting_input(params.pretrain.init_from, section="pretrain")],
+        inputs=lambda: [shards_input(shards_dir, "train"),
+                        starting_input(params.pretrain.init_from, settings["start"], section="pretrain")],
         train=lambda tracker, dist, run_id: run_pretrain(params, shards_dir, out_dir, tracker=tracker, dist=dist,
                                                          run_id=run_id, settings=settings))
 

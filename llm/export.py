@@ -3,6 +3,8 @@
     python -m llm.export --checkpoint data/checkpoints/finetune --format hf exports/gpt-instruct
     python -m llm.export --checkpoint data/checkpoints/finetune --format gguf exports/gpt-instruct.gguf [--dtype f16]
 
+An existing OUT is replaced only with `--overwrite` (whole, once the new export is complete).
+
 `hf` writes a folder that `transformers.AutoModelForCausalLM.from_pretrained(OUT)` and
 `AutoTokenizer.from_pretrained(OUT)` load with no code of ours: config.json (GPT2LMHeadModel),
 model.safetensors in GPT-2's Conv1D layout, generation_config.json, and GPT-2's tokenizer files
@@ -34,11 +36,13 @@ from pathlib import Path
 from typing import get_args
 
 import numpy as np
+import tiktoken
 import torch
 
 from llm.checkpoint import CheckpointConfig, CheckpointError, load_model, read_config, require_language_model
 from llm.config import ExportFormat, GGUFType
 from llm.files import atomic_dir, atomic_path, write_text_atomic
+from llm.gpt2_weights import CONV1D_WEIGHTS
 from llm.instructions import TEMPLATES, Record, prompt_text
 from llm.model import GPT
 from llm.tokenizer import get_tokenizer
@@ -48,16 +52,15 @@ GGUF_TYPES: tuple[GGUFType, ...] = get_args(GGUFType)
 # Encodings with GPT-2's vocabulary and pre-tokenizer: the only ones GPT-2's tokenizer files describe.
 GPT2_TOKENIZERS = ("gpt2", "r50k_base")
 LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, which llm/model.py uses
-# Hugging Face's GPT-2 stores these as Conv1D weights, (in, out): the transpose of nn.Linear's (out, in).
-_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
 class ExportError(RuntimeError):
     pass
 
 
-def exportable(ckpt_dir: str | Path) -> CheckpointConfig:
-    """The checkpoint's config, if both formats can describe its model and tokenizer; else why not."""
+def exportable(ckpt_dir: str | Path) -> tuple[CheckpointConfig, GPT, tiktoken.Encoding]:
+    """The checkpoint's config, model (fp32, eval mode) and tokenizer, if both formats can describe its
+    model and tokenizer; else an ExportError that says why not."""
     saved = read_config(ckpt_dir)
     try:
         require_language_model(saved, ckpt_dir)
@@ -68,7 +71,7 @@ def exportable(ckpt_dir: str | Path) -> CheckpointConfig:
         raise ExportError(f"cannot export {ckpt_dir}: its tokenizer is {saved.tokenizer!r}, and the exported "
                           f"tokenizer files are GPT-2's byte-level BPE, which describe only "
                           f"{' or '.join(GPT2_TOKENIZERS)}; train with tokenize.tokenizer: gpt2 to export")
-    return saved
+    return saved, load_model(ckpt_dir).float(), get_tokenizer(saved.tokenizer)
 
 
 def export(ckpt_dir: str | Path, fmt: ExportFormat, out: str | Path, dtype: GGUFType = "f16") -> Path:
@@ -163,20 +166,23 @@ def hf_tensors(model: GPT) -> dict[str, torch.Tensor]:
             if not model.config.tie_weights:
                 tensors[name] = tensor.clone()
             continue
-        tensors[f"transformer.{name}"] = (tensor.t() if name.endswith(_CONV1D) else tensor).contiguous().clone()
+        tensors[f"transformer.{name}"] = (tensor.t() if name.endswith(CONV1D_WEIGHTS) else tensor).contiguous().clone()
     if not model.config.qkv_bias:  # GPT-2 always adds a qkv bias: a zero one computes the same
         for i, block in enumerate(model.h):
-            tensors[f"transformer.h.{i}.attn.c_attn.bias"] = torch.zeros(block.attn.c_attn.out_features)
+            tensors[f"transformer.h.{i}.attn.c_attn.bias"] = _zero_bias(block.attn.c_attn.weight)
     return tensors
+
+
+def _zero_bias(weight: torch.Tensor) -> torch.Tensor:
+    """The bias a layer without one has, for formats that always hold one: zeros, one per output."""
+    return torch.zeros(weight.shape[0], dtype=weight.dtype)
 
 
 def export_hf(ckpt_dir: str | Path, out_dir: str | Path) -> Path:
     """Write a Hugging Face GPT-2 folder at `out_dir` (replacing one there only once complete)."""
     import safetensors.torch
 
-    saved = exportable(ckpt_dir)
-    model = load_model(ckpt_dir).float()
-    enc = get_tokenizer(saved.tokenizer)
+    saved, model, enc = exportable(ckpt_dir)
     eot = enc.eot_token
     tokens, merges = bpe_vocabulary(saved.tokenizer)
     eot_text = tokens[eot]
@@ -187,7 +193,8 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path) -> Path:
             "generation_config.json": {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot,
                                        "do_sample": False},  # greedy, as llm.generate's default
             "vocab.json": {token: i for i, token in enumerate(tokens)},
-            "tokenizer_config.json": {"tokenizer_class": "GPT2Tokenizer", "model_max_length": model.config.context_length,
+            "tokenizer_config.json": {"tokenizer_class": "GPT2Tokenizer",
+                                      "model_max_length": model.config.context_length,
                                       "bos_token": eot_text, "eos_token": eot_text, "unk_token": eot_text,
                                       "add_prefix_space": False, "add_bos_token": False},
             "special_tokens_map.json": {"bos_token": eot_text, "eos_token": eot_text, "unk_token": eot_text},
@@ -212,12 +219,12 @@ def gguf_tensors(model: GPT) -> dict[str, torch.Tensor]:
     tensors = {f"{names[T.TOKEN_EMBD]}.weight": sd["wte.weight"], f"{names[T.POS_EMBD]}.weight": sd["wpe.weight"]}
     per_layer = {T.ATTN_NORM: "ln_1", T.ATTN_QKV: "attn.c_attn", T.ATTN_OUT: "attn.c_proj", T.FFN_NORM: "ln_2",
                  T.FFN_UP: "mlp.c_fc", T.FFN_DOWN: "mlp.c_proj"}
-    for i, block in enumerate(model.h):
+    for i in range(model.config.n_layer):
         for kind, ours in per_layer.items():
             name = names[kind].format(bid=i)
             tensors[f"{name}.weight"] = sd[f"h.{i}.{ours}.weight"]
             bias = sd.get(f"h.{i}.{ours}.bias")
-            tensors[f"{name}.bias"] = bias if bias is not None else torch.zeros(block.attn.c_attn.out_features)
+            tensors[f"{name}.bias"] = bias if bias is not None else _zero_bias(sd[f"h.{i}.{ours}.weight"])
     tensors[f"{names[T.OUTPUT_NORM]}.weight"] = sd["ln_f.weight"]
     tensors[f"{names[T.OUTPUT_NORM]}.bias"] = sd["ln_f.bias"]
     tensors[f"{names[T.OUTPUT]}.weight"] = sd["lm_head.weight"]  # written tied or not: llama.cpp reads it
@@ -242,10 +249,8 @@ def export_gguf(ckpt_dir: str | Path, out_path: str | Path, dtype: GGUFType = "f
 
     if dtype not in GGUF_TYPES:
         raise ExportError(f"unknown GGUF type {dtype!r}: choose one of {', '.join(GGUF_TYPES)}")
-    saved = exportable(ckpt_dir)
-    model = load_model(ckpt_dir).float()
+    saved, model, enc = exportable(ckpt_dir)
     c = model.config
-    enc = get_tokenizer(saved.tokenizer)
     tokens, merges = bpe_vocabulary(saved.tokenizer)
     specials = {enc.encode_single_token(s) for s in enc.special_tokens_set}
     out_path = Path(out_path)
@@ -314,7 +319,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--format", choices=FORMATS, required=True, help="hf: a Hugging Face folder; gguf: one file")
     parser.add_argument("--dtype", choices=GGUF_TYPES, default="f16", help="the GGUF tensor type (default f16)")
     parser.add_argument("out", type=Path, help="the folder (hf) or file (gguf) to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace what is at OUT (default: refuse)")
     args = parser.parse_args(argv)
+    targets = [args.out, *([modelfile_path(args.out)] if args.format == "gguf" else [])]
+    if not args.overwrite and (taken := [str(p) for p in targets if p.exists()]):
+        print(f"error: {' and '.join(taken)} already there: an export replaces what is at its path; choose "
+              f"another path, or pass --overwrite to replace it", file=sys.stderr)
+        return 1
     try:
         out = export(args.checkpoint, args.format, args.out, args.dtype)
     except (ExportError, CheckpointError) as exc:

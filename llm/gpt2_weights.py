@@ -45,7 +45,7 @@ SHA256: dict[str, str | None] = {
 DEFAULT_DOWNLOAD_DIR = Path("data/pretrained")
 
 # Conv1D weights, stored (in, out); nn.Linear wants (out, in).
-_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # Older transformers saved each layer's causal mask as a tensor; we build ours.
 _MASK_BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
 
@@ -99,7 +99,7 @@ def load_hf_weights(model: GPT, weights: Path) -> None:
                 continue
             present.add(name)
             tensor = f.get_tensor(hf_name)
-            target = ours[name].t() if name.endswith(_TRANSPOSED) else ours[name]  # in the file's layout
+            target = ours[name].t() if name.endswith(CONV1D_WEIGHTS) else ours[name]  # in the file's layout
             if tensor.shape != target.shape:
                 problems.append(f"{hf_name}: {list(tensor.shape)} in the file, "
                                 f"{list(target.shape)} in the config")

@@ -88,7 +88,8 @@ def shards_input(shards_dir: str | Path, context: str) -> DataInput:
     return DataInput("shards", str(Path(shards_dir)), sha256_file(manifest), context)
 
 
-def split_inputs(split_file: str | Path, data: str, splits: Sequence[str] = ("train", "val", "test")) -> list[DataInput]:
+def split_inputs(split_file: str | Path, data: str,
+                 splits: Sequence[str] = ("train", "val", "test")) -> list[DataInput]:
     """Each split of a stage's `split.json` as a dataset `<data>/<split>`, by the sha256 of its records."""
     split = read_json(split_file)
     return [DataInput(f"{data}/{name}", str(Path(split_file)), _records_sha256(split[name]), name)
@@ -100,9 +101,9 @@ def _records_sha256(records: Any) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
-def checkpoint_input(folder: str | Path, context: str) -> DataInput | None:
-    """A checkpoint folder by its weights' sha256, and its registered version where its stage recorded one;
-    None for a folder without weights (a run from scratch, or a GPT-2 size, starts from none)."""
+def checkpoint_input(folder: str | Path, context: str, sha256: str | None = None) -> DataInput | None:
+    """A checkpoint folder by its weights' sha256 (`sha256`, where the caller has it already), and its
+    registered version where its stage recorded one; None for a folder without weights."""
     from llm.checkpoint import MODEL_FILE, read_registration  # not at import: the data stages need no torch
 
     folder = Path(folder)
@@ -110,4 +111,5 @@ def checkpoint_input(folder: str | Path, context: str) -> DataInput | None:
         return None
     recorded = read_registration(folder)
     registered = (recorded["registered_model"], recorded["version"]) if recorded else None
-    return DataInput(f"checkpoint {folder.name}", str(folder), sha256_file(folder / MODEL_FILE), context, registered)
+    return DataInput(f"checkpoint {folder.name}", str(folder), sha256 or sha256_file(folder / MODEL_FILE), context,
+                     registered)

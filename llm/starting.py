@@ -59,10 +59,12 @@ def starting_weights(init_from: str, stage_dir: str | Path | None = None, sectio
     return sha256_file(folder / MODEL_FILE) if (folder / MODEL_FILE).is_file() else str(folder)
 
 
-def starting_input(init_from: str, stage_dir: str | Path | None = None, section: str = "",
+def starting_input(init_from: str, weights: str, stage_dir: str | Path | None = None, section: str = "",
                    stage: str = "pretrain") -> DataInput | None:
     """What a run starts from, as an MLflow input: a checkpoint folder (and its registered version), or a
-    GPT-2 size by its URL and pinned sha256; None from scratch (or a GPT-2 size with no pinned hash)."""
+    GPT-2 size by its URL and pinned sha256; None from scratch (or a GPT-2 size with no pinned hash).
+    `weights` is what `starting_weights` recorded of it in the run's fingerprint (a folder's weights by
+    their sha256), so that the weights are hashed once a run."""
     from llm import gpt2_weights
 
     if init_from == "scratch":
@@ -71,4 +73,4 @@ def starting_input(init_from: str, stage_dir: str | Path | None = None, section:
         sha256 = gpt2_weights.SHA256[init_from]
         return DataInput(init_from, gpt2_weights.URL.format(size=init_from), sha256, "start") if sha256 else None
     folder = start_folder(init_from, stage_dir, section, stage) if stage_dir is not None else Path(init_from)
-    return checkpoint_input(folder, "start")
+    return checkpoint_input(folder, "start", sha256=weights)

@@ -167,3 +167,14 @@ def test_the_cli_writes_the_export_and_names_a_bad_checkpoint(tmp_path, capsys):
     assert f"wrote {tmp_path / 'm.gguf'} and {tmp_path / 'm.Modelfile'}" in capsys.readouterr().out
     assert main(["--checkpoint", str(tmp_path / "nowhere"), "--format", "hf", str(tmp_path / "hf")]) == 1
     assert "nowhere is not a checkpoint: config.json is missing" in capsys.readouterr().err
+
+
+def test_the_cli_replaces_an_existing_output_only_when_asked(tmp_path, capsys):
+    _, ckpt = checkpoint(tmp_path)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("a user's file")
+    assert main(["--checkpoint", str(ckpt), "--format", "hf", str(mine)]) == 1
+    assert f"{mine} already there" in capsys.readouterr().err and (mine / "notes.txt").is_file()
+    assert main(["--checkpoint", str(ckpt), "--format", "hf", str(mine), "--overwrite"]) == 0
+    assert (mine / "config.json").is_file() and not (mine / "notes.txt").exists()
