@@ -131,6 +131,7 @@ def check_recipe(params: Params, steps_per_epoch: int) -> None:
         "model.init": (model.init, "book"), "tokenize.val_fraction": (params.tokenize.val_fraction,
                                                                        round(1 - book.TRAIN_RATIO, 6)),
         "pretrain.init_from": (train.init_from, "scratch"), "pretrain.seed": (train.seed, book.SEED),
+        "pretrain.windows": (train.windows, "fixed"),  # the book's DataLoader: stride = max_length
         "pretrain.batch_size": (train.batch_size, book.BATCH_SIZE),
         "pretrain.global_batch_size": (train.global_batch_size, book.BATCH_SIZE),
         "pretrain.lr": (train.lr, book.LEARNING_RATE), "pretrain.min_lr": (train.min_lr, book.LEARNING_RATE),

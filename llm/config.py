@@ -216,6 +216,7 @@ ModelSection.__module__ = __name__  # for pickling and reprs; make_dataclass tak
 
 Device = Literal["auto", "cpu", "cuda", "mps"]
 Precision = Literal["auto", "fp32", "bf16"]  # what each means: llm/hardware.py
+WindowGrid = Literal["shifted", "fixed"]
 PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
 # Inference's default is fp32, not auto: bf16 rounding changes greedy text, so that evaluation, serving and
 # generation would give results that depend on the CPU. bf16 (or auto) is the user's choice.
@@ -288,6 +289,10 @@ def weight_settings(config: TrainConfig) -> dict[str, Any]:
 @dataclass(frozen=True)
 class PretrainConfig(TrainConfig):
     init_from: str = "scratch"  # scratch, a GPT-2 size (gpt2 ... gpt2-xl), or a checkpoint folder
+    # Where the training windows are cut (llm/shards.py RandomWindows): `shifted`, at new boundaries every
+    # epoch; `fixed`, at the book's, every context_length tokens from the split's start, each epoch the
+    # same windows in a new order (on a small corpus the model then learns them by heart, as the book's do).
+    windows: WindowGrid = "shifted"
     registered_model: str = "gpt-base"  # the MLflow registry name of the result (a GPT: model.objective causal)
     registered_encoder: str = "encoder-base"  # ... of an encoder (model.objective: masked)
     # BERT's corruption, for an encoder (llm/masking.py): the positions chosen, and of those the ones that

@@ -113,7 +113,8 @@ def run_pretrain(params: Params, shards_dir: str | Path, out_dir: str | Path, *,
     model = initial_model(params, manifest)
     T = model.config.context_length
     train = TokenStream.from_manifest(shards_dir, "train")
-    batches = RandomWindows(train, T, config.batch_size, config.seed, dist.rank, dist.world_size)
+    batches = RandomWindows(train, T, config.batch_size, config.seed, dist.rank, dist.world_size,
+                            shift=config.windows == "shifted")
     val = fixed_val_batches(TokenStream.from_manifest(shards_dir, "val"), T, config.batch_size, config.eval_batches)
     sampler = (prompt_sampler(manifest["tokenizer"], config.sample_prompt, config.sample_tokens, config.seed)
                if config.sample_interval else None)

@@ -271,25 +271,28 @@ def to_batch(rows: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
 class RandomWindows:
     """Training batches of `context_length`-token windows in a seeded random order, resumable.
 
-    Each epoch shifts the window grid by a random offset and shuffles the windows, so every epoch sees
-    new window boundaries. Under DDP each rank takes its own rows of the same global batch, so the ranks
-    together see exactly what one process would with the global batch size.
+    The windows lie on a grid of stride `context_length`. With `shift` (the default) each epoch moves the
+    grid by a random offset, so every epoch cuts the text at new boundaries; without it the grid starts
+    at the split's first token in every epoch, as the book's DataLoader cuts it (stride = max_length),
+    and only the order changes. Either way each epoch shuffles its windows, and epochs run on across
+    batches. Under DDP each rank takes its own rows of the same global batch, so the ranks together see
+    exactly what one process would with the global batch size.
     """
 
     def __init__(self, stream: TokenStream, context_length: int, batch_size: int, seed: int,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, *, shift: bool = True):
         if len(stream) < context_length + 2:
             raise ShardError(f"the split holds {len(stream)} tokens, too few for one window of "
                              f"context_length {context_length}; use a shorter context or more text")
         self.stream, self.context_length, self.batch_size = stream, context_length, batch_size
-        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.seed, self.rank, self.world_size, self.shift = seed, rank, world_size, shift
         self.epoch, self.position = 0, 0
         self._order: np.ndarray | None = None
 
     def _epoch_order(self) -> np.ndarray:
         if self._order is None:
             rng = np.random.default_rng([self.seed, self.epoch])
-            offset = int(rng.integers(self.context_length))
+            offset = int(rng.integers(self.context_length)) if self.shift else 0
             count = (len(self.stream) - 1 - offset) // self.context_length
             if count < 1:
                 offset, count = 0, (len(self.stream) - 1) // self.context_length

@@ -25,6 +25,7 @@ def test_every_problem_is_reported_with_its_key_path():
         "tokenize": {"val_fraction": 1.5, "sead": 3, "tokens_per_shard": "many"},
         "download": {"sources": [{"name": "x", "url": "ftp://host/x", "kind": "xml"}]},
         "pretrian": {},
+        "pretrain": {"windows": "random"},
     }
     with pytest.raises(ConfigError) as info:
         from_mapping(Params, data)
@@ -34,6 +35,7 @@ def test_every_problem_is_reported_with_its_key_path():
     assert problems["download.sources[0].kind"] == ("must be one of 'text', 'json', 'jsonl', 'parquet', 'csv', "
                                                     "'tsv', got 'xml'")
     assert problems["pretrian"].startswith("unknown key")
+    assert problems["pretrain.windows"] == "must be one of 'shifted', 'fixed', got 'random'"
     assert "tokenize.sead: unknown key; did you mean 'seed'?" in str(info.value)
 
 

@@ -76,6 +76,26 @@ def test_random_windows_are_shifted_targets_deterministic_and_resumable(stream):
     assert state["epoch"] >= 1
 
 
+def epoch_starts(loader: RandomWindows, epochs: int, windows_per_epoch: int) -> list[list[int]]:
+    """The window starts of each epoch, read off a stream whose token at each position is the position."""
+    starts = [int(s) for _ in range(epochs * windows_per_epoch // loader.batch_size)
+              for s in loader.next_batch()[0][:, 0]]
+    return [starts[i:i + windows_per_epoch] for i in range(0, len(starts), windows_per_epoch)]
+
+
+def test_fixed_windows_are_the_books_in_a_new_order_each_epoch_and_shifted_ones_move(tmp_path):
+    length = int(np.random.default_rng().integers(321, 337))  # 20 windows of 16 (and their targets)
+    write_split(tmp_path, [np.arange(length)], tokens_per_shard=1000, vocab_size=1000)
+    tokens = TokenStream.from_manifest(tmp_path, "train")
+    fixed = epoch_starts(RandomWindows(tokens, 16, batch_size=4, seed=7, shift=False), 3, 20)
+    grid = list(range(0, 20 * 16, 16))  # the book's: stride 16 from the first token
+    assert all(sorted(epoch) == grid for epoch in fixed)
+    assert fixed[0] != fixed[1] != fixed[2]  # reshuffled
+    shifted = RandomWindows(tokens, 16, batch_size=1, seed=7)
+    offsets = {shifted.next_batch()[0][0, 0].item() % 16 for _ in range(200)}
+    assert len(offsets) > 1  # the grid moves from epoch to epoch
+
+
 def test_ranks_split_the_global_batch(stream):
     tokens, _ = stream
     single = RandomWindows(tokens, 8, batch_size=6, seed=5).next_batch()[0]
