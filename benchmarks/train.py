@@ -1,6 +1,6 @@
 """Training throughput: the project's trainer against nanoGPT as written, in one run.
 
-    python -m benchmarks.train [--steps 2] [--rounds 5] [--probe-steps 2] [--no-compile]
+    python -m benchmarks.train [--steps 2] [--rounds 5] [--probe-steps 2] [--no-compile] [--dtype fp32]
 
 Both sides train the same shape (the `cpu-small` preset: 4 layers, 4 heads, n_embd 256, context 256,
 GPT-2's 50,257-token vocabulary, biases, head tied to the token embedding, dropout 0) on the same
@@ -20,7 +20,8 @@ tokens (tinyshakespeare repeated to 2 MB, tokenized into shards by the tokenize 
 Each side first tries its settings, fp32 or bf16 autocast, eager or `torch.compile` (which needs a C++
 compiler: a setting that fails is skipped, with the reason), each on a fresh model: one untimed warm-up
 step each (compilation), then one step of each in turn, `--probe-steps` times over; it keeps the
-setting whose best step was fastest. nanoGPT fuses AdamW only on CUDA and, on a CPU, autocasts nothing
+setting whose best step was fastest (`--dtype fp32` offers both sides fp32 only: what a host without
+native bf16 runs, where bf16 is emulated and slower, measured on any host). nanoGPT fuses AdamW only on CUDA and, on a CPU, autocasts nothing
 (its `ctx` is a nullcontext there); both are offered to it anyway, each side at its fastest: bf16 as
 one of its settings, and the fused CPU AdamW kernel (which ours uses) tried against its fastest
 setting, in turn with it, and kept if faster. Then the two winners are timed in alternating (paired)
@@ -63,6 +64,7 @@ from llm.tracking import MemoryTracker
 from llm.train import Trainer
 
 BATCH = 8
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 LR, MIN_LR, WARMUP_LR_STEPS = 1e-3, 1e-4, 2  # ours: TrainConfig's lr and min_lr; both sides warm up 2 steps
 WEIGHT_DECAY, BETAS, GRAD_CLIP = 0.1, (0.9, 0.95), 1.0
 WARMUP = 1  # untimed steps of each setting first (compilation, the optimizer's state); its loss is step 0's
@@ -241,11 +243,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--probe-steps", type=int, default=2, help="timed steps of each setting when choosing")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile settings")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="offer both sides this dtype only "
+                        "(fp32: as a host without native bf16 trains); default: fp32 and bf16")
     args = parser.parse_args()
     started = time.perf_counter()
-    settings = [Setting(torch.float32, False), Setting(torch.bfloat16, False)]
-    if not args.no_compile:
-        settings += [Setting(torch.float32, True), Setting(torch.bfloat16, True)]
+    dtypes = [DTYPES[args.dtype]] if args.dtype else list(DTYPES.values())
+    compiles = [False] if args.no_compile else [False, True]
+    settings = [Setting(dtype, compiled) for compiled in compiles for dtype in dtypes]
     # Every runner follows one schedule: warm-up, probe, then the rounds (a trial's runner stops early).
     total_steps = WARMUP + args.probe_steps + args.rounds * args.steps
     cfg = model_config("cpu-small", dropout=0.0)
