@@ -282,10 +282,11 @@ def train_model_simple(model: GPTModel, train_loader: DataLoader, val_loader: Da
 
 
 def main(train_loader: DataLoader, val_loader: DataLoader, tokenizer: tiktoken.Encoding,
-         num_epochs: int = NUM_EPOCHS, log: Callable[[str], None] = print) -> tuple[GPTModel, History]:
+         num_epochs: int = NUM_EPOCHS, log: Callable[[str], None] = print,
+         seed: int = SEED) -> tuple[GPTModel, History]:
     """The notebook's training cell: seed, model, optimizer, train_model_simple."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(SEED)
+    torch.manual_seed(seed)
     model = GPTModel(GPT_CONFIG_124M)
     model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
