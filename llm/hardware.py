@@ -1,4 +1,5 @@
-"""The machine a run uses: its device, the precision it computes in, and its peak FLOP/s for MFU.
+"""The machine a run uses: its device, the precision it computes in, its peak FLOP/s for MFU, and how its
+C allocator treats the memory a training step frees.
 
 The precision rule: training computes in bf16 where the hardware runs bf16 natively (`precision: auto`,
 its default), inference always in fp32 unless you ask for bf16. Inference is the evaluate stage (its
@@ -16,11 +17,21 @@ arithmetic anyway, and each training run records the dtype it used (`precision_u
 MFU (model FLOPs utilisation) is the share of the hardware's peak that the model's useful FLOPs reach.
 On CUDA the peak comes from the card's datasheet (dense bf16); on a CPU, which has no datasheet figure
 we can trust, it is measured: the rate of a large matmul in the training dtype, once per process.
+
+The allocator: a training step frees and allocates the same large buffers at every step (the gradients,
+set to None after each step; the embedding's dense gradient, zero-filled; autocast's bf16 copies of the
+weights). glibc's malloc serves each one above its mmap threshold (32 MB at most) with a fresh mmap and
+unmaps it when freed, so the first write to each of its pages faults again at every step, a cost that
+grows with the vocabulary, not with the batch. `keep_freed_memory` turns that off for the process (the
+trainer does so on a CPU): freed buffers stay in the heap and the next step reuses them as they are. The
+price: a process keeps its peak of memory until it exits. benchmarks/book.py measures the gain.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import platform
 import time
 from contextlib import AbstractContextManager, nullcontext
 
@@ -31,6 +42,24 @@ from llm.config import INFERENCE_PRECISION, PRECISIONS, Precision
 # Dense bf16 tensor-core peaks from NVIDIA's datasheets, by a substring of the device name.
 _CUDA_BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12,
                    "L4": 121e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12}
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt's parameters, from glibc's malloc.h
+_TRIM_THRESHOLD_BYTES = 2**31 - 1  # the most mallopt takes (an int): free memory at the heap's top kept
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc serve large buffers from its heap and keep what is freed, for the whole process
+    (see the module's docstring); False, and nothing changed, where the C library is not glibc."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    # mallopt returns 1 on success; the heap's top is kept first, so that no step sees mmap off alone.
+    return bool(libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES) and libc.mallopt(_M_MMAP_MAX, 0))
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -41,7 +41,7 @@ from llm import distributed, faults
 from llm.checkpoint import MODEL_FILE, ResumeStore, history_from_json, settings_digest, unwrap, write_final
 from llm.config import TrainConfig
 from llm.distributed import Dist
-from llm.hardware import autocast, peak_flops, precision_name, resolve_device, train_dtype
+from llm.hardware import autocast, keep_freed_memory, peak_flops, precision_name, resolve_device, train_dtype
 from llm.model import eval_mode
 from llm.optim import adamw, warmup_cosine
 from llm.sampler import check_global_batch
@@ -160,6 +160,8 @@ class Trainer:
         # The loop owns the process group it starts: it ends it when fit() returns or fails.
         self.device, self._started_group = distributed.init(dist, resolve_device(config.device))
         self.dtype = train_dtype(self.device, config.precision)
+        if self.device.type == "cpu":
+            keep_freed_memory()  # else every step page-faults its large buffers afresh (llm/hardware.py)
         self.gpt = unwrap(model).to(self.device)
         self.model: nn.Module = self.gpt
         if config.compile:
