@@ -28,7 +28,8 @@ setting, in turn with it, and kept if faster. Then the two winners are timed in 
 rounds, the order swapped each round, so that a busy spell of the machine lands on both. Tokens/s
 covers the optimizer steps only: not the warm-up (nor compilation), nor, for ours, the evaluation and
 checkpoint that end each of its rounds. MFU is measured against this machine's own matmul rate in the
-training dtype. A run takes about 5 minutes on 2 busy cores once torch.compile's cache is warm (the
+training dtype. Both sides run with glibc's heap keeping freed memory (llm/hardware.py's
+`keep_freed_memory`, which our trainer sets for its whole process anyway). A run takes about 5 minutes on 2 busy cores once torch.compile's cache is warm (the
 first run on a machine compiles from scratch: minutes more).
 
 Sanity checks, printed and asserted (a benchmark that measures a broken model is worthless): every
@@ -56,7 +57,7 @@ import torch
 from benchmarks import nanogpt
 from benchmarks.tokenize import build_corpus
 from llm.config import TokenizeConfig, TrainConfig
-from llm.hardware import measured_matmul_flops
+from llm.hardware import keep_freed_memory, measured_matmul_flops
 from llm.model import GPT, model_config
 from llm.shards import RandomWindows, TokenStream
 from llm.tokenize import tokenize_corpus
@@ -256,6 +257,9 @@ def main() -> None:
     uniform_loss = math.log(cfg.vocab_size)
     ours_params = GPT(cfg).num_params(non_embedding=False)
     assert reference_params() == ours_params, (reference_params(), ours_params)
+    # Our trainer keeps freed memory for the whole process (llm/hardware.py), which would speed up the
+    # reference's later rounds too, and not its earlier ones: set it before either side runs.
+    print(f"allocator: freed memory kept in the heap for both sides: {keep_freed_memory()}")
 
     with tempfile.TemporaryDirectory() as tmp:
         raw = build_corpus(Path(tmp), 2)
