@@ -29,8 +29,9 @@ rounds, the order swapped each round, so that a busy spell of the machine lands 
 covers the optimizer steps only: not the warm-up (nor compilation), nor, for ours, the evaluation and
 checkpoint that end each of its rounds. MFU is measured against this machine's own matmul rate in the
 training dtype. Both sides run with glibc's heap keeping freed memory (llm/hardware.py's
-`keep_freed_memory`, which our trainer sets for its whole process anyway). A run takes about 5 minutes on 2 busy cores once torch.compile's cache is warm (the
-first run on a machine compiles from scratch: minutes more).
+`keep_freed_memory`, which our trainer sets for its whole process anyway). A run takes about 5 minutes
+on 2 busy cores once torch.compile's cache is warm (the first run on a machine compiles from scratch:
+minutes more).
 
 Sanity checks, printed and asserted (a benchmark that measures a broken model is worthless): every
 tried setting's step-0 loss is within 0.3 of ln(50257) = 10.82, and each winner's mean loss over the
