@@ -27,6 +27,24 @@ def test_matches_plain_cross_entropy_with_gradients(chunk_rows):
         torch.testing.assert_close(a, e)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_the_compiled_path_matches_plain_cross_entropy_with_gradients(reduction):
+    # Under torch.compile the loss takes its own branch (one chunk, pointwise only); "aot_eager" traces
+    # it as Inductor would, without generating code.
+    hidden = torch.randn(40, 16, requires_grad=True)
+    weight = torch.randn(300, 16, requires_grad=True)
+    targets = torch.randint(0, 300, (40,))
+    targets[[0, 9, 31]] = IGNORE_INDEX
+    weights = torch.randn(40)
+    expected = F.cross_entropy(hidden @ weight.T, targets, ignore_index=IGNORE_INDEX, reduction=reduction)
+    compiled = torch.compile(linear_cross_entropy, backend="aot_eager", fullgraph=True)
+    actual = compiled(hidden, weight, targets, reduction=reduction)
+    torch.testing.assert_close(actual, expected)
+    for a, e in zip(torch.autograd.grad((actual * weights).sum(), (hidden, weight)),
+                    torch.autograd.grad((expected * weights).sum(), (hidden, weight))):
+        torch.testing.assert_close(a, e)
+
+
 def test_without_gradients_gives_the_same_loss_and_all_ignored_gives_zero():
     hidden, weight = torch.randn(2, 5, 8), torch.randn(40, 8)
     targets = torch.randint(0, 40, (2, 5))
