@@ -134,17 +134,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_hidden = grad_weight = None
         if ctx.per_row:  # grad_output (N,): each row's gradient scales its own row of G
             scale = grad_output.to(grad_logits.dtype)[:, None]  # (N, 1)
-            if ctx.needs_input_grad[0]:
-                grad_hidden = ((grad_logits @ w) * scale).to(ctx.dtypes[0])  # (N, C)
-            if ctx.needs_input_grad[1]:
-                grad_weight = ((h * scale).T @ grad_logits).T.to(ctx.dtypes[1])  # (V, C)
         else:
             scale = (grad_output / count).to(grad_logits.dtype)
-            if ctx.needs_input_grad[0]:
-                grad_hidden = (grad_logits @ w * scale).to(ctx.dtypes[0])  # (N, C)
-            if ctx.needs_input_grad[1]:
-                # (h^T G)^T rather than G^T h: the same product, faster in this memory layout
-                grad_weight = ((h.T @ grad_logits) * scale).T.to(ctx.dtypes[1])  # (V, C)
+        if ctx.needs_input_grad[0]:
+            grad_hidden = ((grad_logits @ w) * scale).to(ctx.dtypes[0])  # (N, C)
+        if ctx.needs_input_grad[1]:
+            # (h^T G)^T with h^T laid out contiguously first: the product G^T h, in the layouts that
+            # oneDNN multiplies fastest (the copy is of the small (N, C) side)
+            grad_weight = ((h * scale).T.contiguous() @ grad_logits).T.to(ctx.dtypes[1])  # (V, C)
         _spare.give_back(grad_logits)
         return grad_hidden, grad_weight, None, None, None, None
 
