@@ -140,8 +140,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_hidden = ((grad_logits @ w) * scale).to(ctx.dtypes[0])  # (N, C)
         if ctx.needs_input_grad[1]:
             # (h^T G)^T with h^T laid out contiguously first: the product G^T h, in the layouts that
-            # oneDNN multiplies fastest (the copy is of the small (N, C) side)
-            grad_weight = ((h * scale).T.contiguous() @ grad_logits).T.to(ctx.dtypes[1])  # (V, C)
+            # oneDNN multiplies fastest (the copy is of the small (N, C) side); then cast and laid out as
+            # the weight in one pass, so that autograd adds it to the embedding's gradient as it is
+            product = (h * scale).T.contiguous() @ grad_logits  # (C, V)
+            grad_weight = product.T.to(ctx.dtypes[1], memory_format=torch.contiguous_format)  # (V, C)
         _spare.give_back(grad_logits)
         return grad_hidden, grad_weight, None, None, None, None
 
