@@ -1,6 +1,7 @@
 """Training throughput: the project's trainer against nanoGPT as written, in one run.
 
-    python -m benchmarks.train [--steps 2] [--rounds 5] [--probe-steps 2] [--no-compile] [--dtype fp32]
+    python -m benchmarks.train [--steps 2] [--rounds 5] [--probe-steps 2] [--no-compile]
+                               [--dtype auto | fp32 | bf16 | both]
 
 Both sides train the same shape (the `cpu-small` preset: 4 layers, 4 heads, n_embd 256, context 256,
 GPT-2's 50,257-token vocabulary, biases, head tied to the token embedding, dropout 0) on the same
@@ -20,9 +21,12 @@ tokens (tinyshakespeare repeated to 2 MB, tokenized into shards by the tokenize 
 Each side first tries its settings, fp32 or bf16 autocast, eager or `torch.compile` (which needs a C++
 compiler: a setting that fails is skipped, with the reason), each on a fresh model: one untimed warm-up
 step each (compilation), then one step of each in turn, `--probe-steps` times over; it keeps the
-setting whose best step was fastest (`--dtype fp32` offers both sides fp32 only: what a host without
-native bf16 runs, where bf16 is emulated and slower, measured on any host). nanoGPT fuses AdamW only on CUDA and, on a CPU, autocasts nothing
-(its `ctx` is a nullcontext there); both are offered to it anyway, each side at its fastest: bf16 as
+setting whose best step was fastest. `--dtype auto` (the default) offers bf16 only where the CPU
+computes it natively, by the trainer's own rule (llm/hardware.py's `bf16_is_fast`): elsewhere bf16 is
+emulated in software, many times slower than fp32, and probing it would keep the run going for half an
+hour to learn that. `--dtype fp32` measures on any host what a host without native bf16 runs; `--dtype
+both` offers bf16 even where it is emulated. nanoGPT fuses AdamW only on CUDA and, on a CPU, autocasts
+nothing (its `ctx` is a nullcontext there); both are offered to it anyway, each side at its fastest: bf16 as
 one of its settings, and the fused CPU AdamW kernel (which ours uses) tried against its fastest
 setting, in turn with it, and kept if faster. Then the two winners are timed in alternating (paired)
 rounds, the order swapped each round, so that a busy spell of the machine lands on both. Tokens/s
@@ -58,7 +62,7 @@ import torch
 from benchmarks import nanogpt
 from benchmarks.tokenize import build_corpus
 from llm.config import TokenizeConfig, TrainConfig
-from llm.hardware import keep_freed_memory, measured_matmul_flops
+from llm.hardware import bf16_is_fast, keep_freed_memory, measured_matmul_flops
 from llm.model import GPT, model_config
 from llm.shards import RandomWindows, TokenStream
 from llm.tokenize import tokenize_corpus
@@ -245,11 +249,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--probe-steps", type=int, default=2, help="timed steps of each setting when choosing")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile settings")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="offer both sides this dtype only "
-                        "(fp32: as a host without native bf16 trains); default: fp32 and bf16")
+    parser.add_argument("--dtype", choices=["auto", *DTYPES, "both"], default="auto",
+                        help="the dtypes offered to both sides: auto (fp32, and bf16 where the CPU computes "
+                        "it natively), fp32 (as a host without native bf16 trains), bf16, or both")
     args = parser.parse_args()
     started = time.perf_counter()
-    dtypes = [DTYPES[args.dtype]] if args.dtype else list(DTYPES.values())
+    if args.dtype == "auto":
+        dtypes = [torch.float32, torch.bfloat16] if bf16_is_fast(torch.device("cpu")) else [torch.float32]
+    else:
+        dtypes = list(DTYPES.values()) if args.dtype == "both" else [DTYPES[args.dtype]]
     compiles = [False] if args.no_compile else [False, True]
     settings = [Setting(dtype, compiled) for compiled in compiles for dtype in dtypes]
     # Every runner follows one schedule: warm-up, probe, then the rounds (a trial's runner stops early).
@@ -278,7 +286,8 @@ def main() -> None:
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {caps.get('cpu_name', 'CPU')}, "
               f"AVX512-BF16 {'yes' if caps.get('avx512_bf16') else 'no'}, AMX-BF16 "
               f"{'yes' if caps.get('amx_bf16') else 'no'}; cpu-small ({ours_params:,} parameters on both sides), "
-              f"batch {BATCH} x {cfg.context_length}, {len(tokens):,} training tokens")
+              f"batch {BATCH} x {cfg.context_length}, {len(tokens):,} training tokens; dtypes offered "
+              f"({args.dtype}): {', '.join(str(d).removeprefix('torch.') for d in dtypes)}")
         print(f"choosing each side's fastest setting ({WARMUP} warm-up step each, then {args.probe_steps} "
               f"timed in turn):")
         ref = fastest("nanoGPT", warm_up("nanoGPT", make_ref, settings, uniform_loss), args.probe_steps)
