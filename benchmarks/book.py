@@ -36,7 +36,8 @@ two final models are then measured alike: eval mode, fp32, the mean loss over th
 and its 2 val windows.
 
 Both wall times, final losses and curves are printed. The book's loop takes most of a run: the full 10
-epochs took 8 minutes in all on 2 idle cores with AMX, and about an hour on 2 busy cores without it. Last line: `book_speedup=R` (goal: at least 3).
+epochs took 8 minutes in all on 2 idle cores with AMX, and about an hour on 2 busy cores without it.
+Last line: `book_speedup=R` (goal: at least 3).
 """
 
 from __future__ import annotations
