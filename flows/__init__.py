@@ -14,6 +14,10 @@ import os
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # The library logs through the standard `llm.*` loggers; this sends those lines to Prefect's UI too.
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "llm")
+# A temporary server that is not healthy within Prefect's default 20 s fails the stage ("Timed out while
+# attempting to connect to ephemeral Prefect API server"): on 2 cores busy with other work, a fresh
+# PREFECT_HOME's first start takes longer. The one server that scripts/pipeline starts waits as long.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
 class _QuietTemporaryServerNotice(_logging.Filter):

@@ -49,11 +49,14 @@ def test_a_killed_stage_takes_its_temporary_server_with_it(tmp_path):
     env.update(PYTHONPATH=str(ROOT), PREFECT_HOME=str(tmp_path / "prefect"), LLM_MIRROR_DIR=str(SHARED_DATA),
                LLM_PAUSE_AT="download.manifest:1", LLM_PAUSE_FILE=str(tmp_path / "paused"),
                MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    stage = subprocess.Popen([sys.executable, "-m", "flows.download"], cwd=tmp_path, env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "stage.log"
+    with log.open("wb") as out:
+        stage = subprocess.Popen([sys.executable, "-m", "flows.download"], cwd=tmp_path, env=env,
+                                 stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 180
     while not (tmp_path / "paused").exists():  # the flow runs: its temporary server is up
-        assert stage.poll() is None and time.monotonic() < deadline, "the stage ended before its pause point"
+        assert stage.poll() is None and time.monotonic() < deadline, (
+            f"the stage ended before its pause point; its output ends:\n{log.read_text()[-2000:]}")
         time.sleep(0.1)
     servers = [pid for pid in children_of(stage.pid) if "uvicorn" in cmdline(pid)]
     assert len(servers) == 1, [cmdline(pid) for pid in children_of(stage.pid)]
