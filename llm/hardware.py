@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import logging
 import platform
 import time
 from contextlib import AbstractContextManager, nullcontext
@@ -38,6 +39,8 @@ from contextlib import AbstractContextManager, nullcontext
 import torch
 
 from llm.config import INFERENCE_PRECISION, PRECISIONS, Precision
+
+_log = logging.getLogger(__name__)
 
 # Dense bf16 tensor-core peaks from NVIDIA's datasheets, by a substring of the device name.
 _CUDA_BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12,
@@ -121,17 +124,30 @@ def autocast(device: torch.device, dtype: torch.dtype) -> AbstractContextManager
 
 
 @functools.cache
-def measured_matmul_flops(dtype: torch.dtype = torch.float32, size: int = 2048) -> float:
-    """FLOP/s of a large square matmul on the CPU: the fastest of 8 runs, so that a moment when the
-    machine is busy with something else does not lower the peak (and inflate MFU)."""
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    a @ b  # warm-up
+def measured_matmul_flops(
+    dtype: torch.dtype = torch.float32, max_size: int = 2048, min_run_s: float = 0.05
+) -> float:
+    """FLOP/s of a square matmul on the CPU: the fastest of 8 runs, so that a moment when the machine is
+    busy with something else does not lower the peak (and inflate MFU). The side doubles from 256 up to
+    `max_size`, stopping early once one product takes `min_run_s`: where the dtype is emulated (bf16 on a
+    CPU without native bf16, a hundred times slower than fp32) a 2048 product takes many seconds and
+    stalled a run's first step for minutes, while a smaller one measures the same rate."""
+    size = 256
+    while True:
+        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+        start = time.perf_counter()
+        a @ b  # also the warm-up of this size
+        if time.perf_counter() - start >= min_run_s or size >= max_size:
+            break
+        size *= 2
     best = float("inf")
     for _ in range(8):
         start = time.perf_counter()
         a @ b
         best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
+    flops = 2 * size**3 / best
+    _log.debug("matmul peak in %s: %.0f GFLOP/s, measured on %d x %d", dtype, flops / 1e9, size, size)
+    return flops
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:

@@ -12,7 +12,7 @@ from types import MappingProxyType
 import pytest
 import torch
 
-from llm.hardware import bf16_is_fast, inference_dtype, precision_name, train_dtype
+from llm.hardware import bf16_is_fast, inference_dtype, measured_matmul_flops, precision_name, train_dtype
 
 CPU = torch.device("cpu")
 AVX512 = {"architecture": "x86_64", "avx2": True, "avx512_f": True, "avx512_bw": True, "avx512_vl": True,
@@ -44,6 +44,16 @@ def test_an_explicit_precision_overrides_the_hardware(monkeypatch):
     assert train_dtype(CPU, "bf16") == torch.bfloat16
     pretend_cpu(monkeypatch, **{**AVX512, "amx_bf16": True})
     assert train_dtype(CPU, "fp32") == torch.float32
+
+
+@pytest.mark.parametrize(("min_run_s", "max_size", "measured_on"), [(0.0, 2048, 256), (float("inf"), 512, 512)])
+def test_the_matmul_peak_grows_its_size_only_while_a_product_is_quick(caplog, min_run_s, max_size, measured_on):
+    # Where bf16 is emulated, a 2048 product takes many seconds: the size stops once one is slow enough.
+    with caplog.at_level("DEBUG", logger="llm.hardware"):
+        flops = measured_matmul_flops.__wrapped__(torch.bfloat16, max_size=max_size, min_run_s=min_run_s)
+    assert flops > 0
+    assert caplog.messages == [f"matmul peak in torch.bfloat16: {flops / 1e9:.0f} GFLOP/s, measured on "
+                               f"{measured_on} x {measured_on}"]
 
 
 def test_a_dtype_is_named_as_params_yaml_names_it_and_a_bad_precision_is_refused():
