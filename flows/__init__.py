@@ -14,10 +14,12 @@ import os
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # The library logs through the standard `llm.*` loggers; this sends those lines to Prefect's UI too.
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "llm")
-# A temporary server that is not healthy within Prefect's default 20 s fails the stage ("Timed out while
+# How long a Prefect server may take to answer: the stage's temporary one and the one that scripts/pipeline
+# starts (flows/server.py). Prefect's default for a temporary server, 20 s, failed stages ("Timed out while
 # attempting to connect to ephemeral Prefect API server"): on 2 cores busy with other work, a fresh
-# PREFECT_HOME's first start takes longer. The one server that scripts/pipeline starts waits as long.
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+# PREFECT_HOME's first start takes longer.
+SERVER_STARTUP_TIMEOUT_S = 120
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(SERVER_STARTUP_TIMEOUT_S))
 
 
 class _QuietTemporaryServerNotice(_logging.Filter):

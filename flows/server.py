@@ -23,6 +23,8 @@ import time
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 
+from flows import SERVER_STARTUP_TIMEOUT_S
+
 
 class ServerError(RuntimeError):
     pass
@@ -50,7 +52,9 @@ def _healthy(api_url: str) -> bool:
 
 
 @contextlib.contextmanager
-def prefect_server(env: Mapping[str, str] | None = None, timeout_s: float = 120) -> Iterator[str]:
+def prefect_server(
+    env: Mapping[str, str] | None = None, timeout_s: float = SERVER_STARTUP_TIMEOUT_S
+) -> Iterator[str]:
     """A `prefect server start` on a free port of 127.0.0.1, up and answering; yields its API URL."""
     port = _free_port()
     api_url = f"http://127.0.0.1:{port}/api"
