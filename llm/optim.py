@@ -1,4 +1,5 @@
-"""Optimizer and learning-rate schedule for training: AdamW with decay on matrices only, warmup + cosine.
+"""Optimizer, gradient clipping and learning-rate schedule for training: AdamW with decay on matrices only,
+clipping by the global gradient norm, warmup + cosine.
 
 Weight decay pulls weights toward zero; it helps matrices (attention, MLP, embeddings) and hurts biases
 and LayerNorm gains, which is why GPT-2 style training decays only parameters with two or more
@@ -25,6 +26,21 @@ def adamw(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, 
     # several passes per tensor: on a CPU the optimizer step is then a small part of a training step.
     fused = device_type in ("cuda", "cpu") and "fused" in inspect.signature(torch.optim.AdamW).parameters
     return torch.optim.AdamW(groups, lr=lr, betas=betas, **({"fused": True} if fused else {}))
+
+
+def clip_gradients(model: nn.Module, max_norm: float) -> float:
+    """The global L2 norm of the model's gradients; where it exceeds `max_norm` (0: no limit), the gradients
+    are scaled down to it, as torch's clip_grad_norm_ scales them.
+
+    clip_grad_norm_ itself multiplies every gradient by min(1, max_norm / norm) at every step, a pass over
+    all of them that changes nothing on a step under the limit, or with no limit at all (the book's
+    recipe): the norm is read back here anyway, so the scaling runs only where it changes something."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads)
+    value = norm.item()
+    if 0 < max_norm < value:
+        torch.nn.utils.clip_grads_with_norm_(model.parameters(), max_norm, norm)
+    return value
 
 
 def lr_factor(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:

@@ -43,7 +43,7 @@ from llm.config import TrainConfig
 from llm.distributed import Dist
 from llm.hardware import autocast, keep_freed_memory, peak_flops, precision_name, resolve_device, train_dtype
 from llm.model import eval_mode
-from llm.optim import adamw, warmup_cosine
+from llm.optim import adamw, clip_gradients, warmup_cosine
 from llm.sampler import check_global_batch
 
 if TYPE_CHECKING:  # the protocol only: tracking code does not shape the weights, nor the fingerprint
@@ -274,8 +274,7 @@ class Trainer:
                 f"loss is {loss_value} at step {progress.step + 1}; stopped before applying it. The last good "
                 f"checkpoint is {last or 'none yet'}. Lower the learning rate (lr {cfg.lr}), raise warmup_steps, "
                 f"or set precision: fp32")
-        clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.gpt.parameters(), clip).item()
+        grad_norm = clip_gradients(self.gpt, cfg.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
