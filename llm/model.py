@@ -269,6 +269,27 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+# What nn.Linear, nn.Embedding, nn.LayerNorm and GPT's own init call to fill their weights.
+_INIT_FUNCTIONS = ("normal_", "uniform_", "kaiming_uniform_", "trunc_normal_", "ones_", "zeros_", "constant_")
+
+
+@contextlib.contextmanager
+def _no_init() -> Iterator[None]:
+    """torch.nn.init's fills as no-ops, while a model that weights are loaded into is built: its tensors
+    stay uninitialised memory, where they are allocated. Building on the meta device instead would skip the
+    fills too, but the first fill of a meta tensor imports torch._dynamo and moving it off meta imports
+    sympy (seconds, in every process that loads a model). Transformers' `no_init_weights` does the same.
+    Not for threads that build other models meanwhile: the functions are swapped process-wide."""
+    saved = {name: getattr(nn.init, name) for name in _INIT_FUNCTIONS}
+    for name in _INIT_FUNCTIONS:
+        setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(nn.init, name, function)
+
+
 class GPT(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -287,17 +308,10 @@ class GPT(nn.Module):
 
     @classmethod
     def empty(cls, config: ModelConfig, device: torch.device | str = "cpu") -> GPT:
-        """A GPT whose weights are uninitialised memory on `device`, to load weights into: skips the
-        random initialisation, which takes seconds for the GPT-2 sizes on a CPU."""
-        with torch.device("meta"):
-            model = cls(config)
-        model.to_empty(device=device)  # fresh storage per parameter: re-tie, and rebuild the masks
-        if config.tie_weights:
-            model.lm_head.weight = model.wte.weight
-        for block in model.h:
-            if block.attn.explicit and block.attn.causal:
-                block.attn.mask = future_mask(config.context_length, device)
-        return model
+        """A GPT whose weights are uninitialised memory on `device`, to load weights into: built there
+        with torch.nn.init's fills skipped, which take seconds for the GPT-2 sizes on a CPU."""
+        with torch.device(device), _no_init():
+            return cls(config)
 
     def _init_gpt2(self) -> None:
         self.apply(self._init_weights)

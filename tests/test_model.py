@@ -213,6 +213,29 @@ def test_empty_model_is_tied_and_masked_like_a_built_one():
     torch.testing.assert_close(empty(idx), built(idx), rtol=0, atol=0)
 
 
+def test_an_empty_model_skips_the_fills_without_importing_dynamo_or_sympy_and_leaves_init_as_it_was():
+    import subprocess
+    import sys
+
+    # A fresh process: what loading a checkpoint costs a stage that never compiles.
+    script = (
+        "import sys, torch\n"
+        "from llm.model import GPT, model_config\n"
+        "fills = {name: getattr(torch.nn.init, name) for name in ('normal_', 'zeros_', 'kaiming_uniform_')}\n"
+        "model = GPT.empty(model_config('tiny', vocab_size=64))\n"
+        "print(sorted(m for m in ('torch._dynamo', 'sympy') if m in sys.modules))\n"
+        "print(all(getattr(torch.nn.init, name) is f for name, f in fills.items()))\n"
+        "print(model.wte.weight.device, model.lm_head.weight is model.wte.weight)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert run.stdout.splitlines() == ["[]", "True", "cpu True"]
+    # A model built after one is loaded is initialised as ever.
+    GPT.empty(model_config("tiny", vocab_size=VOCAB))
+    torch.manual_seed(0)
+    fresh = GPT(model_config("tiny", vocab_size=VOCAB))
+    assert 0.015 < float(fresh.wte.weight.std()) < 0.025 and bool(fresh.ln_f.weight.eq(1).all())
+
+
 # ---------------------------------------------------------------------------------------------------
 # Cache and padding paths of forward_hidden (generation's building blocks; decoding is in test_generate)
 
