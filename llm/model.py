@@ -5,8 +5,9 @@
     Block:  x = x + attn(ln_1(x));  x = x + mlp(ln_2(x))      (pre-LayerNorm, residuals)
 
 Attention has two implementations behind `ModelConfig.attention`: the book's explicit one (scores,
-an upper-triangular mask buffer, softmax, dropout) and PyTorch's fused `scaled_dot_product_attention`
-(the default); they agree to float32 rounding. `ModelConfig.init` picks the starting weights: GPT-2's
+an upper-triangular mask buffer, softmax, dropout) and PyTorch's fused `scaled_dot_product_attention`;
+they agree to float32 rounding. `auto`, the default, runs SDPA except where the explicit product is the
+faster (bf16 on a CPU, over up to AUTO_EXPLICIT_MAX_KEYS keys). `ModelConfig.init` picks the starting weights: GPT-2's
 N(0, 0.02) (the default), or PyTorch's default of each layer, which the book's `GPTModel` trains from
 (the `gpt2-book` preset's: the book's chapter 5 curve depends on it). `ModelConfig.objective: masked`
 makes the same blocks an encoder (BERT's objective, llm/masking.py): attention without the causal mask,
@@ -37,7 +38,10 @@ from llm.loss import IGNORE_INDEX, Reduction, linear_cross_entropy  # noqa: F401
 from llm.validation import ConfigError, Problem, check_positive, check_range, from_mapping
 
 
-AttentionKind = Literal["sdpa", "explicit"]
+AttentionKind = Literal["auto", "sdpa", "explicit"]
+# In bf16 on a CPU, SDPA's kernels (flash, and the math path that dropout takes) are slower than the explicit
+# product over up to this many keys, forward and backward, and faster beyond (benchmarks/attention.py).
+AUTO_EXPLICIT_MAX_KEYS = 512
 # causal: a GPT, each position predicting the next token from those before it. masked: an encoder (BERT's
 # objective), every position seeing the whole sequence, predicting the tokens that were masked out of it.
 Objective = Literal["causal", "masked"]
@@ -57,7 +61,7 @@ class ModelConfig:
     dropout: float = 0.0
     qkv_bias: bool = True  # biases on the query, key and value projections (GPT-2 has them)
     tie_weights: bool = True  # the head shares the token embedding matrix, as in GPT-2
-    attention: AttentionKind = "sdpa"
+    attention: AttentionKind = "auto"  # auto: SDPA, or the explicit product where that is faster
     # gpt2: GPT-2's N(0, 0.02), zero biases, residual projections scaled down by depth. book: PyTorch's
     # default of each layer, as the book's GPTModel keeps it (Linear: uniform within 1/sqrt(fan_in);
     # Embedding: N(0, 1); LayerNorm: ones and zeros). Only construction reads it: loaded weights replace it.
@@ -191,6 +195,17 @@ def future_mask(context_length: int, device: torch.device | str | None = None) -
     return torch.ones(context_length, context_length, dtype=torch.bool, device=device).triu(1)
 
 
+def auto_runs_explicit(device: torch.device, dtype: torch.dtype, keys: int) -> bool:
+    """Where `attention: auto` runs the explicit product rather than SDPA: bf16 on a CPU, over up to
+    AUTO_EXPLICIT_MAX_KEYS keys."""
+    return device.type == "cpu" and dtype == torch.bfloat16 and keys <= AUTO_EXPLICIT_MAX_KEYS
+
+
+def causal_allowed(T: int, S: int, device: torch.device) -> Tensor:
+    """(T, S): which of S keys each of the last T queries may see, itself and the keys before it."""
+    return torch.ones(T, S, dtype=torch.bool, device=device).tril(S - T)
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention: causal in a GPT, bidirectional in an encoder."""
 
@@ -199,13 +214,13 @@ class SelfAttention(nn.Module):
         self.n_head = config.n_head
         self.layer = layer  # which slice of a KVCache is this layer's
         self.dropout = config.dropout
-        self.explicit = config.attention == "explicit"
+        self.attention = config.attention
         self.causal = not config.is_encoder
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.qkv_bias)  # q, k, v in one
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
-        if self.explicit and self.causal:
+        if config.attention == "explicit" and self.causal:
             self.register_buffer("mask", future_mask(config.context_length), persistent=False)
 
     def forward(self, x: Tensor, allowed: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
@@ -224,24 +239,30 @@ class SelfAttention(nn.Module):
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None) -> Tensor:
         T, S = q.size(2), k.size(2)
-        if not self.explicit and not self.causal:
-            dropout_p = self.dropout if self.training else 0.0
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p)
-        if not self.explicit:
-            # SDPA's is_causal aligns the mask top-left, right only when T == S; one new token sees
-            # every key; a chunk after cached positions needs the mask spelled out.
-            if allowed is None and 1 < T < S:
-                allowed = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
-            dropout_p = self.dropout if self.training else 0.0
+        dropout_p = self.dropout if self.training else 0.0
+        if not self._explicit_for(q, S):
+            if self.causal and allowed is None and 1 < T < S:
+                # SDPA's is_causal aligns the mask top-left, right only when T == S; one new token sees
+                # every key; a chunk after cached positions needs the mask spelled out.
+                allowed = causal_allowed(T, S, q.device)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p,
-                                                  is_causal=allowed is None and T == S)
+                                                  is_causal=self.causal and allowed is None and T == S)
         scores = q @ k.transpose(-2, -1) / math.sqrt(k.size(-1))  # (B, nh, T, S)
         if allowed is not None:
             scores = scores.masked_fill(~allowed, float("-inf"))
-        elif self.causal:
+        elif self.causal and self.attention == "explicit":
             scores = scores.masked_fill(self.mask[S - T : S, :S], float("-inf"))  # the queries' rows
+        elif self.causal:
+            scores = scores.masked_fill(~causal_allowed(T, S, q.device), float("-inf"))
         weights = torch.softmax(scores, dim=-1)
         return self.attn_dropout(weights) @ v  # (B, nh, T, hs)
+
+    def _explicit_for(self, q: Tensor, S: int) -> bool:
+        """Whether this call runs the explicit product: always with `explicit`, never with `sdpa`, and with
+        `auto` where it is the faster."""
+        if self.attention == "auto":
+            return auto_runs_explicit(q.device, q.dtype, S)
+        return self.attention == "explicit"
 
 
 class MLP(nn.Module):

@@ -31,7 +31,7 @@ def test_input_longer_than_the_context_is_an_error():
         tiny()(tokens(1, 65))
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "explicit"])
+@pytest.mark.parametrize("attention", ["auto", "sdpa", "explicit"])
 def test_a_later_token_never_changes_an_earlier_position(attention):
     model = tiny(attention=attention).eval()
     idx = tokens(2, 24)
@@ -52,6 +52,27 @@ def test_explicit_and_sdpa_attention_agree_on_outputs_and_gradients():
     explicit(idx, targets).backward()
     for (name, a), b in zip(sdpa.named_parameters(), explicit.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_auto_attention_runs_the_explicit_product_in_bf16_on_a_cpu_up_to_its_limit_and_sdpa_elsewhere(
+        dtype, monkeypatch):
+    monkeypatch.setattr("llm.model.AUTO_EXPLICIT_MAX_KEYS", 24)
+    models = {kind: tiny(attention=kind).to(dtype) for kind in ("auto", "sdpa", "explicit")}
+    for model in models.values():
+        model.load_state_dict(models["auto"].state_dict())
+    for T in (24, 25):  # at the limit, and past it
+        idx, targets = tokens(2, T), tokens(2, T)
+        losses = {kind: model(idx, targets) for kind, model in models.items()}
+        for model, loss in zip(models.values(), losses.values()):
+            model.zero_grad()
+            loss.backward()
+        same = "explicit" if dtype == torch.bfloat16 and T <= 24 else "sdpa"
+        assert torch.equal(losses["auto"], losses[same]), (T, same)  # the same kernels, bit for bit
+        for a, b in zip(models["auto"].parameters(), models[same].parameters()):
+            assert torch.equal(a.grad, b.grad), (T, same)
+        other = {"sdpa": "explicit", "explicit": "sdpa"}[same]
+        assert not torch.equal(models["auto"].wte.weight.grad, models[other].wte.weight.grad)
 
 
 def test_ignored_targets_add_nothing_to_the_loss():
@@ -292,7 +313,7 @@ def test_config_errors_name_every_bad_key():
         model_config("gpt2", n_embd=100, n_layer=0, dropout=1.0, attention="flash", n_haed=3)
     assert dict(info.value.problems) == {
         "n_haed": "unknown key; did you mean 'n_head'?",
-        "attention": "must be one of 'sdpa', 'explicit', got 'flash'",
+        "attention": "must be one of 'auto', 'sdpa', 'explicit', got 'flash'",
     }  # wrong types stop the range checks; fix those first, as for params.yaml
     with pytest.raises(ConfigError) as info:
         model_config("gpt2", n_embd=100, n_layer=0, dropout=1.0)
