@@ -1,0 +1,65 @@
+"""Dropout whose random mask is cheap to draw on a CPU: torch.nn.Dropout's function, another generator.
+
+    from llm.dropout import Dropout
+    self.drop = Dropout(0.1)          # in a model, where nn.Dropout(0.1) would be
+
+In training each element is zeroed with probability p and the rest scaled by 1 / (1 - p), as
+`F.dropout` does; in eval mode it passes its input through. The difference is where the mask comes
+from on a CPU. `F.dropout` draws it with `bernoulli_`, element by element from PyTorch's Mersenne
+Twister, and in the book's model (dropout 0.1 after the embeddings, on every layer's attention weights
+and after every residual branch) those draws were a fifth of a training step, more than any matmul
+(benchmarks/dropout.py measures both masks). Here NumPy's PCG64 fills 32-bit words in bulk and an
+element is kept where its word is at or above p * 2**32 (p to within 2**-32, the scale from the same
+rounded p, so the expectation is exact).
+
+The mask is still a function of torch's global generator: PCG64's seed is one draw from it, so
+`torch.manual_seed` decides every mask, as it decides `F.dropout`'s (the trainer reseeds per step for
+exact resume, llm/train.py). The masks differ from `F.dropout`'s for the same seed: another generator.
+On a GPU, and under torch.compile (which draws its own masks inside its kernels), this is `F.dropout`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+_WORD = 2**32  # the mask's random words are uint32, compared as int32 (torch has no uint32 comparison)
+
+
+def keep_threshold(p: float) -> int:
+    """The smallest kept word: an element is dropped where its uniform 32-bit word is below this."""
+    return round(p * _WORD)
+
+
+def keep_mask(shape: torch.Size | tuple[int, ...], p: float) -> Tensor:
+    """A bool mask of `shape`, True where an element is kept: each independently with probability
+    1 - keep_threshold(p) / 2**32, drawn by PCG64 seeded from torch's global generator."""
+    seed = int(torch.empty((), dtype=torch.int64).random_())
+    n = math.prod(shape)
+    words = np.random.PCG64(seed).random_raw((n + 1) // 2).view(np.int32)[:n]  # uint32 bits, read as int32
+    return torch.from_numpy(words).view(shape) >= keep_threshold(p) - _WORD // 2
+
+
+def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
+    """`F.dropout(x, p, training)`, with the mask from `keep_mask` on a CPU outside torch.compile."""
+    if not training or p == 0:
+        return x
+    threshold = keep_threshold(p)
+    if x.device.type != "cpu" or torch.compiler.is_compiling() or threshold >= _WORD:
+        return F.dropout(x, p, training)
+    scale = _WORD / (_WORD - threshold)  # 1 / (1 - p), with the p the mask draws
+    return x * keep_mask(x.shape, p).to(x.dtype).mul_(scale)
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout computing `dropout`: an nn.Dropout to whatever inspects a model, with no state."""
+
+    def __init__(self, p: float = 0.5):
+        super().__init__(p)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return dropout(x, self.p, self.training)
