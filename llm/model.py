@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from llm.dropout import Dropout
 from llm.loss import IGNORE_INDEX, Reduction, linear_cross_entropy  # noqa: F401 (IGNORE_INDEX: the model's users import it here)
 from llm.validation import ConfigError, Problem, check_positive, check_range, from_mapping
 
@@ -218,8 +219,8 @@ class SelfAttention(nn.Module):
         self.causal = not config.is_encoder
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.qkv_bias)  # q, k, v in one
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
-        self.attn_dropout = nn.Dropout(config.dropout)
-        self.resid_dropout = nn.Dropout(config.dropout)
+        self.attn_dropout = Dropout(config.dropout)
+        self.resid_dropout = Dropout(config.dropout)
         if config.attention == "explicit" and self.causal:
             self.register_buffer("mask", future_mask(config.context_length), persistent=False)
 
@@ -271,7 +272,7 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
         self.gelu = nn.GELU(approximate="tanh")  # GPT-2's (and the book's) tanh approximation
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
@@ -317,7 +318,7 @@ class GPT(nn.Module):
         self.config = config
         self.wte = nn.Embedding(config.embedding_rows, config.n_embd)
         self.wpe = nn.Embedding(config.context_length, config.n_embd)
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = Dropout(config.dropout)
         self.h = nn.ModuleList(Block(config, layer) for layer in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd)
         # A classifier's head needs no bias: ln_f's bias, through the head, already gives each class one.
@@ -375,7 +376,12 @@ class GPT(nn.Module):
     def head_weight(self) -> Tensor:
         """The head's matrix (vocab_size or num_classes, C): an encoder's tied head without the mask
         token's row, which is an input only and never predicted."""
-        return self.lm_head.weight[: self.lm_head.out_features]
+        weight = self.lm_head.weight
+        if weight.shape[0] == self.lm_head.out_features:
+            # No slice where no row is left out: a slice's backward zero-fills a (V, C) gradient and copies
+            # into it, at every step.
+            return weight
+        return weight[: self.lm_head.out_features]
 
     def class_logits(self, idx: Tensor, real: Tensor) -> Tensor:
         """A classifier's logits (B, num_classes) for right-padded token ids `idx` (B, T), `real` (B, T)
