@@ -214,7 +214,7 @@ class Trainer:
                 progress.tokens += tokens
                 bar.update(1)
                 last = progress.step == self.max_steps
-                if progress.step % cfg.log_interval == 0 or last:
+                if self._reports(progress.step):
                     rate = window_tokens / window_time
                     losses = progress.pending_losses
                     metrics = {"train_loss": sum(losses) / len(losses),
@@ -243,8 +243,8 @@ class Trainer:
         return TrainResult(progress, self.final_metrics(), self.gpt)
 
     def _optimizer_step(self) -> tuple[float, float, int, dict[str, float]]:
-        """One optimizer step over `accum` micro-batches: (mean loss, gradient norm, tokens processed, the
-        objective's mean figures)."""
+        """One optimizer step over `accum` micro-batches: (mean loss, gradient norm (NaN on a step that
+        neither clips nor reports), tokens processed, the objective's mean figures)."""
         cfg, progress = self.config, self.progress
         # Dropout draws from the global generator: seeding it per step makes the random stream a
         # function of the step, so a resumed run needs no saved RNG state and each rank gets its own.
@@ -274,11 +274,19 @@ class Trainer:
                 f"loss is {loss_value} at step {progress.step + 1}; stopped before applying it. The last good "
                 f"checkpoint is {last or 'none yet'}. Lower the learning rate (lr {cfg.lr}), raise warmup_steps, "
                 f"or set precision: fp32")
-        grad_norm = clip_gradients(self.gpt, cfg.grad_clip)
+        # The norm is a pass over every gradient: with clipping off, only a step that reports it pays it.
+        if cfg.grad_clip > 0 or self._reports(progress.step + 1):
+            grad_norm = clip_gradients(self.gpt, cfg.grad_clip)
+        else:
+            grad_norm = math.nan
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss_value, grad_norm, round(tokens_value * self.dist.world_size), dict(zip(sums, figure_values))
+
+    def _reports(self, step: int) -> bool:
+        """Whether the step that ends at `step` reports its figures (loss, gradient norm, tokens/s)."""
+        return step % self.config.log_interval == 0 or step == self.max_steps
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:

@@ -62,6 +62,27 @@ def test_loss_falls_and_everything_is_reported(tmp_path, shards):
     assert sorted(p.name for p in (tmp_path / "out" / "resume").iterdir()) == ["step-000015", "step-000020"]
 
 
+@pytest.mark.parametrize("grad_clip", [0.0, 1.0])
+def test_the_gradient_norm_is_computed_where_it_clips_or_is_reported(tmp_path, shards, monkeypatch, grad_clip):
+    import llm.optim
+    import llm.train
+
+    measured: list[float] = []
+
+    def counting(model, max_norm):
+        measured.append(llm.optim.clip_gradients(model, max_norm))
+        return measured[-1]
+
+    monkeypatch.setattr(llm.train, "clip_gradients", counting)
+    tracker = MemoryTracker()
+    run_pretrain(params(max_steps=7, log_interval=3, grad_clip=grad_clip), shards, tmp_path / "out", tracker=tracker)
+    reported = tracker.series("grad_norm")
+    assert [step for step, _ in reported] == [3, 6, 7]
+    # with clipping off, only the reporting steps (and the last) pay for the norm; with it on, every step
+    assert len(measured) == (3 if grad_clip == 0 else 7)
+    assert all(norm > 0 for _, norm in reported) and {norm for _, norm in reported} <= set(measured)
+
+
 def test_gradient_accumulation_matches_one_big_batch(tmp_path, shards):
     big = run_pretrain(params(max_steps=3, batch_size=8, global_batch_size=8), shards, tmp_path / "a",
                        tracker=MemoryTracker())
