@@ -6,11 +6,11 @@
 In training each element is zeroed with probability p and the rest scaled by 1 / (1 - p), as
 `F.dropout` does; in eval mode it passes its input through. The difference is where the mask comes
 from on a CPU. `F.dropout` draws it with `bernoulli_`, element by element from PyTorch's Mersenne
-Twister, and in the book's model (dropout 0.1 after the embeddings, on every layer's attention weights
-and after every residual branch) those draws were a fifth of a training step, more than any matmul
-(benchmarks/dropout.py measures both masks). Here NumPy's PCG64 fills 32-bit words in bulk and an
-element is kept where its word is at or above p * 2**32 (p to within 2**-32, the scale from the same
-rounded p, so the expectation is exact).
+Twister, and the book's model draws a lot of them (dropout 0.1 after the embeddings, on every layer's
+attention weights and after every residual branch): a large part of its training step on a CPU
+(benchmarks/dropout.py measures both masks, alone and in the step). Here NumPy's PCG64 fills 32-bit
+words in bulk and an element is kept where its word is at or above p * 2**32 (p to within 2**-32, the
+scale from the same rounded p, so the expectation is exact).
 
 The mask is still a function of torch's global generator: PCG64's seed is one draw from it, so
 `torch.manual_seed` decides every mask, as it decides `F.dropout`'s (the trainer reseeds per step for
