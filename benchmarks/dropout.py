@@ -26,7 +26,8 @@ from torch import nn
 
 from benchmarks.common import time_interleaved
 from llm.dropout import Dropout
-from llm.hardware import autocast, bf16_is_fast, keep_freed_memory
+from llm.config import PRECISIONS
+from llm.hardware import autocast, bf16_is_fast, keep_freed_memory, train_dtype
 from llm.model import GPT, model_config
 from llm.optim import adamw
 
@@ -69,12 +70,12 @@ def training_step(model: nn.Module, dtype: torch.dtype) -> Callable[[], None]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto")
+    parser.add_argument("--dtype", choices=PRECISIONS, default="auto",
+                        help="the training dtype, as pretrain.precision names it (auto: bf16 where native)")
     args = parser.parse_args()
     keep_freed_memory()  # as the trainer runs
     native = bf16_is_fast(torch.device("cpu"))
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16,
-             "auto": torch.bfloat16 if native else torch.float32}[args.dtype]
+    dtype = train_dtype(torch.device("cpu"), args.dtype)  # the trainer's own choice of dtype
     name = str(dtype).removeprefix("torch.")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, native bf16: {native}; dropout {P}; "
           f"training dtype {name}")
