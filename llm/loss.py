@@ -115,11 +115,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         rows_loss = torch.empty(h.shape[0], dtype=torch.float32, device=hidden.device) if per_row else None
         grad_logits = _spare.take((h.shape[0], w.shape[0]), dtype, hidden.device)  # (N, V)
+        # In fp32 eager, each chunk's logits are computed straight into its rows of G, which the loss turns
+        # into the gradient in place: no chunk-sized temporary and no copy of it into G.
+        in_place = dtype == torch.float32 and not torch.compiler.is_compiling()
         for start in range(0, h.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
-            logits = (h[rows] @ w.T).float()  # (n, V)
+            if in_place:
+                logits = torch.mm(h[rows], w.T, out=grad_logits[rows])  # (n, V)
+            else:
+                logits = (h[rows] @ w.T).float()  # (n, V)
             loss, grad = _chunk_loss_and_grad(logits, safe[rows], valid[rows])
-            grad_logits[rows] = grad
+            if not in_place:
+                grad_logits[rows] = grad
             if per_row:
                 rows_loss[rows] = loss
             else:
@@ -139,11 +146,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_hidden = ((grad_logits @ w) * scale).to(ctx.dtypes[0])  # (N, C)
         if ctx.needs_input_grad[1]:
-            # (h^T G)^T with h^T laid out contiguously first: the product G^T h, in the layouts that
-            # oneDNN multiplies fastest (the copy is of the small (N, C) side); then cast and laid out as
-            # the weight in one pass, so that autograd adds it to the embedding's gradient as it is
-            product = (h * scale).T.contiguous() @ grad_logits  # (C, V)
-            grad_weight = product.T.to(ctx.dtypes[1], memory_format=torch.contiguous_format)  # (V, C)
+            if grad_logits.dtype == ctx.dtypes[1]:
+                # G^T h comes out in the weight's dtype and layout: nothing to cast or copy, and autograd
+                # adds the tied embedding's gradient into it in place.
+                grad_weight = grad_logits.T @ (h * scale)  # (V, C)
+            else:
+                # (h^T G)^T with h^T laid out contiguously first: in bf16, the layouts that oneDNN
+                # multiplies fastest (the copy is of the small (N, C) side); then cast and laid out as the
+                # weight in one pass, a pass that the cast needs anyway
+                product = (h * scale).T.contiguous() @ grad_logits  # (C, V)
+                grad_weight = product.T.to(ctx.dtypes[1], memory_format=torch.contiguous_format)  # (V, C)
         _spare.give_back(grad_logits)
         return grad_hidden, grad_weight, None, None, None, None
 

@@ -67,6 +67,24 @@ def test_under_bf16_autocast_it_stays_close_to_the_plain_path():
     assert hidden.grad.dtype == torch.float32 and weight.grad.dtype == torch.float32
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_a_head_tied_to_the_token_embedding_gets_the_sum_of_both_gradients(autocast):
+    # fp32 computes the head's weight gradient in the weight's own layout, bf16 transposes and casts it;
+    # either way autograd adds the embedding's gradient to it, as it does to the plain path's.
+    weight = (torch.randn(300, 16) * 0.1).requires_grad_()
+    ids, targets = torch.randint(0, 300, (2, 20)), torch.randint(0, 300, (2, 20))
+    targets[1, :5] = IGNORE_INDEX
+    mix = torch.randn(16, 16)
+    grads = []
+    for loss_fn in (linear_cross_entropy, lambda h, w, t: plain(h.reshape(-1, 16), w, t.reshape(-1))):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            hidden = torch.tanh(F.embedding(ids, weight) @ mix)
+            loss = loss_fn(hidden, weight, targets)
+        grads.append(torch.autograd.grad(loss, weight)[0])
+    assert grads[0].dtype == torch.float32 and grads[0].is_contiguous()
+    torch.testing.assert_close(grads[0], grads[1], **({"atol": 2e-3, "rtol": 2e-2} if autocast else {}))
+
+
 def test_steps_reuse_the_gradient_buffer_and_overlapping_graphs_stay_correct():
     hidden = torch.randn(40, 8, requires_grad=True)
     weight = torch.randn(90, 8, requires_grad=True)
