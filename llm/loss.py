@@ -10,8 +10,8 @@ the rounding of the compute dtype), and never more than one chunk of fp32 logits
 
 Under torch.compile it runs as one chunk: Inductor fuses the elementwise passes into the matmuls'
 neighbours itself, and the full-size matmuls run faster than chunked ones. Even so it beats compiling
-the plain head + cross-entropy, by its faster layout for the weight gradient (benchmarks/train.py times
-the whole step against nanoGPT's).
+the plain head + cross-entropy, by one exp per logit and, in bf16, a faster layout for the weight
+gradient (benchmarks/train.py times the whole step against nanoGPT's).
 
 Under autocast the matmuls run in the autocast dtype (bf16), as the plain path's would.
 """
@@ -122,11 +122,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             rows = slice(start, start + chunk_rows)
             if in_place:
                 logits = torch.mm(h[rows], w.T, out=grad_logits[rows])  # (n, V)
+                loss, _ = _chunk_loss_and_grad(logits, safe[rows], valid[rows])
             else:
                 logits = (h[rows] @ w.T).float()  # (n, V)
-            loss, grad = _chunk_loss_and_grad(logits, safe[rows], valid[rows])
-            if not in_place:
-                grad_logits[rows] = grad
+                loss, grad_logits[rows] = _chunk_loss_and_grad(logits, safe[rows], valid[rows])
             if per_row:
                 rows_loss[rows] = loss
             else:
