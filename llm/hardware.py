@@ -42,9 +42,18 @@ from llm.config import INFERENCE_PRECISION, PRECISIONS, Precision
 
 _log = logging.getLogger(__name__)
 
-# Dense bf16 tensor-core peaks from NVIDIA's datasheets, by a substring of the device name.
-_CUDA_BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12,
-                   "L4": 121e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12}
+# Dense bf16 tensor-core peaks from NVIDIA's datasheets, by the part of the device name that names the
+# model (torch.cuda.get_device_name: "NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA L40S").
+_CUDA_BF16_PEAK = {"H200": 989e12, "H100": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "A100": 312e12,
+                   "L40S": 362e12, "L40": 181e12, "L4": 121e12, "A10G": 70e12, "RTX 4090": 165e12,
+                   "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12}
+
+
+def datasheet_bf16_peak(device_name: str) -> float | None:
+    """The dense bf16 peak of a CUDA device from its name, None for one not listed. The longest listed
+    name in it wins: an H100 PCIe is not the SXM part's "H100", nor an L40S an "L4"."""
+    matches = [model for model in _CUDA_BF16_PEAK if model in device_name]
+    return _CUDA_BF16_PEAK[max(matches, key=len)] if matches else None
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt's parameters, from glibc's malloc.h
@@ -155,7 +164,6 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
     if device.type == "cpu":
         return measured_matmul_flops(dtype)
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        peak = next((v for k, v in _CUDA_BF16_PEAK.items() if k in name), None)
+        peak = datasheet_bf16_peak(torch.cuda.get_device_name(device))
         return peak if peak is None or dtype == torch.bfloat16 else peak / 2  # tf32 runs at half the rate
     return None

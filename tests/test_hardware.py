@@ -12,7 +12,8 @@ from types import MappingProxyType
 import pytest
 import torch
 
-from llm.hardware import bf16_is_fast, inference_dtype, measured_matmul_flops, precision_name, train_dtype
+from llm.hardware import (bf16_is_fast, datasheet_bf16_peak, inference_dtype, measured_matmul_flops, precision_name,
+                          train_dtype)
 
 CPU = torch.device("cpu")
 AVX512 = {"architecture": "x86_64", "avx2": True, "avx512_f": True, "avx512_bw": True, "avx512_vl": True,
@@ -93,3 +94,12 @@ def test_freed_memory_stays_with_the_process_for_the_next_step_to_reuse():
     applied, kept = given_back("keep")
     assert applied == "True"
     assert kept < buffer_bytes // 20
+
+
+@pytest.mark.parametrize(("device_name", "tflops"), [
+    ("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756), ("NVIDIA H100 NVL", 835),
+    ("NVIDIA A100-SXM4-80GB", 312), ("NVIDIA L40S", 362), ("NVIDIA L40", 181), ("NVIDIA L4", 121),
+    ("NVIDIA GeForce RTX 4090", 165), ("NVIDIA B999", None)])
+def test_a_gpus_bf16_peak_is_its_own_models_not_a_shorter_names_it_contains(device_name, tflops):
+    peak = datasheet_bf16_peak(device_name)
+    assert (peak if peak is None else round(peak / 1e12)) == tflops
