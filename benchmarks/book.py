@@ -1,6 +1,6 @@
 """The book's chapter 5 pretraining run: the book's own loop against the pipeline's pretrain stage, in one run.
 
-    python -m benchmarks.book [--epochs 10] [--seed 123]
+    python -m benchmarks.book [--epochs 10] [--seed 123] [--precision auto | fp32 | bf16]
 
 Both sides train the book's GPT_CONFIG_124M (163M parameters: 12 layers, 12 heads, n_embd 768, context
 256, dropout 0.1, no qkv biases, an untied head) from the same starting weights (PyTorch's default
@@ -19,6 +19,8 @@ mirror in $LLM_MIRROR_DIR where there is no network), for `--epochs` of the book
 The recipe is checked against the book's settings first (a benchmark of other settings is no comparison).
 `--seed` replaces the book's 123 on both sides, which then start from the weights drawn after it: the
 order of the windows and the dropout draws change with it, and so do both curves (how far: the README).
+`--precision` replaces the recipe's training precision (auto): `fp32` measures on any host what a host
+without native bf16 runs (auto picks fp32 there), as `benchmarks.train --dtype fp32` does.
 
 Timed, on each side: from building the model to the end of training (the book: its notebook's training
 cell; ours: run_pretrain whole, but not the MLflow logging and Prefect flow that the stage wraps it in).
@@ -59,7 +61,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from benchmarks import book_ch05 as book
-from llm.config import Params, load_params
+from llm.config import PRECISIONS, Params, load_params
 from llm.download import fetch, manifest_entry, source_path, write_manifests
 from llm.pretrain import run_pretrain
 from llm.tokenize import tokenize_corpus
@@ -200,6 +202,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=book.NUM_EPOCHS, help="the book's epochs, on both sides")
     parser.add_argument("--seed", type=int, default=book.SEED,
                         help="the starting weights, window order and dropout of both sides (the book's: 123)")
+    parser.add_argument("--precision", choices=PRECISIONS,
+                        help="the pipeline side's training precision instead of the recipe's (fp32: as a host "
+                        "without native bf16 trains)")
     args = parser.parse_args()
     sys.stdout.reconfigure(line_buffering=True)  # a run logged to a file shows its progress as it goes
     started = time.perf_counter()
@@ -215,7 +220,8 @@ def main() -> None:
         train_loader, val_loader = loaders
         steps_per_epoch = len(train_loader)
         check_recipe(params, steps_per_epoch)
-        params = dataclasses.replace(params, pretrain=dataclasses.replace(params.pretrain, seed=args.seed))
+        params = dataclasses.replace(params, pretrain=dataclasses.replace(
+            params.pretrain, seed=args.seed, precision=args.precision or params.pretrain.precision))
         split_idx = int(book.TRAIN_RATIO * len(text))
         context = book.GPT_CONFIG_124M["context_length"]
         measure = (book.create_dataloader_v1(text[:split_idx], tokenizer, book.BATCH_SIZE, context, context,
