@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from benchmarks.common import time_interleaved
-from llm.dropout import Dropout
 from llm.config import PRECISIONS
+from llm.dropout import Dropout
 from llm.hardware import autocast, bf16_is_fast, keep_freed_memory, train_dtype
 from llm.model import GPT, model_config
 from llm.optim import adamw
