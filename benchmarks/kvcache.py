@@ -8,10 +8,11 @@ on them). The 1 + 255 tokens fed in fill the context exactly, so the cached run 
 recomputation. Both paths produce the same tokens (checked first), and both run the head on the last
 position only, so the ratio is the cache's own gain. Median of 5 interleaved repeats after a warm-up,
 in fp32, the dtype the project generates in by default on every host, and, where the CPU runs bf16
-natively, in bf16 (`--precision bf16`; about four minutes on 2 cores, with the batch and the book's loop
-below). Also printed: the head's time per token, a floor no cache removes, and the speed-up at the batch
+natively, in bf16 (`--precision bf16`; about five minutes on 2 cores, with the batch and the book's loop
+below). Also printed: the head's time per token, a floor no cache removes, the speed-up at the batch
 of 8 prompts the evaluate stage decodes with (`evaluate.generate_batch_size`): there the head's weights
-are read once for 8 rows.
+are read once for 8 rows, and what choosing bf16 gains over fp32 in cached decoding, for one prompt and
+for 8 (the two dtypes in interleaved rounds, so that the ratio is paired).
 
 Two more figures put the headline in context, both from this run:
 - the book's loop (`generate_text_simple`: the whole window through the model and the head at every
@@ -26,6 +27,8 @@ cached step's time over its memory floor.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 
@@ -76,6 +79,22 @@ def measure(model: GPT, label: str, batch_size: int = 1, repeats: int = 5) -> di
     return {name: timing.median / NEW_TOKENS for name, timing in times.items()}
 
 
+def bf16_over_fp32(model: GPT, repeats: int = 7) -> dict[int, float]:
+    """What choosing bf16 gains: cached decoding with a bf16 copy of `model` against `model` in fp32, in
+    interleaved rounds, for one prompt and for the evaluate stage's batch; bf16's tokens/s over fp32's."""
+    model16 = copy.deepcopy(model).to(torch.bfloat16)
+    gain = {}
+    for batch_size in (1, EVALUATE_BATCH):
+        prompts = [[EOT]] * batch_size
+        with torch.inference_mode():
+            times = time_interleaved({"fp32": lambda: generate(model, prompts, NEW_TOKENS),
+                                      "bf16": lambda: generate(model16, prompts, NEW_TOKENS)}, repeats=repeats)
+        gain[batch_size] = times["fp32"].median / times["bf16"].median
+        print(f"bf16 over fp32, cached, batch {batch_size}: {gain[batch_size]:.2f}x the tokens/s "
+              f"(fp32 {times['fp32']}, bf16 {times['bf16']})")
+    return gain
+
+
 def cached_step_floor(model: GPT) -> float:
     """Seconds a cached step for one prompt takes at least: every weight it uses read once (all but
     the position table, of which it reads one row), at the rate this machine sums the head's weights."""
@@ -107,7 +126,9 @@ def main() -> None:
     steps = {"fp32": measure(model, "fp32")}
     floor = {"fp32": cached_step_floor(model)}
     batched = measure(model, "fp32", batch_size=EVALUATE_BATCH, repeats=3)
+    bf16_gain: dict[int, float] = {}
     if bf16_is_fast(torch.device("cpu")):  # bf16 is a choice (--precision bf16) where the CPU computes it
+        bf16_gain = bf16_over_fp32(model)
         model.to(torch.bfloat16)
         steps["bf16"] = measure(model, "bf16")
         floor["bf16"] = cached_step_floor(model)
@@ -117,9 +138,13 @@ def main() -> None:
               f"{step['book loop'] / step['KV cache']:.2f}x faster than the book's loop; a cached step takes "
               f"{step['KV cache'] * 1e3:.2f} ms, {step['KV cache'] / floor[dtype]:.1f}x its memory floor of "
               f"{floor[dtype] * 1e3:.2f} ms (what to improve)")
-    print(f"fp32, {EVALUATE_BATCH} prompts (the evaluate stage's batch): the cache is "
-          f"{batched['no cache'] / batched['KV cache']:.2f}x faster than our uncached decoding")
-    print(f"kvcache_speedup={batched['no cache'] / batched['KV cache']:.1f}")
+    if bf16_gain:
+        print(f"bf16 by choice over fp32, cached, paired: {bf16_gain[1]:.2f}x the tokens/s for one prompt, "
+              f"{bf16_gain[EVALUATE_BATCH]:.2f}x for {EVALUATE_BATCH}")
+    speedup = batched["no cache"] / batched["KV cache"]
+    print(f"fp32, {EVALUATE_BATCH} prompts (the evaluate stage's batch): the cache is {speedup:.2f}x faster "
+          "than our uncached decoding")
+    print(f"kvcache_speedup={speedup:.1f}")
 
 
 if __name__ == "__main__":

@@ -266,8 +266,8 @@ def add_device_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", choices=PRECISIONS, default=INFERENCE_PRECISION,
                         help=f"{INFERENCE_PRECISION} (the default): the same tokens on any machine; bf16: bf16 "
-                             "weights, about twice the tokens/s where the hardware runs bf16 natively, but tokens "
-                             "that can change with the machine; auto: bf16 where it runs fast, else fp32")
+                             "weights, half the memory, but tokens that can change with the machine, and on a CPU "
+                             "no faster for one prompt; auto: bf16 where the hardware runs it natively, else fp32")
 
 
 def add_sampling_options(parser: argparse.ArgumentParser, *, max_new_tokens: int, temperature: float,

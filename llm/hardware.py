@@ -115,8 +115,11 @@ def train_dtype(device: torch.device, precision: Precision = "auto") -> torch.dt
 
 def inference_dtype(device: torch.device, precision: Precision = INFERENCE_PRECISION) -> torch.dtype:
     """The dtype to generate in: each choice means what it means for training, but the default is fp32 (the
-    module's docstring says why). bf16 weights roughly double the tokens/s where bf16 is native: decoding a
-    token is a one-row product with every weight, bound by reading them, and bf16 halves the bytes."""
+    module's docstring says why). bf16 weights halve the bytes a decoding step reads, but on a CPU that is
+    not what bounds it: PyTorch's bf16 products of a few rows run well below memory speed, and at the
+    `cpu-small` width bf16 decodes one prompt slower than fp32, 8 prompts a little faster
+    (benchmarks/kvcache.py prints both ratios). Where the products have many rows, as in training and the
+    evaluate stage's perplexity, bf16 is the faster."""
     return train_dtype(device, precision)
 
 

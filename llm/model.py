@@ -7,13 +7,13 @@
 Attention has two implementations behind `ModelConfig.attention`: the book's explicit one (scores,
 an upper-triangular mask buffer, softmax, dropout) and PyTorch's fused `scaled_dot_product_attention`;
 they agree to float32 rounding. `auto`, the default, runs SDPA except where the explicit product is the
-faster (bf16 on a CPU, over up to AUTO_EXPLICIT_MAX_KEYS keys). `ModelConfig.init` picks the starting weights: GPT-2's
-N(0, 0.02) (the default), or PyTorch's default of each layer, which the book's `GPTModel` trains from
-(the `gpt2-book` preset's: the book's chapter 5 curve depends on it). `ModelConfig.objective: masked`
-makes the same blocks an encoder (BERT's objective, llm/masking.py): attention without the causal mask,
-and a mask token after the tokenizer's ids. Text generation (llm/generate.py)
-runs the same forward with a `KVCache`, a padding mask for left-padded batches, and position ids
-derived from it.
+faster (training in bf16 on a CPU, over up to AUTO_EXPLICIT_MAX_KEYS keys). `ModelConfig.init` picks the
+starting weights: GPT-2's N(0, 0.02) (the default), or PyTorch's default of each layer, which the book's
+`GPTModel` trains from (the `gpt2-book` preset's: the book's chapter 5 curve depends on it).
+`ModelConfig.objective: masked` makes the same blocks an encoder (BERT's objective, llm/masking.py):
+attention without the causal mask, and a mask token after the tokenizer's ids. Text generation
+(llm/generate.py) runs the same forward with a `KVCache`, a padding mask for left-padded batches, and
+position ids derived from it.
 
     from llm.model import GPT, model_config
     model = GPT(model_config("tiny"))
@@ -41,7 +41,9 @@ from llm.validation import ConfigError, Problem, check_positive, check_range, fr
 
 AttentionKind = Literal["auto", "sdpa", "explicit"]
 # In bf16 on a CPU, SDPA's kernels (flash, and the math path that dropout takes) are slower than the explicit
-# product over up to this many keys, forward and backward, and faster beyond (benchmarks/attention.py).
+# product over up to this many keys, forward and backward together, and faster beyond; SDPA's slow part is
+# its backward: its forward alone, what evaluation and generation run, is the faster at every length
+# (benchmarks/attention.py).
 AUTO_EXPLICIT_MAX_KEYS = 512
 # causal: a GPT, each position predicting the next token from those before it. masked: an encoder (BERT's
 # objective), every position seeing the whole sequence, predicting the tokens that were masked out of it.
@@ -196,10 +198,10 @@ def future_mask(context_length: int, device: torch.device | str | None = None) -
     return torch.ones(context_length, context_length, dtype=torch.bool, device=device).triu(1)
 
 
-def auto_runs_explicit(device: torch.device, dtype: torch.dtype, keys: int) -> bool:
+def auto_runs_explicit(device: torch.device, dtype: torch.dtype, keys: int, backward: bool) -> bool:
     """Where `attention: auto` runs the explicit product rather than SDPA: bf16 on a CPU, over up to
-    AUTO_EXPLICIT_MAX_KEYS keys."""
-    return device.type == "cpu" and dtype == torch.bfloat16 and keys <= AUTO_EXPLICIT_MAX_KEYS
+    AUTO_EXPLICIT_MAX_KEYS keys, with a backward pass to follow (training)."""
+    return backward and device.type == "cpu" and dtype == torch.bfloat16 and keys <= AUTO_EXPLICIT_MAX_KEYS
 
 
 def causal_allowed(T: int, S: int, device: torch.device) -> Tensor:
@@ -260,9 +262,9 @@ class SelfAttention(nn.Module):
 
     def _explicit_for(self, q: Tensor, S: int) -> bool:
         """Whether this call runs the explicit product: always with `explicit`, never with `sdpa`, and with
-        `auto` where it is the faster."""
+        `auto` where it is the faster (whether a backward follows: whether autograd records q)."""
         if self.attention == "auto":
-            return auto_runs_explicit(q.device, q.dtype, S)
+            return auto_runs_explicit(q.device, q.dtype, S, backward=q.requires_grad)
         return self.attention == "explicit"
 
 

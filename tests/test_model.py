@@ -75,6 +75,25 @@ def test_auto_attention_runs_the_explicit_product_in_bf16_on_a_cpu_up_to_its_lim
         assert not torch.equal(models["auto"].wte.weight.grad, models[other].wte.weight.grad)
 
 
+def test_auto_attention_runs_sdpa_without_a_backward_to_follow_in_bf16():
+    """Evaluation and generation run the forward alone, where SDPA is the faster at every length."""
+    models = {kind: tiny(attention=kind).to(torch.bfloat16).eval() for kind in ("auto", "sdpa", "explicit")}
+    for model in models.values():
+        model.load_state_dict(models["auto"].state_dict())
+    idx = tokens(2, 24)  # within the limit, where training takes the explicit product
+    with torch.no_grad():
+        logits = {kind: model(idx) for kind, model in models.items()}
+        assert torch.equal(logits["auto"], logits["sdpa"])
+        assert not torch.equal(logits["auto"], logits["explicit"])
+        steps = {}
+        for kind, model in models.items():  # a decoding step: one new token over the cached positions
+            cache = model.new_cache(2)
+            model.forward_hidden(idx, cache=cache)
+            steps[kind] = model.forward_hidden(torch.full((2, 1), 7), cache=cache)
+        assert torch.equal(steps["auto"], steps["sdpa"])
+        assert not torch.equal(steps["auto"], steps["explicit"])
+
+
 def test_ignored_targets_add_nothing_to_the_loss():
     model = tiny()
     idx, targets = tokens(2, 10), tokens(2, 10)
