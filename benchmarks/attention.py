@@ -30,7 +30,7 @@ import torch
 
 from benchmarks.common import time_interleaved
 from llm.config import EvaluateConfig
-from llm.hardware import bf16_is_fast
+from llm.hardware import autocast, bf16_is_fast
 from llm.model import AUTO_EXPLICIT_MAX_KEYS, KVCache, ModelConfig, SelfAttention, auto_runs_explicit, model_config
 
 TOKENS = 2048  # per batch, at every length
@@ -41,7 +41,7 @@ KEYS = (256, 512, 1024)
 def training_step(layer: SelfAttention, x: torch.Tensor, dtype: torch.dtype) -> Callable[[], None]:
     def step() -> None:
         layer.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        with autocast(x.device, dtype):
             y = layer(x)
         y.float().sum().backward()
 
@@ -52,7 +52,7 @@ def forward_only(layer: SelfAttention, x: torch.Tensor, dtype: torch.dtype,
                  cache: KVCache | None = None) -> Callable[[], None]:
     """The layer's forward without gradients; with a `cache`, x's positions follow its stored ones."""
     def step() -> None:
-        with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        with torch.no_grad(), autocast(x.device, dtype):
             layer(x, None, cache)
 
     return step
