@@ -1,15 +1,19 @@
 """The fixed cost of a stage: Prefect, MLflow and DVC around a stage that does no work.
 
-    python -m benchmarks.overhead [--repeats 3]
+    python -m benchmarks.overhead [--repeats 5]
 
 In a temporary DVC project whose one stage is a no-op Prefect flow holding an MLflow run (as every
-stage does), it times, each the median of `--repeats` runs:
+stage does), it times, in rounds that take each in turn (the host's noise falls on all alike), the median
+of `--repeats`:
 - `python -c pass`: the interpreter alone;
-- the no-op stage's process with no Prefect server: Prefect starts a temporary one in the process;
-- the same with a running `prefect server start` (PREFECT_API_URL set), as the README recommends;
-- `dvc repro -f` of the stage with the server running: DVC's own part on top.
-Last line: `overhead_temporary_vs_server=R`, how many times longer a stage's fixed cost is without a
-running server.
+- the no-op stage with no server: Prefect starts a temporary one in the process, and the stage opens
+  the SQLite store itself (a bare `dvc repro`);
+- the same with a running `prefect server start` (PREFECT_API_URL set);
+- the same with a running Prefect server and an `mlflow server` serving the SQLite store: what
+  `scripts/pipeline` gives every stage (flows/server.py);
+- `dvc repro -f` of the stage under those servers: DVC's own part on top.
+Last line: `overhead_temporary_vs_servers=R`, how many times longer a stage's fixed cost is without the
+servers than under scripts/pipeline's. The goal: at most 3 s a stage under them.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from flows.server import prefect_server
+from flows.server import serving, start_mlflow, start_prefect
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,18 +47,15 @@ def noop_stage() -> None:
     noop()
 
 
-def timed(command: list[str], cwd: Path, env: dict[str, str], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        subprocess.run(command, cwd=cwd, env=env, check=True, capture_output=True)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def timed(command: list[str], cwd: Path, env: dict[str, str]) -> float:
+    start = time.perf_counter()
+    subprocess.run(command, cwd=cwd, env=env, check=True, capture_output=True)
+    return time.perf_counter() - start
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--noop-stage", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.noop_stage:
@@ -72,19 +73,27 @@ def main() -> None:
                "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}", "DVC_NO_ANALYTICS": "1",
                "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
         env.pop("PREFECT_API_URL", None)
-        timed(stage, project, env, 1)  # first run: creates the stores and Prefect's database
-        bare = timed([sys.executable, "-c", "pass"], project, env, args.repeats)
-        temporary = timed(stage, project, env, args.repeats)
-        with prefect_server(env) as api:  # as scripts/pipeline starts one for the whole run
-            with_server = timed(stage, project, {**env, "PREFECT_API_URL": api}, args.repeats)
-            with_dvc = timed([sys.executable, "-m", "dvc", "repro", "-f", "-q"], project,
-                             {**env, "PREFECT_API_URL": api}, args.repeats)
-    print(f"python -c pass:                              {bare:6.2f} s")
-    print(f"no-op stage, temporary Prefect server:       {temporary:6.2f} s")
-    print(f"no-op stage, running Prefect server:         {with_server:6.2f} s")
-    print(f"dvc repro -f of it, running Prefect server:  {with_dvc:6.2f} s (DVC's own part: "
-          f"{with_dvc - with_server:+.2f} s, within the noise of a few tenths)")
-    print(f"overhead_temporary_vs_server={temporary / with_server:.2f}")
+        timed(stage, project, env)  # first run: creates the stores and Prefect's database
+        with serving([lambda: start_prefect(env), lambda: start_mlflow(env, project)]) as (prefect, mlflow):
+            modes = {
+                "python -c pass": ([sys.executable, "-c", "pass"], env),
+                "no-op stage, no servers": (stage, env),
+                "no-op stage, Prefect server": (stage, {**env, **prefect.env}),
+                "no-op stage, Prefect and MLflow servers": (stage, {**env, **prefect.env, **mlflow.env}),
+                "dvc repro -f of it, both servers": ([sys.executable, "-m", "dvc", "repro", "-f", "-q"],
+                                                     {**env, **prefect.env, **mlflow.env}),
+            }
+            times: dict[str, list[float]] = {mode: [] for mode in modes}
+            for _ in range(args.repeats):
+                for mode, (command, mode_env) in modes.items():
+                    times[mode].append(timed(command, project, mode_env))
+    median = {mode: statistics.median(values) for mode, values in times.items()}
+    for mode, values in times.items():
+        print(f"{mode + ':':42s} {median[mode]:6.2f} s  (rounds: {', '.join(f'{v:.2f}' for v in values)})")
+    stage_s = median["no-op stage, Prefect and MLflow servers"]
+    print(f"a stage's fixed cost under scripts/pipeline's servers: {stage_s:.2f} s (goal: at most 3 s); "
+          f"DVC's own part on top: {median['dvc repro -f of it, both servers'] - stage_s:+.2f} s")
+    print(f"overhead_temporary_vs_servers={median['no-op stage, no servers'] / stage_s:.2f}")
 
 
 if __name__ == "__main__":

@@ -1,29 +1,45 @@
-"""One Prefect server for the length of a command: what `scripts/pipeline` runs `dvc repro` under.
+"""The servers a command's stages talk to, for the length of the command: what `scripts/pipeline` runs
+`dvc repro` under.
 
     python -m flows.server dvc repro [ARGS]        (scripts/pipeline does this)
 
-Every stage is a Prefect flow run. With no server configured (PREFECT_API_URL unset, in the environment
-and in the Prefect profile), each stage's process would start a temporary server of its own, seconds of
-every stage's start (`python -m benchmarks.overhead`). Instead this starts one `prefect server start` on a
-free port of 127.0.0.1, runs the command with PREFECT_API_URL pointing at it, and stops the server when
-the command ends, however it ends. The server keeps its runs in the Prefect home's database
-(PREFECT_HOME), so a `prefect server start` later shows them. With a server configured, the command runs
-as it is, against that one.
+Every stage is a Prefect flow run holding an MLflow run, and without servers each stage's process pays
+for both on its own (`python -m benchmarks.overhead`):
+- Prefect: with no server configured (PREFECT_API_URL unset, in the environment and in the Prefect
+  profile), each stage would start a temporary server of its own. Instead one `prefect server start`
+  serves the command. It keeps its runs in the Prefect home's database (PREFECT_HOME), so a
+  `prefect server start` later shows them.
+- MLflow: with no store configured (MLFLOW_TRACKING_URI unset), each stage would open the project's
+  SQLite store itself, importing SQLAlchemy and Alembic and checking the schema. Instead one
+  `mlflow server` serves that same file, and the stages write their artifacts straight to `mlartifacts/`
+  as they would without it (the server serves none), so the store ends up the same either way and
+  `mlflow ui` shows it afterwards.
+Both listen on free ports of 127.0.0.1, start side by side, and stop when the command ends, however it
+ends. A server or store configured in the environment is used as it is.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import IO, TYPE_CHECKING
 
 from flows import SERVER_STARTUP_TIMEOUT_S
+from llm.store import (ARTIFACT_LOCATION_ENV, QUIET_ENV, artifact_location, project_store_uri, sqlite_path,
+                       store_lock, with_busy_timeout)
+
+if TYPE_CHECKING:
+    from filelock import FileLock
 
 
 class ServerError(RuntimeError):
@@ -43,54 +59,152 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _healthy(api_url: str) -> bool:
+def _healthy(url: str) -> bool:
     try:
-        with urllib.request.urlopen(f"{api_url}/health", timeout=1) as response:
+        with urllib.request.urlopen(url, timeout=1) as response:
             return response.status == 200
     except OSError:
         return False
 
 
-@contextlib.contextmanager
-def prefect_server(
-    env: Mapping[str, str] | None = None, timeout_s: float = SERVER_STARTUP_TIMEOUT_S
-) -> Iterator[str]:
-    """A `prefect server start` on a free port of 127.0.0.1, up and answering; yields its API URL."""
+@dataclasses.dataclass
+class Server:
+    """A server process, in a session of its own so that stopping it stops the workers it started too. Its
+    output goes to a temporary file, read back if it fails: a pipe that nobody reads would fill and stall
+    it. `env` is what its clients need to use it; `instead`, what a user can configure in its place."""
+
+    name: str
+    health_url: str
+    env: dict[str, str]
+    instead: str
+    process: subprocess.Popen
+    output: IO[bytes]
+    # Held from before the process starts until it answers: a store it creates or migrates meanwhile.
+    lock: FileLock | None = None
+
+    @classmethod
+    def start(cls, name: str, argv: Sequence[str], *, health_url: str, client_env: Mapping[str, str],
+              instead: str, env: Mapping[str, str], lock: FileLock | None = None) -> Server:
+        output = tempfile.TemporaryFile()
+        if lock is not None:
+            lock.acquire()
+        try:
+            process = subprocess.Popen(list(argv), env=dict(env), stdout=output, stderr=subprocess.STDOUT,
+                                       stdin=subprocess.DEVNULL, start_new_session=True)
+        except BaseException:
+            output.close()
+            if lock is not None:
+                lock.release()
+            raise
+        return cls(name, health_url, dict(client_env), instead, process, output, lock)
+
+    def last_output(self, chars: int = 3000) -> str:
+        self.output.seek(0)
+        return self.output.read().decode(errors="replace")[-chars:]
+
+    def wait_until_healthy(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        try:
+            while not _healthy(self.health_url):
+                if self.process.poll() is not None:
+                    raise ServerError(f"{self.name} exited ({self.process.returncode}) before it answered:\n"
+                                      f"{self.last_output()}")
+                if time.monotonic() > deadline:
+                    raise ServerError(f"{self.name} did not answer {self.health_url} in {timeout_s:.0f} s; "
+                                      f"{self.instead}")
+                time.sleep(0.25)
+        finally:
+            self._release()
+
+    def stop(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        self._release()
+        self.output.close()
+
+    def _release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+
+def start_prefect(env: Mapping[str, str]) -> Server:
+    """`prefect server start` on a free port of 127.0.0.1, its runs kept in the Prefect home."""
     port = _free_port()
     api_url = f"http://127.0.0.1:{port}/api"
-    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                               "--port", str(port)], env=dict(env or os.environ), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    argv = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    return Server.start("the Prefect server", argv, health_url=f"{api_url}/health",
+                        client_env={"PREFECT_API_URL": api_url},
+                        instead="set PREFECT_API_URL to a running Prefect server instead", env=env)
+
+
+def start_mlflow(env: Mapping[str, str], root: str | Path | None = None) -> Server:
+    """`mlflow server` for the project's SQLite store (the project at `root`, else DVC_ROOT or the working
+    directory) on a free port of 127.0.0.1. It creates or migrates the store under the store's lock, as a
+    stage opening it would."""
+    uri = with_busy_timeout(project_store_uri(root))
+    db = sqlite_path(uri)
+    db.parent.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    artifacts = artifact_location(uri)
+    argv = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+            "--backend-store-uri", uri, "--default-artifact-root", artifacts, "--no-serve-artifacts",
+            "--workers", "1", "--uvicorn-opts", "--no-access-log"]
+    # Its job runner (a second process, for GenAI evaluation jobs) is nothing a stage uses.
+    server_env = {**QUIET_ENV, **env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    server_env.pop("MLFLOW_TRACKING_URI", None)
+    return Server.start("the MLflow server", argv, health_url=f"{url}/health",
+                        client_env={"MLFLOW_TRACKING_URI": url, ARTIFACT_LOCATION_ENV: artifacts},
+                        instead="set MLFLOW_TRACKING_URI to a running MLflow server or another store instead",
+                        env=server_env, lock=store_lock(db))
+
+
+@contextlib.contextmanager
+def serving(starts: Sequence[Callable[[], Server]], timeout_s: float = SERVER_STARTUP_TIMEOUT_S
+            ) -> Iterator[list[Server]]:
+    """The servers `starts` start, side by side, answering; each is stopped at the end, however it ends."""
+    servers: list[Server] = []
     try:
-        deadline = time.monotonic() + timeout_s
-        while not _healthy(api_url):
-            if server.poll() is not None:
-                raise ServerError(f"prefect server start exited ({server.returncode}) before it answered:\n"
-                                  f"{server.stdout.read()[-3000:]}")
-            if time.monotonic() > deadline:
-                raise ServerError(f"the Prefect server on port {port} did not answer {api_url}/health in "
-                                  f"{timeout_s:.0f} s; set PREFECT_API_URL to a running server instead")
-            time.sleep(0.25)
-        yield api_url
+        for start in starts:
+            servers.append(start())
+        for server in servers:
+            server.wait_until_healthy(timeout_s)
+        yield servers
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(server.pid, signal.SIGTERM)  # the server and the workers it started
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-        server.stdout.close()
+        for server in reversed(servers):
+            server.stop()
 
 
-def run_with_server(command: Sequence[str]) -> int:
-    """Run `command` against the configured Prefect server, or against one started for it; its exit code."""
-    if configured_api_url():
-        return subprocess.run(command).returncode
-    with prefect_server() as api_url:
-        print(f"server: a Prefect server for this run at {api_url} (its UI: {api_url.removesuffix('/api')})",
-              file=sys.stderr, flush=True)
-        return subprocess.run(command, env={**os.environ, "PREFECT_API_URL": api_url}).returncode
+@contextlib.contextmanager
+def prefect_server(env: Mapping[str, str] | None = None,
+                   timeout_s: float = SERVER_STARTUP_TIMEOUT_S) -> Iterator[str]:
+    """A `prefect server start` up and answering; yields its API URL."""
+    with serving([lambda: start_prefect(env or os.environ)], timeout_s) as (server,):
+        yield server.env["PREFECT_API_URL"]
+
+
+def run_with_servers(command: Sequence[str]) -> int:
+    """Run `command` against the configured Prefect server and MLflow store, or servers started for it where
+    none is configured; its exit code."""
+    starts = []
+    if not configured_api_url():
+        starts.append(lambda: start_prefect(os.environ))
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        starts.append(lambda: start_mlflow(os.environ))
+    with serving(starts) as servers:
+        env = dict(os.environ)
+        for server in servers:
+            env.update(server.env)
+            url = server.health_url.removesuffix("/health").removesuffix("/api")
+            print(f"server: {server.name} for this run at {url}", file=sys.stderr, flush=True)
+        return subprocess.run(command, env=env).returncode
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -98,10 +212,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not command:
         print(__doc__.split("\n\n")[1], file=sys.stderr)
         return 2
-    # A SIGTERM (a CI timeout, `kill`) ends the command and then the server too, as a Ctrl-C does.
+    # A SIGTERM (a CI timeout, `kill`) ends the command and then the servers too, as a Ctrl-C does.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
-        return run_with_server(command)
+        return run_with_servers(command)
     except ServerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -1,7 +1,8 @@
 """Where the MLflow store lives, and the store errors that pass: for every module that talks to MLflow.
 
 The store: `$MLFLOW_TRACKING_URI`, else a SQLite file `mlflow.db` at the project root, its artifacts in
-`mlartifacts/` beside it. The root is found from DVC's `DVC_ROOT` or the working directory, and an
+`mlartifacts/` beside it. `scripts/pipeline` serves that file to its stages from one `mlflow server`
+(flows/server.py), whose clients still write artifacts to `mlartifacts/`, as they would without it. The root is found from DVC's `DVC_ROOT` or the working directory, and an
 experiment run in a temporary copy under `<root>/.dvc/tmp/exps/` resolves to the same `<root>`, so
 `dvc exp run --temp` and queued experiments log to the store that `mlflow ui` shows. A new SQLite store is
 created under a file lock: processes starting at once would otherwise race its schema migrations.
@@ -23,8 +24,11 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
+
+if TYPE_CHECKING:
+    from filelock import FileLock
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -49,8 +53,13 @@ def project_root(start: str | Path | None = None) -> Path:
     return path
 
 
+def project_store_uri(root: str | Path | None = None) -> str:
+    """The project's own store: `mlflow.db` at its root."""
+    return f"sqlite:///{project_root(root) / 'mlflow.db'}"
+
+
 def tracking_uri(root: str | Path | None = None) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root(root) / 'mlflow.db'}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or project_store_uri(root)
 
 
 # sqlite3 waits this long for another writer's lock (its default is 5 s). MLflow's sessions set their own
@@ -77,11 +86,26 @@ def with_busy_timeout(uri: str, seconds: float = BUSY_TIMEOUT_S) -> str:
     return f"{base}?{query + '&' if query else ''}timeout={seconds:g}"
 
 
+# Set for the stages by the server that serves a SQLite store (flows/server.py): that store's artifact location.
+ARTIFACT_LOCATION_ENV = "LLM_ARTIFACT_LOCATION"
+
+
 def artifact_location(uri: str) -> str | None:
-    """Artifacts beside a SQLite store (`mlartifacts/`, absolute, whatever the working directory);
-    a server chooses its own."""
+    """Where a new experiment keeps its artifacts: beside a SQLite store (`mlartifacts/`, absolute, whatever
+    the working directory), also when the pipeline's server serves that store ($LLM_ARTIFACT_LOCATION);
+    any other server chooses its own."""
     db = sqlite_path(uri)
-    return None if db is None else (db.parent / "mlartifacts").as_uri()
+    if db is None:
+        return os.environ.get(ARTIFACT_LOCATION_ENV) or None
+    return (db.parent / "mlartifacts").as_uri()
+
+
+def store_lock(db: Path) -> FileLock:
+    """The lock a SQLite store is created and migrated under: processes opening a new store at once would
+    otherwise race its schema migrations."""
+    from filelock import FileLock
+
+    return FileLock(f"{db}.lock", timeout=300)
 
 
 def display_uri(uri: str) -> str:
@@ -98,13 +122,12 @@ def configure(uri: str | None = None) -> str:
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
     import mlflow
-    from filelock import FileLock
 
     uri = with_busy_timeout(uri or tracking_uri())
     db = sqlite_path(uri)
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(f"{db}.lock", timeout=300):
+        with store_lock(db):
             client = mlflow.MlflowClient(uri)
             retrying("open the store", lambda: client.search_experiments(max_results=1))  # creates, migrates
     mlflow.set_tracking_uri(uri)  # MLflow exports it as MLFLOW_TRACKING_URI too, for subprocesses

@@ -60,6 +60,7 @@ def test_a_fresh_clone_runs_the_pipeline_and_keeps_its_promises(tmp_path, prefec
     run = subprocess.run(["scripts/pipeline"], cwd=clone, env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert stages_run(run.stdout + run.stderr) == STAGES
+    assert "the MLflow server for this run at http://127.0.0.1:" in run.stderr  # the stages' store, served
 
     for path in ("data/raw/manifest.json", "data/shards/manifest.json", "data/checkpoints/pretrain/model.safetensors",
                  "data/checkpoints/finetune/model.safetensors", "data/checkpoints/finetune/split.json",
