@@ -91,6 +91,9 @@ def main() -> None:
     for mode, values in times.items():
         print(f"{mode + ':':42s} {median[mode]:6.2f} s  (rounds: {', '.join(f'{v:.2f}' for v in values)})")
     stage_s = median["no-op stage, Prefect and MLflow servers"]
+    print(f"the MLflow server saves a stage {median['no-op stage, Prefect server'] - stage_s:.2f} s; paired rounds: "
+          + ", ".join(f"{p / b:.2f}x" for p, b in zip(times["no-op stage, Prefect server"],
+                                                       times["no-op stage, Prefect and MLflow servers"])))
     print(f"a stage's fixed cost under scripts/pipeline's servers: {stage_s:.2f} s (goal: at most 3 s); "
           f"DVC's own part on top: {median['dvc repro -f of it, both servers'] - stage_s:+.2f} s")
     print(f"overhead_temporary_vs_servers={median['no-op stage, no servers'] / stage_s:.2f}")

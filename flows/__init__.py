@@ -34,19 +34,20 @@ _logging.getLogger("prefect").addFilter(_QuietTemporaryServerNotice())
 
 
 # Prefect's temporary server (started when no PREFECT_API_URL is set) is a child process that Prefect stops
-# at exit; a stage killed with SIGKILL never exits, and the server would run on, orphaned. So each
-# temporary server gets a watchdog that holds a pipe from this process: when this process is gone, however
-# it ended, the pipe closes and the watchdog stops the server.
+# at exit; a stage killed with SIGKILL never exits, and the server would run on, orphaned. The servers that
+# flows/server.py starts for a command, in sessions of their own, likewise. So each gets a watchdog that
+# holds a pipe from this process: when this process is gone, however it ended, the pipe closes and the
+# watchdog stops the server (with "group": the server's whole process group, the workers it started).
 _WATCHDOG = """
 import os, signal, sys, time
-pid = int(sys.argv[1])
-sys.stdin.buffer.read()  # returns once the stage process is gone: it held the other end
+pid, kill = int(sys.argv[1]), os.killpg if sys.argv[2] == "group" else os.kill
+sys.stdin.buffer.read()  # returns once the process that started the server is gone: it held the other end
 try:
-    os.kill(pid, signal.SIGTERM)
+    kill(pid, signal.SIGTERM)
     for _ in range(50):
         time.sleep(0.1)
-        os.kill(pid, 0)
-    os.kill(pid, signal.SIGKILL)
+        kill(pid, 0)
+    kill(pid, signal.SIGKILL)
 except ProcessLookupError:
     pass
 """
@@ -55,14 +56,16 @@ except ProcessLookupError:
 _watchdogs: list = []
 
 
-def _stop_with_this_process(pid: int) -> None:
+def stop_with_this_process(pid: int, *, group: bool = False):
+    """A watchdog that stops process `pid` (or, with `group`, its process group) once this process is gone.
+    Keep the returned Popen as long as this process needs the watchdog (its pipe closes with it); kill it
+    to call the watchdog off, as once the server is stopped."""
     import subprocess
     import sys
 
     # Its own session: a Ctrl-C in the terminal reaches the stage and the server, not the watchdog.
-    watchdog = subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(pid)], stdin=subprocess.PIPE,
-                                start_new_session=True)
-    _watchdogs.append(watchdog)  # kept: its pipe must stay open as long as this process lives
+    return subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(pid), "group" if group else "process"],
+                            stdin=subprocess.PIPE, start_new_session=True)
 
 
 def _guard_temporary_servers() -> None:
@@ -78,7 +81,7 @@ def _guard_temporary_servers() -> None:
         start(self, *args, **kwargs)
         if self.server_process is not None and getattr(self, "_guarded_pid", None) != self.server_process.pid:
             self._guarded_pid = self.server_process.pid
-            _stop_with_this_process(self.server_process.pid)
+            _watchdogs.append(stop_with_this_process(self.server_process.pid))  # kept for the process's life
 
     SubprocessASGIServer.start = start_guarded
 

@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
-from flows import SERVER_STARTUP_TIMEOUT_S
+from flows import SERVER_STARTUP_TIMEOUT_S, stop_with_this_process
 from llm.store import (ARTIFACT_LOCATION_ENV, QUIET_ENV, artifact_location, project_store_uri, sqlite_path,
                        store_lock, with_busy_timeout)
 
@@ -69,15 +69,17 @@ def _healthy(url: str) -> bool:
 
 @dataclasses.dataclass
 class Server:
-    """A server process, in a session of its own so that stopping it stops the workers it started too. Its
-    output goes to a temporary file, read back if it fails: a pipe that nobody reads would fill and stall
-    it. `env` is what its clients need to use it; `instead`, what a user can configure in its place."""
+    """A server process, in a session of its own so that stopping it stops the workers it started too, and
+    stopped by a watchdog if this process is killed before it can stop it. Its output goes to a temporary
+    file, read back if it fails: a pipe that nobody reads would fill and stall it. `env` is what its clients
+    need to use it; `instead`, what a user can configure in its place."""
 
     name: str
     health_url: str
     env: dict[str, str]
     instead: str
     process: subprocess.Popen
+    watchdog: subprocess.Popen
     output: IO[bytes]
     # Held from before the process starts until it answers: a store it creates or migrates meanwhile.
     lock: FileLock | None = None
@@ -96,7 +98,8 @@ class Server:
             if lock is not None:
                 lock.release()
             raise
-        return cls(name, health_url, dict(client_env), instead, process, output, lock)
+        watchdog = stop_with_this_process(process.pid, group=True)
+        return cls(name, health_url, dict(client_env), instead, process, watchdog, output, lock)
 
     def last_output(self, chars: int = 3000) -> str:
         self.output.seek(0)
@@ -117,6 +120,9 @@ class Server:
             self._release()
 
     def stop(self) -> None:
+        self.watchdog.kill()  # first: once the server is gone, its process group's id may be another's
+        self.watchdog.wait()
+        self.watchdog.stdin.close()
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGTERM)
         try:

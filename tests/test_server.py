@@ -3,9 +3,13 @@ scripts/pipeline runs them."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 import urllib.request
 
 import mlflow
@@ -69,6 +73,35 @@ def test_configured_servers_are_used_as_they_are(prefect_server):
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == [prefect_server, os.environ["MLFLOW_TRACKING_URI"], "None"]
     assert "for this run" not in done.stderr
+
+
+@pytest.mark.slow
+def test_servers_stop_when_the_command_and_its_runner_are_killed(tmp_path, prefect_server):
+    env = {**os.environ, "PREFECT_API_URL": prefect_server, "PYTHONPATH": str(ROOT)}
+    env.pop("MLFLOW_TRACKING_URI", None)  # so an MLflow server is started, in a session of its own
+    runner = subprocess.Popen([sys.executable, "-m", "flows.server", sys.executable, "-c",
+                               "import time; print('ready', flush=True); time.sleep(600)"], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        url = re.search(r"the MLflow server for this run at (\S+)", runner.stderr.readline()).group(1)
+        assert runner.stdout.readline() == "ready\n"
+        urllib.request.urlopen(f"{url}/health", timeout=5).read()
+        os.killpg(runner.pid, signal.SIGKILL)  # the runner and its command, as a CI job's kill of its group
+        runner.wait(timeout=10)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=1).read()
+            except OSError:
+                break
+            time.sleep(0.25)
+        else:
+            pytest.fail(f"the MLflow server at {url} outlived the killed runner by 30 s")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(runner.pid, signal.SIGKILL)
+        runner.stdout.close()
+        runner.stderr.close()
 
 
 def lock_is_free(path) -> bool:
