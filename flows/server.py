@@ -32,14 +32,13 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import IO
+
+import filelock
 
 from flows import SERVER_STARTUP_TIMEOUT_S, stop_with_this_process
 from llm.store import (ARTIFACT_LOCATION_ENV, QUIET_ENV, artifact_location, project_store_uri, sqlite_path,
                        store_lock, with_busy_timeout)
-
-if TYPE_CHECKING:
-    from filelock import FileLock
 
 
 class ServerError(RuntimeError):
@@ -53,7 +52,7 @@ def configured_api_url() -> str | None:
     return PREFECT_API_URL.value() or None
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -82,14 +81,18 @@ class Server:
     watchdog: subprocess.Popen
     output: IO[bytes]
     # Held from before the process starts until it answers: a store it creates or migrates meanwhile.
-    lock: FileLock | None = None
+    lock: filelock.FileLock | None = None
 
     @classmethod
     def start(cls, name: str, argv: Sequence[str], *, health_url: str, client_env: Mapping[str, str],
-              instead: str, env: Mapping[str, str], lock: FileLock | None = None) -> Server:
-        output = tempfile.TemporaryFile()
+              instead: str, env: Mapping[str, str], lock: filelock.FileLock | None = None) -> Server:
         if lock is not None:
-            lock.acquire()
+            try:
+                lock.acquire()
+            except filelock.Timeout as exc:
+                raise ServerError(f"{name} did not start: another process held {lock.lock_file} for "
+                                  f"{lock.timeout:.0f} s; {instead}") from exc
+        output = tempfile.TemporaryFile()
         try:
             process = subprocess.Popen(list(argv), env=dict(env), stdout=output, stderr=subprocess.STDOUT,
                                        stdin=subprocess.DEVNULL, start_new_session=True)
@@ -142,7 +145,7 @@ class Server:
 
 def start_prefect(env: Mapping[str, str]) -> Server:
     """`prefect server start` on a free port of 127.0.0.1, its runs kept in the Prefect home."""
-    port = _free_port()
+    port = free_port()
     api_url = f"http://127.0.0.1:{port}/api"
     argv = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
     return Server.start("the Prefect server", argv, health_url=f"{api_url}/health",
@@ -157,7 +160,7 @@ def start_mlflow(env: Mapping[str, str], root: str | Path | None = None) -> Serv
     uri = with_busy_timeout(project_store_uri(root))
     db = sqlite_path(uri)
     db.parent.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     artifacts = artifact_location(uri)
     argv = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
@@ -186,14 +189,6 @@ def serving(starts: Sequence[Callable[[], Server]], timeout_s: float = SERVER_ST
     finally:
         for server in reversed(servers):
             server.stop()
-
-
-@contextlib.contextmanager
-def prefect_server(env: Mapping[str, str] | None = None,
-                   timeout_s: float = SERVER_STARTUP_TIMEOUT_S) -> Iterator[str]:
-    """A `prefect server start` up and answering; yields its API URL."""
-    with serving([lambda: start_prefect(env or os.environ)], timeout_s) as (server,):
-        yield server.env["PREFECT_API_URL"]
 
 
 def run_with_servers(command: Sequence[str]) -> int:

@@ -16,7 +16,7 @@ import mlflow
 import pytest
 from filelock import FileLock
 
-from flows.server import Server, ServerError, _free_port
+from flows.server import Server, ServerError, free_port
 from tests.conftest import ROOT
 
 # What the command sees: the servers it was given, answering, and an MLflow run it logs with an artifact.
@@ -112,7 +112,7 @@ def lock_is_free(path) -> bool:
 
 
 def test_a_server_holds_its_lock_until_it_answers(tmp_path):
-    port = _free_port()
+    port = free_port()
     lock = tmp_path / "store.lock"
     server = Server.start("a file server", [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(port)],
                           health_url=f"http://127.0.0.1:{port}/", client_env={}, instead="use another",
@@ -129,7 +129,7 @@ def test_a_server_holds_its_lock_until_it_answers(tmp_path):
 def test_a_server_that_exits_before_answering_is_an_error_that_shows_its_output(tmp_path):
     lock = tmp_path / "store.lock"
     server = Server.start("the MLflow server", [sys.executable, "-c", "print('no such store'); raise SystemExit(4)"],
-                          health_url=f"http://127.0.0.1:{_free_port()}/health", client_env={},
+                          health_url=f"http://127.0.0.1:{free_port()}/health", client_env={},
                           instead="set MLFLOW_TRACKING_URI instead", env=os.environ, lock=FileLock(lock))
     try:
         with pytest.raises(ServerError, match=r"the MLflow server exited \(4\) before it answered:\nno such store"):
@@ -146,7 +146,7 @@ def test_no_command_is_a_usage_error():
 
 def test_a_server_that_does_not_answer_in_time_is_an_error_that_names_the_fix():
     server = Server.start("the Prefect server", [sys.executable, "-c", "import time; time.sleep(60)"],
-                          health_url=f"http://127.0.0.1:{_free_port()}/api/health", client_env={},
+                          health_url=f"http://127.0.0.1:{free_port()}/api/health", client_env={},
                           instead="set PREFECT_API_URL to a running Prefect server instead", env=os.environ)
     try:
         with pytest.raises(ServerError, match=r"the Prefect server did not answer http://127\.0\.0\.1:\d+/api/health "
@@ -155,3 +155,13 @@ def test_a_server_that_does_not_answer_in_time_is_an_error_that_names_the_fix():
     finally:
         server.stop()
     assert server.process.returncode == -15  # stopped by its SIGTERM, not left running
+
+
+def test_a_store_locked_by_another_process_is_an_error_that_names_the_lock(tmp_path):
+    lock = tmp_path / "mlflow.db.lock"
+    with FileLock(lock):  # as a stage creating the store holds it
+        with pytest.raises(ServerError, match=rf"the MLflow server did not start: another process held "
+                                              rf"{re.escape(str(lock))} for 1 s; set MLFLOW_TRACKING_URI"):
+            Server.start("the MLflow server", [sys.executable, "-c", "pass"], health_url="http://127.0.0.1:1/",
+                         client_env={}, instead="set MLFLOW_TRACKING_URI to another store instead", env=os.environ,
+                         lock=FileLock(lock, timeout=1))
