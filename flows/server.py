@@ -191,15 +191,22 @@ def serving(starts: Sequence[Callable[[], Server]], timeout_s: float = SERVER_ST
             server.stop()
 
 
+def unconfigured(env: Mapping[str, str], root: str | Path | None = None, *, prefect: bool = True
+                 ) -> list[Callable[[], Server]]:
+    """How to start the servers `env` configures none of: Prefect's (where `prefect`), and an MLflow server
+    for the project's store (the project at `root`), for `serving`."""
+    starts = []
+    if prefect and not configured_api_url():
+        starts.append(lambda: start_prefect(env))
+    if not env.get("MLFLOW_TRACKING_URI"):
+        starts.append(lambda: start_mlflow(env, root))
+    return starts
+
+
 def run_with_servers(command: Sequence[str]) -> int:
     """Run `command` against the configured Prefect server and MLflow store, or servers started for it where
     none is configured; its exit code."""
-    starts = []
-    if not configured_api_url():
-        starts.append(lambda: start_prefect(os.environ))
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
-        starts.append(lambda: start_mlflow(os.environ))
-    with serving(starts) as servers:
+    with serving(unconfigured(os.environ)) as servers:
         env = dict(os.environ)
         for server in servers:
             env.update(server.env)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -12,16 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from flows.server import free_port
 from tests.conftest import ROOT
 from tests.project import git
 
 CRON = "*/5 * * * *"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until(check, what: str, timeout_s: float = 120, process: subprocess.Popen | None = None):
@@ -44,8 +38,9 @@ def tiny_dvc_project(repo: Path) -> Path:
     git(repo, "init", "-q")
     subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=repo, check=True)
     (repo / "params.yaml").write_text(f"schedule:\n  cron: '{CRON}'\n  deployment: test-nightly\n")
-    (repo / "dvc.yaml").write_text("stages:\n  hello:\n    cmd: python -c \"open('out.txt', 'w').write('hi')\"\n"
-                                   "    outs: [out.txt]\n")
+    # The stage writes the MLflow store it was given: the pipeline's server for the project's store.
+    (repo / "dvc.yaml").write_text("stages:\n  hello:\n    cmd: python -c \"import os; open('out.txt', 'w')"
+                                   ".write(os.environ['MLFLOW_TRACKING_URI'])\"\n    outs: [out.txt]\n")
     git(repo, "add", "-A")
     git(repo, "commit", "-qm", "a tiny pipeline")
     return repo
@@ -63,6 +58,7 @@ def test_the_schedule_is_served_with_the_params_cron_and_a_run_completes(tmp_pat
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": api,
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PYTHONPATH": str(ROOT),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("MLFLOW_TRACKING_URI")  # the default: the project's own store, mlflow.db at its root
     server = subprocess.Popen(["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     served = None
@@ -79,7 +75,8 @@ def test_the_schedule_is_served_with_the_params_cron_and_a_run_completes(tmp_pat
             assert deployment.parameters == {"repo": str(repo.resolve()), "push": False}
             run = run_deployment("pipeline/test-nightly", timeout=180)
         assert run.state.is_completed(), run.state
-        assert (repo / "out.txt").read_text() == "hi"  # dvc repro ran the stage
+        assert (repo / "out.txt").read_text().startswith("http://127.0.0.1:")  # dvc repro ran the stage
+        assert (repo / "mlflow.db").is_file()  # the server's store: the project's own
     finally:
         for process in (served, server):
             if process is not None:
