@@ -60,11 +60,16 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt's parameters, from glibc's ma
 _TRIM_THRESHOLD_BYTES = 2**31 - 1  # the most mallopt takes (an int): free memory at the heap's top kept
 
 
+def has_glibc() -> bool:
+    """Whether this process runs on glibc, whose malloc `keep_freed_memory` sets."""
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
 @functools.cache
 def keep_freed_memory() -> bool:
     """Have glibc's malloc serve large buffers from its heap and keep what is freed, for the whole process
     (see the module's docstring); False, and nothing changed, where the C library is not glibc."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if not has_glibc():
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")

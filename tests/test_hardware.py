@@ -4,7 +4,6 @@ with: freed buffers kept in the heap, not given back to the kernel, for the next
 
 from __future__ import annotations
 
-import platform
 import subprocess
 import sys
 from types import MappingProxyType
@@ -12,8 +11,8 @@ from types import MappingProxyType
 import pytest
 import torch
 
-from llm.hardware import (bf16_is_fast, datasheet_bf16_peak, inference_dtype, measured_matmul_flops, precision_name,
-                          train_dtype)
+from llm.hardware import (bf16_is_fast, datasheet_bf16_peak, has_glibc, inference_dtype, measured_matmul_flops,
+                          precision_name, train_dtype)
 
 CPU = torch.device("cpu")
 AVX512 = {"architecture": "x86_64", "avx2": True, "avx512_f": True, "avx512_bw": True, "avx512_vl": True,
@@ -81,7 +80,7 @@ print(applied, before - resident_bytes())
 """
 
 
-@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="needs glibc")
+@pytest.mark.skipif(not has_glibc(), reason="needs glibc")
 def test_freed_memory_stays_with_the_process_for_the_next_step_to_reuse():
     def given_back(mode: str) -> tuple[str, int]:
         out = subprocess.run([sys.executable, "-c", _KEEP, mode], capture_output=True, text=True, check=True)
