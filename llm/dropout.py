@@ -59,7 +59,7 @@ class Dropout(nn.Dropout):
     """nn.Dropout computing `dropout`: an nn.Dropout to whatever inspects a model, with no state."""
 
     def __init__(self, p: float = 0.5):
-        super().__init__(p)
+        super().__init__(p)  # and no `inplace`, which nn.Dropout takes: `dropout` never writes into x
 
     def forward(self, x: Tensor) -> Tensor:
         return dropout(x, self.p, self.training)
