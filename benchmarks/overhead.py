@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from flows.server import serving, start_mlflow, start_prefect
+from flows.server import client_env, serving, start_mlflow, start_prefect
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,14 +74,14 @@ def main() -> None:
                "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
         env.pop("PREFECT_API_URL", None)
         timed(stage, project, env)  # first run: creates the stores and Prefect's database
-        with serving([lambda: start_prefect(env), lambda: start_mlflow(env, project)]) as (prefect, mlflow):
+        with serving([lambda: start_prefect(env), lambda: start_mlflow(env, project)]) as servers:
+            prefect_env, both_env = {**env, **servers[0].env}, {**env, **client_env(servers)}
             modes = {
                 "python -c pass": ([sys.executable, "-c", "pass"], env),
                 "no-op stage, no servers": (stage, env),
-                "no-op stage, Prefect server": (stage, {**env, **prefect.env}),
-                "no-op stage, Prefect and MLflow servers": (stage, {**env, **prefect.env, **mlflow.env}),
-                "dvc repro -f of it, both servers": ([sys.executable, "-m", "dvc", "repro", "-f", "-q"],
-                                                     {**env, **prefect.env, **mlflow.env}),
+                "no-op stage, Prefect server": (stage, prefect_env),
+                "no-op stage, Prefect and MLflow servers": (stage, both_env),
+                "dvc repro -f of it, both servers": ([sys.executable, "-m", "dvc", "repro", "-f", "-q"], both_env),
             }
             times: dict[str, list[float]] = {mode: [] for mode in modes}
             for _ in range(args.repeats):

@@ -23,7 +23,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.common import stage_logger
-from flows.server import serving, unconfigured
+from flows.server import client_env, serving, unconfigured
 from llm.config import load_params
 
 
@@ -48,7 +48,7 @@ def pipeline(repo: str = ".", push: bool | None = None) -> list[str]:
     # The stages log to the project's MLflow store through one server for the run, as under scripts/pipeline;
     # Prefect's is the one this flow runs against.
     with serving(unconfigured(os.environ, repo, prefect=False)) as servers:
-        output = dvc(["repro"], repo, {key: value for server in servers for key, value in server.env.items()})
+        output = dvc(["repro"], repo, client_env(servers))
     ran = re.findall(r"Running stage '([^']+)'", output)
     stage_logger().info("dvc repro ran %s", ", ".join(ran) if ran else "nothing: every stage was up to date")
     if push:

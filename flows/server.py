@@ -203,16 +203,19 @@ def unconfigured(env: Mapping[str, str], root: str | Path | None = None, *, pref
     return starts
 
 
+def client_env(servers: Sequence[Server]) -> dict[str, str]:
+    """The settings that send a stage to `servers`: their env, merged."""
+    return {key: value for server in servers for key, value in server.env.items()}
+
+
 def run_with_servers(command: Sequence[str]) -> int:
     """Run `command` against the configured Prefect server and MLflow store, or servers started for it where
     none is configured; its exit code."""
     with serving(unconfigured(os.environ)) as servers:
-        env = dict(os.environ)
         for server in servers:
-            env.update(server.env)
             url = server.health_url.removesuffix("/health").removesuffix("/api")
             print(f"server: {server.name} for this run at {url}", file=sys.stderr, flush=True)
-        return subprocess.run(command, env=env).returncode
+        return subprocess.run(command, env={**os.environ, **client_env(servers)}).returncode
 
 
 def main(argv: Sequence[str] | None = None) -> int:

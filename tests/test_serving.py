@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from flows.server import free_port
 from llm.checkpoint import save_model
 from llm.config import ServingConfig
 from llm.generate import Sampling, generate
@@ -27,12 +27,6 @@ from llm.tokenizer import get_tokenizer
 from llm.evaluate import promote_if_better
 from llm.registry import log_gpt_model
 from llm.tracking import MLflowTracker
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
