@@ -11,7 +11,8 @@ from this repository:
 An instruction-tuned checkpoint (one whose config names a prompt format) is logged as a chat model
 instead, llm/pyfunc_chat.py, which also says why.
 
-Input: a column `prompt` (strings). Params: max_new_tokens, temperature (0: greedy), top_k, top_p, seed.
+Input: a column `prompt` (strings). Params: max_new_tokens (default 64, or the cap if lower), temperature
+(0: greedy), top_k, top_p, seed.
 Output: the completions, prompt not included, computed in fp32 on the CPU, so that they do not depend on
 the machine that serves them (llm/hardware.py has the precision rule). tiktoken needs its BPE files: with
 no network, set TIKTOKEN_CACHE_DIR in the serving environment.
@@ -33,7 +34,14 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import set_model
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-DEFAULT_PARAMS = {"max_new_tokens": 64, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": 0}
+DEFAULT_MAX_NEW_TOKENS = 64  # per prompt, for a request that does not say (the chat model's max_tokens too)
+
+
+def default_params(limits: Mapping[str, int]) -> dict[str, Any]:
+    """The params a request gets for those it leaves out (the logged signature's defaults). The tokens stay
+    within the model's cap, so that a request naming none is never refused for asking too many."""
+    return {"max_new_tokens": min(DEFAULT_MAX_NEW_TOKENS, limits["max_new_tokens"]), "temperature": 0.0,
+            "top_k": 0, "top_p": 1.0, "seed": 0}
 
 
 def serving_limits(model_config: Mapping[str, Any] | None) -> dict[str, int]:
@@ -70,10 +78,10 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params: dict | None = None) -> list[str]:
         from llm.generate import Sampling, generate
 
-        settings = {**DEFAULT_PARAMS, **(params or {})}
+        limits = serving_limits(getattr(context, "model_config", None))
+        settings = {**default_params(limits), **(params or {})}
         prompts = list(model_input["prompt"]) if hasattr(model_input, "columns") else list(model_input)
-        check_request(serving_limits(getattr(context, "model_config", None)), len(prompts),
-                      int(settings["max_new_tokens"]))
+        check_request(limits, len(prompts), int(settings["max_new_tokens"]))
         sampling = Sampling(temperature=float(settings["temperature"]), top_k=int(settings["top_k"]) or None,
                             top_p=float(settings["top_p"]) if float(settings["top_p"]) < 1 else None,
                             seed=int(settings["seed"]))

@@ -76,11 +76,10 @@ from mlflow.types.llm import (ChatChoice, ChatChoiceDelta, ChatChunkChoice, Chat
 from llm.checkpoint import read_config, require_language_model
 from llm.generate import Sampling, TextDecoder, generate_steps, load_for_inference
 from llm.instructions import Record, prompt_text, template
-from llm.pyfunc import check_request, serving_limits
+from llm.pyfunc import DEFAULT_MAX_NEW_TOKENS, check_request, serving_limits
 from llm.tokenizer import get_tokenizer
 from llm.validation import ConfigError, from_mapping
 
-DEFAULT_MAX_TOKENS = 64  # as the text generator's max_new_tokens (llm/pyfunc.py)
 SYSTEM_ROLES = ("system", "developer")
 CHAT_SHAPE = ("a chat is an optional system message, then user and assistant messages in turn, ending with "
               "the user message to answer")
@@ -165,7 +164,7 @@ class ChatGenerator(mlflow.pyfunc.ChatModel):
         for name in ("frequency_penalty", "presence_penalty"):
             if getattr(params, name):
                 raise refuse(f"{name} is not supported by this model: leave it out or send 0")
-        max_tokens = (min(DEFAULT_MAX_TOKENS, self.limits["max_new_tokens"]) if params.max_tokens is None
+        max_tokens = (min(DEFAULT_MAX_NEW_TOKENS, self.limits["max_new_tokens"]) if params.max_tokens is None
                       else params.max_tokens)
         if max_tokens < 1 or params.n < 1:
             raise refuse(f"max_tokens and n must be at least 1, got max_tokens {max_tokens} and n {params.n}")

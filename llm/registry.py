@@ -47,10 +47,11 @@ def log_gpt_model(checkpoint_dir: str | Path, registered_name: str | None = None
 
     from llm.checkpoint import CONFIG_FILE, MODEL_FILE, read_config
     from llm.config import ServingConfig
-    from llm.pyfunc import DEFAULT_PARAMS
+    from llm.pyfunc import default_params, serving_limits
 
     package = Path(__file__).resolve().parent
     saved = read_config(checkpoint_dir)
+    caps = dataclasses.asdict(serving or ServingConfig())
     input_example = None
     if saved.model.is_classifier:
         labels = list(saved.extra["labels"])
@@ -73,7 +74,7 @@ def log_gpt_model(checkpoint_dir: str | Path, registered_name: str | None = None
     else:
         python_model = package / "pyfunc.py"
         signature = infer_signature(pd.DataFrame({"prompt": ["Every effort moves you"]}), ["a completion"],
-                                    params=DEFAULT_PARAMS)
+                                    params=default_params(serving_limits(caps)))
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = Path(tmp) / "checkpoint"  # only the model: the folder may also hold resume state
         checkpoint.mkdir()
@@ -86,7 +87,7 @@ def log_gpt_model(checkpoint_dir: str | Path, registered_name: str | None = None
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=str(python_model), artifacts={"checkpoint": str(checkpoint)},
                 code_paths=[str(package)], pip_requirements=_pip_requirements(), signature=signature,
-                input_example=input_example, model_config=dataclasses.asdict(serving or ServingConfig()),
+                input_example=input_example, model_config=caps,
                 registered_model_name=registered_name)
     if registered_name is None:
         return None

@@ -90,11 +90,15 @@ def test_the_champion_is_served_and_answers_like_the_model(tmp_path, monkeypatch
         assert status == 400 and refused["error_code"] == "INVALID_PARAMETER_VALUE"
         assert "4 prompts is above this model's limit of 3 prompts per request" in refused["message"]
         assert invoke(port, {"inputs": {"prompt": ["hi"] * 3}, "params": {"max_new_tokens": 16}})[0] == 200
+        # No params: the signature's defaults, whose token count stays within the cap (16, below the usual 64).
+        status, defaulted = invoke(port, {"inputs": body["inputs"]})
+        assert status == 200, defaulted
     enc = get_tokenizer()
     model.to(inference_dtype(torch.device("cpu")))  # as the served model generates
-    expected = [enc.decode(ids) for ids in generate(
-        model, [enc.encode_ordinary(p) for p in body["inputs"]["prompt"]], 8, Sampling(), eos_id=enc.eot_token)]
-    assert answers == expected
+    ids = [enc.encode_ordinary(p) for p in body["inputs"]["prompt"]]
+    assert answers == [enc.decode(out) for out in generate(model, ids, 8, Sampling(), eos_id=enc.eot_token)]
+    assert defaulted["predictions"] == [enc.decode(out) for out in generate(model, ids, 16, Sampling(),
+                                                                            eos_id=enc.eot_token)]
 
 
 @pytest.mark.slow
