@@ -110,10 +110,6 @@ class MaskedMetrics:
     top5_accuracy: float  # ... among the first TOP_K
     targets: int  # chosen positions scored
 
-    def as_dict(self, prefix: str = "val_") -> dict[str, float]:
-        return {f"{prefix}loss": self.loss, f"{prefix}accuracy": self.accuracy,
-                f"{prefix}top5_accuracy": self.top5_accuracy}
-
 
 @torch.no_grad()
 def masked_token_metrics(model: GPT, batches: Iterable[Batch]) -> MaskedMetrics:

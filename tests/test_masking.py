@@ -215,7 +215,7 @@ def test_masked_token_metrics_count_every_target_once(trained, run_shards):
     batches = masked_val_batches(windows, Masking(), model.config, seed=0)
     measured = masked_token_metrics(model, batches)
     assert measured.targets == sum(int((y != IGNORE_INDEX).sum()) for _, y in batches)
-    assert measured.accuracy > 0.9 and measured.as_dict()["val_top5_accuracy"] == measured.top5_accuracy
+    assert measured.accuracy > 0.9 and measured.top5_accuracy >= measured.accuracy
 
 
 # ---------------------------------------------------------------------------------------------------
