@@ -85,7 +85,8 @@ def evaluate(params_file: str = "params.yaml", base_dir: str = "data/checkpoints
             t.log_artifact(path, "eval")
     recorded = {**metrics, "precision_used": measured.precision}  # a string: MLflow's metrics take numbers only
     write_metrics(metrics_file, recorded)
-    verdict = "promoted to champion" if promotion.promoted else f"not promoted: version {promotion.previous} stays champion"
+    verdict = ("promoted to champion" if promotion.promoted
+               else f"not promoted: version {promotion.previous} stays champion")
     log.info("evaluate: best by %s is the %s model, %s version %s, %s; report %s; judge %s", promotion.key, best,
              names[best], versions[best], verdict, Path(out_dir) / report.name, measured.tuned[best].judge.summary())
     return recorded

@@ -236,7 +236,8 @@ def decode_stream(tokenizer: tiktoken.Encoding, token_ids: Iterable[int]) -> Ite
         yield text
 
 
-def prompt_sampler(tokenizer: str, prompt: str, max_new_tokens: int, seed: int) -> Callable[[nn.Module, int], dict[str, str]]:
+def prompt_sampler(tokenizer: str, prompt: str, max_new_tokens: int,
+                   seed: int) -> Callable[[nn.Module, int], dict[str, str]]:
     """Continuations of one prompt, sampled with a fixed seed so that steps compare."""
     enc = get_tokenizer(tokenizer)
     ids = enc.encode_ordinary(prompt)

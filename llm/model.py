@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llm.dropout import Dropout
-from llm.loss import IGNORE_INDEX, Reduction, linear_cross_entropy  # noqa: F401 (IGNORE_INDEX: the model's users import it here)
+# IGNORE_INDEX is not used here: the model's users import it from this module.
+from llm.loss import IGNORE_INDEX, Reduction, linear_cross_entropy  # noqa: F401
 from llm.validation import ConfigError, Problem, check_positive, check_range, from_mapping
 
 

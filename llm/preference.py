@@ -17,11 +17,12 @@ paper and TRL define them; the book's plots leave out beta), their difference is
 preference accuracy is the share of pairs whose margin is positive, a tie counting half: the starting
 model, its own reference, scores exactly 50% and 0.
 
-The split is finetune's (its settings, 85 / 10 / 5 by default, over the same records in the same order), taken before invalid
-records are left out, so that the test prompts are those the evaluate stage answers. Batches hold the
-chosen responses of B pairs, then their rejected ones, (2B, T), for one forward pass through the training
-loop's model (llm.train.Trainer, with `DPOObjective` as its objective); tokens/s counts both sequences
-of each pair, and MFU the policy's forward and backward but not the reference's forward.
+The split is finetune's (its settings, 85 / 10 / 5 by default, over the same records in the same order),
+taken before invalid records are left out, so that the test prompts are those the evaluate stage answers.
+Batches hold the chosen responses of B pairs, then their rejected ones, (2B, T), for one forward pass
+through the training loop's model (llm.train.Trainer, with `DPOObjective` as its objective); tokens/s
+counts both sequences of each pair, and MFU the policy's forward and backward but not the reference's
+forward.
 """
 
 from __future__ import annotations
@@ -357,7 +358,8 @@ def run_preference(params: Params, raw_dir: str | Path, finetune_dir: str | Path
     return trainer.fit()
 
 
-def final_scores(model: GPT, config: PreferenceConfig, finetune_dir: str | Path, out_dir: str | Path) -> dict[str, float]:
+def final_scores(model: GPT, config: PreferenceConfig, finetune_dir: str | Path,
+                 out_dir: str | Path) -> dict[str, float]:
     """The trained model's DPO figures against its starting model on every val and test pair of the saved
     split, in fp32 (the same on any machine): `test_preference_accuracy`, `test_reward_margin`, ... The
     starting model scores 50% and 0 against itself, by definition."""

@@ -123,8 +123,10 @@ def _metrics(e: Evaluation) -> str:
     base = e.base_loss
     masked = isinstance(base, MaskedMetrics)  # an encoder: no perplexity, its masked-token figures instead
     rows = [
-        ["val loss", f"{base.loss:.4f}" + (" (masked tokens)" if masked else ""), *(f"{t.loss.loss:.4f}" for t in e.tuned)],
-        ["val perplexity", none if masked else _number(base.perplexity), *(_number(t.loss.perplexity) for t in e.tuned)],
+        ["val loss", f"{base.loss:.4f}" + (" (masked tokens)" if masked else ""),
+         *(f"{t.loss.loss:.4f}" for t in e.tuned)],
+        ["val perplexity", none if masked else _number(base.perplexity),
+         *(_number(t.loss.perplexity) for t in e.tuned)],
         ["val bits per byte", none if masked else _number(base.bits_per_byte, 4),
          *(_number(t.loss.bits_per_byte, 4) for t in e.tuned)],
         *([["val masked-token accuracy (top-5)", f"{base.accuracy:.3f} ({base.top5_accuracy:.3f})",
@@ -144,8 +146,8 @@ def _metrics(e: Evaluation) -> str:
                  f"the others' over every next-token target" if masked else
                  f"mean cross-entropy over all {base.tokens:,} next-token targets of the val split")
     notes = (f"Val loss: {loss_note}; bits per byte: the same loss in bits over the UTF-8 bytes of those "
-             f"targets (end-of-text left out), which compares across tokenizers. Exact match (ignoring case and whitespace) and ROUGE-L F1 (stemmed) over the "
-             f"{count:,} test responses.")
+             f"targets (end-of-text left out), which compares across tokenizers. Exact match (ignoring case and "
+             f"whitespace) and ROUGE-L F1 (stemmed) over the {count:,} test responses.")
     if scored is not None:
         notes += (f" HellaSwag over {scored.count:,} items, as llm.c scores it: each ending's loss after the "
                   f"context, acc by the summed loss, acc_norm by the mean per token (GPT-2 124M in llm.c: "

@@ -4,7 +4,8 @@
 
 `init_from` is `scratch` (pretraining only), a GPT-2 size (gpt2 ... gpt2-xl: OpenAI's weights, fetched
 through llm.download), a stage's name (`pretrain` for the stages after it, `finetune` for preference
-tuning) or a checkpoint folder. `starting_weights` is what a run's fingerprint records of it: a checkpoint's weights by their hash.
+tuning) or a checkpoint folder. `starting_weights` is what a run's fingerprint records of it: a
+checkpoint's weights by their hash.
 """
 
 from __future__ import annotations

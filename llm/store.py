@@ -2,10 +2,11 @@
 
 The store: `$MLFLOW_TRACKING_URI`, else a SQLite file `mlflow.db` at the project root, its artifacts in
 `mlartifacts/` beside it. `scripts/pipeline` serves that file to its stages from one `mlflow server`
-(flows/server.py), whose clients still write artifacts to `mlartifacts/`, as they would without it. The root is found from DVC's `DVC_ROOT` or the working directory, and an
-experiment run in a temporary copy under `<root>/.dvc/tmp/exps/` resolves to the same `<root>`, so
-`dvc exp run --temp` and queued experiments log to the store that `mlflow ui` shows. A new SQLite store is
-created under a file lock: processes starting at once would otherwise race its schema migrations.
+(flows/server.py), whose clients still write artifacts to `mlartifacts/`, as they would without it. The
+root is found from DVC's `DVC_ROOT` or the working directory, and an experiment run in a temporary copy
+under `<root>/.dvc/tmp/exps/` resolves to the same `<root>`, so `dvc exp run --temp` and queued
+experiments log to the store that `mlflow ui` shows. A new SQLite store is created under a file lock:
+processes starting at once would otherwise race its schema migrations.
 
     mlflow ui --backend-store-uri sqlite:///mlflow.db     # from the project root
 

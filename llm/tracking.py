@@ -255,7 +255,8 @@ class MLflowTracker(AbstractContextManager):
         texts = f" and {len(self._texts)} sample texts" if self._texts else ""
         where = f"; they are kept in {kept}" if kept else ""
         return TrackingUnavailable(
-            f"the MLflow store {display_uri(self.uri)} cannot be written: {short_error(error)}. Run {self.run_id} lacks "
+            f"the MLflow store {display_uri(self.uri)} cannot be written: {short_error(error)}. "
+            f"Run {self.run_id} lacks "
             f"some of its metrics ({len(self._metrics)} points waiting in memory{texts}){where}. "
             f"Rerun the stage once the store can be written (`dvc repro`, or the same command): a training stage "
             f"resumes from its last checkpoint without training again, and logs what the run lacks")

@@ -12,8 +12,8 @@ from tests.conftest import ROOT
 def test_project_params_load():
     params = load_params(ROOT / "params.yaml")
     assert isinstance(params, Params)
-    assert [s.name for s in params.download.sources] == ["the-verdict", "tinyshakespeare", "instruction-data", "instruction-data-with-preference",
-                                                         "sms-spam"]
+    assert [s.name for s in params.download.sources] == ["the-verdict", "tinyshakespeare", "instruction-data",
+                                                         "instruction-data-with-preference", "sms-spam"]
     assert params.download.sources[1].file_name == "tinyshakespeare.txt"
     assert params.download.sources[0].file_name == "the-verdict.txt"
     assert params.download.sources[4].file_name == "SMSSpamCollection"  # the member's name, not the zip's

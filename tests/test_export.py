@@ -56,8 +56,9 @@ def test_the_hf_tokenizer_files_are_gpt2s_own_and_tokenize_as_tiktoken(tmp_path)
     out = export_hf(ckpt, tmp_path / "hf")
     # OpenAI's GPT-2 release files, which tiktoken itself reads (from TIKTOKEN_CACHE_DIR offline).
     base = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
-    assert json.loads((out / "vocab.json").read_text(encoding="utf-8")) == json.loads(read_file_cached(base + "encoder.json"))
-    assert (out / "merges.txt").read_text(encoding="utf-8").rstrip("\n") == read_file_cached(base + "vocab.bpe").decode().rstrip("\n")
+    vocab, merges = read_file_cached(base + "encoder.json"), read_file_cached(base + "vocab.bpe").decode()
+    assert json.loads((out / "vocab.json").read_text(encoding="utf-8")) == json.loads(vocab)
+    assert (out / "merges.txt").read_text(encoding="utf-8").rstrip("\n") == merges.rstrip("\n")
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)
     enc = get_tokenizer("gpt2")
@@ -78,7 +79,8 @@ def test_merges_are_recovered_from_tiktokens_ranks():
 
 def test_an_export_refuses_what_the_formats_cannot_hold(tmp_path):
     _, encoder = checkpoint(tmp_path, "encoder", objective="masked")
-    _, classifier = checkpoint(tmp_path, "classifier", num_classes=2, tie_weights=False, extra={"labels": ["ham", "spam"]})
+    _, classifier = checkpoint(tmp_path, "classifier", num_classes=2, tie_weights=False,
+                               extra={"labels": ["ham", "spam"]})
     _, cl100k = checkpoint(tmp_path, "cl100k", tokenizer="cl100k_base")
     with pytest.raises(ExportError, match=r"causal language model .*is an encoder \(model.objective: masked\)"):
         export_hf(encoder, tmp_path / "out")

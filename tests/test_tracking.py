@@ -301,7 +301,8 @@ def test_a_runs_inputs_are_mlflow_datasets_with_their_sha256_and_a_checkpoint_li
     assert checkpoint_input(tmp_path / "nothing-here", "start") is None  # from scratch: no input
 
     with MLflowTracker("inputs", "finetune") as tracker:
-        tracker.log_inputs([*source_inputs(raw, "instructions", ["data"]), *split_inputs(tmp_path / "split.json", "data"),
+        tracker.log_inputs([*source_inputs(raw, "instructions", ["data"]),
+                            *split_inputs(tmp_path / "split.json", "data"),
                             checkpoint_input(tmp_path / "ckpt", "start"), None])
     run = mlflow.MlflowClient().get_run(tracker.run_id)
     logged = {d.dataset.name: (d.dataset.digest, d.dataset.source, {t.key: t.value for t in d.tags})
