@@ -19,10 +19,12 @@ from typing import Any, Literal
 from urllib.parse import urlparse
 
 from llm.files import TMP_PREFIX
-from llm.instructions import PromptStyle
-from llm.model import ModelConfig, Objective, Pooling, model_config
+from llm.model_config import ModelConfig, Objective, Pooling, model_config
 from llm.sampler import global_batch_problem
 from llm.validation import ConfigError, Problem, check_fractions, check_positive, check_range, from_mapping
+
+# The instruction prompt formats (llm/instructions.py's TEMPLATES): the book's Alpaca style, and Phi-3's.
+PromptStyle = Literal["alpaca", "phi3"]
 
 
 # ---------------------------------------------------------------------------------------------------

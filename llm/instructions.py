@@ -33,6 +33,7 @@ from typing import Any, Generic, Literal, TypeVar
 
 import torch
 
+from llm.config import PromptStyle
 from llm.files import read_json, write_json_atomic
 from llm.model import IGNORE_INDEX
 from llm.sampler import EpochBatches
@@ -196,8 +197,6 @@ def read_split(path: str | Path, parse: Callable[[Any, str], R] | None = None, s
 
 # ---------------------------------------------------------------------------------------------------
 # Prompts
-
-PromptStyle = Literal["alpaca", "phi3"]
 
 
 @dataclass(frozen=True)

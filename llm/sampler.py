@@ -21,14 +21,15 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Generic, TypeVar
 
 import numpy as np
-from torch import Tensor
 
 if TYPE_CHECKING:
+    from torch import Tensor
+
     from llm.config import TuneConfig
 
 T = TypeVar("T")
 C = TypeVar("C", bound="TuneConfig")
-Batch = tuple[Tensor, Tensor]
+Batch = tuple["Tensor", "Tensor"]  # a string: the params schema imports this module, and no torch
 
 
 def steps_per_epoch(n_examples: int, global_batch_size: int) -> int:

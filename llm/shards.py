@@ -19,15 +19,17 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from llm import faults
 from llm.files import atomic_path, read_json
 from llm.validation import bulleted
+
+if TYPE_CHECKING:
+    import torch
 
 COLUMN = "input_ids"
 
@@ -264,6 +266,8 @@ class TokenStream:
 
 
 def to_batch(rows: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    import torch  # here, not at the top: the tokenize stage writes shards and needs no torch
+
     block = torch.from_numpy(np.stack(rows).astype(np.int64))  # (B, T + 1)
     return block[:, :-1], block[:, 1:]  # inputs and next-token targets, (B, T) each
 

@@ -8,6 +8,8 @@ say) lets `dvc repro` call a stage up to date while its code would now give othe
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 
 from ruamel.yaml import YAML
 
@@ -53,6 +55,18 @@ def test_each_stage_depends_on_the_code_it_runs():
         if unused := sorted(listed - reachable):
             problems.append(f"stage {name}: it never imports {unused}; remove them from its deps")
     assert not problems, "dvc.yaml:\n" + "\n".join(problems)
+
+
+def test_the_data_stages_run_no_model_code_and_start_without_torch():
+    # The README's promise: an edit to llm/model.py reruns the training stages and evaluate, not the data
+    # stages. And a data stage's process does not pay for importing torch, which it never uses.
+    stages = YAML(typ="safe").load(ROOT / "dvc.yaml")["stages"]
+    for name in ("download", "tokenize"):
+        assert not {"llm/model.py", "llm/loss.py", "llm/instructions.py"} & set(stages[name]["deps"]), name
+    check = ("import sys, flows.download, flows.tokenize\n"
+             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch' or m == 'llm.model'))")
+    loaded = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert loaded.stdout.strip() == "[]", loaded.stdout[:500]
 
 
 def test_resume_state_is_not_part_of_any_dvc_output():
