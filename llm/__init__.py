@@ -13,9 +13,11 @@ modules by concern:
 
 - settings: validation (the loader and its checks), config (the params.yaml sections)
 - data: files, lock, download, documents, tokenizer, tokenize, shards, sampler, instructions
-- model: model, loss, lora, gpt2_weights, export, checkpoint (the one owner of checkpoint folders), starting
-- training: hardware, distributed, optim, train (the loop), pretrain, finetune, classify, preference
-- evaluation: perplexity, generate, responses, scores, judge, report, plots, evaluate, hellaswag, chat
+- model: model_config (shapes and presets, torch-free), model, dropout, loss, lora, gpt2_weights, export,
+  checkpoint (the one owner of checkpoint folders), starting
+- training: hardware, distributed, optim, train (the loop), masking (the encoder's objective), pretrain,
+  finetune, classify, preference
+- evaluation: perplexity, generate, fill, responses, scores, judge, report, plots, evaluate, hellaswag, chat
 - tracking and serving: store, lineage, tracking, registry, pyfunc, pyfunc_chat, pyfunc_classifier, pyfunc_fill
 - the pipeline's own: imports (the code a stage runs), faults (fault injection for the tests)
 """
