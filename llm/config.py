@@ -204,9 +204,9 @@ class _ModelSettings:
 _CLASSIFIER_FIELDS = frozenset({"num_classes", "pooling"})
 _MODEL_HINTS = typing.get_type_hints(ModelConfig)
 
-# The model section: `preset` (a key of llm.model.PRESETS) and any of ModelConfig's fields to override, None
-# keeping the preset's. Made from ModelConfig's own fields, so that the two cannot disagree: a field added to
-# the model is a setting at once, with the model's type and checks.
+# The model section: `preset` (a key of llm.model_config.PRESETS) and any of ModelConfig's fields to
+# override, None keeping the preset's. Made from ModelConfig's own fields, so that the two cannot disagree:
+# a field added to the model is a setting at once, with the model's type and checks.
 ModelSection = dataclasses.make_dataclass(
     "ModelSection",
     [("preset", str, field(default="cpu-small")),

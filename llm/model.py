@@ -34,9 +34,9 @@ from torch import Tensor, nn
 from llm.dropout import Dropout
 # IGNORE_INDEX is not used here: the model's users import it from this module.
 from llm.loss import IGNORE_INDEX, Reduction, linear_cross_entropy  # noqa: F401
-# Defined in llm/model_config.py, torch-free; imported from here too (`from llm.model import GPT, model_config`).
-from llm.model_config import (PRESETS, AttentionKind, ModelConfig, Objective, Pooling,  # noqa: F401
-                              WeightInit, model_config)
+# Defined in llm/model_config.py, torch-free; model_config is imported from here too
+# (`from llm.model import GPT, model_config`).
+from llm.model_config import ModelConfig, model_config  # noqa: F401
 
 
 # In bf16 on a CPU, SDPA's kernels (flash, and the math path that dropout takes) are slower than the explicit

@@ -34,14 +34,19 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import set_model
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-DEFAULT_MAX_NEW_TOKENS = 64  # per prompt, for a request that does not say (the chat model's max_tokens too)
+DEFAULT_MAX_NEW_TOKENS = 64  # per prompt, for a request that does not say, where the cap allows
+
+
+def default_max_new_tokens(limits: Mapping[str, int]) -> int:
+    """The tokens per prompt of a request that does not say: within the model's cap, so that such a request
+    is never refused for asking too many (the text generator's max_new_tokens, the chat model's max_tokens)."""
+    return min(DEFAULT_MAX_NEW_TOKENS, limits["max_new_tokens"])
 
 
 def default_params(limits: Mapping[str, int]) -> dict[str, Any]:
-    """The params a request gets for those it leaves out (the logged signature's defaults). The tokens stay
-    within the model's cap, so that a request naming none is never refused for asking too many."""
-    return {"max_new_tokens": min(DEFAULT_MAX_NEW_TOKENS, limits["max_new_tokens"]), "temperature": 0.0,
-            "top_k": 0, "top_p": 1.0, "seed": 0}
+    """The params a request gets for those it leaves out (the logged signature's defaults)."""
+    return {"max_new_tokens": default_max_new_tokens(limits), "temperature": 0.0, "top_k": 0, "top_p": 1.0,
+            "seed": 0}
 
 
 def serving_limits(model_config: Mapping[str, Any] | None) -> dict[str, int]:

@@ -76,7 +76,7 @@ from mlflow.types.llm import (ChatChoice, ChatChoiceDelta, ChatChunkChoice, Chat
 from llm.checkpoint import read_config, require_language_model
 from llm.generate import Sampling, TextDecoder, generate_steps, load_for_inference
 from llm.instructions import Record, prompt_text, template
-from llm.pyfunc import DEFAULT_MAX_NEW_TOKENS, check_request, serving_limits
+from llm.pyfunc import check_request, default_max_new_tokens, serving_limits
 from llm.tokenizer import get_tokenizer
 from llm.validation import ConfigError, from_mapping
 
@@ -164,8 +164,7 @@ class ChatGenerator(mlflow.pyfunc.ChatModel):
         for name in ("frequency_penalty", "presence_penalty"):
             if getattr(params, name):
                 raise refuse(f"{name} is not supported by this model: leave it out or send 0")
-        max_tokens = (min(DEFAULT_MAX_NEW_TOKENS, self.limits["max_new_tokens"]) if params.max_tokens is None
-                      else params.max_tokens)
+        max_tokens = default_max_new_tokens(self.limits) if params.max_tokens is None else params.max_tokens
         if max_tokens < 1 or params.n < 1:
             raise refuse(f"max_tokens and n must be at least 1, got max_tokens {max_tokens} and n {params.n}")
         check_request(self.limits, params.n, max_tokens, what="choices", tokens_param="max_tokens")

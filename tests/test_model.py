@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from llm.model import GPT, IGNORE_INDEX, PRESETS, ModelConfig, model_config
+from llm.model import GPT, IGNORE_INDEX, ModelConfig, model_config
+from llm.model_config import PRESETS
 from llm.validation import ConfigError
 
 VOCAB = 256  # a small vocabulary keeps the head cheap; the model does not care
