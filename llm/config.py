@@ -294,6 +294,7 @@ class PretrainConfig(TrainConfig):
     # Where the training windows are cut (llm/shards.py RandomWindows): `shifted`, at new boundaries every
     # epoch; `fixed`, at the book's, every context_length tokens from the split's start, each epoch the
     # same windows in a new order (on a small corpus the model then learns them by heart, as the book's do).
+    # The val windows follow: spread over the val split, or (fixed) the book's, on the grid from its start.
     windows: WindowGrid = "shifted"
     registered_model: str = "gpt-base"  # the MLflow registry name of the result (a GPT: model.objective causal)
     registered_encoder: str = "encoder-base"  # ... of an encoder (model.objective: masked)

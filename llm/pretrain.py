@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from llm.config import MASKING_SETTINGS, Params, weight_settings
+from llm.config import MASKING_SETTINGS, Params, WindowGrid, weight_settings
 from llm.fill import fill_sampler
 from llm.distributed import Dist
 from llm.generate import prompt_sampler
@@ -45,13 +45,20 @@ class CheckpointMismatch(ValueError):
     """A starting checkpoint that does not fit the shards or the params."""
 
 
-def fixed_val_batches(stream: TokenStream, context_length: int, batch_size: int, batches: int) -> list[Batch]:
-    """The same `batches` batches at every evaluation: windows spread evenly over the whole val split."""
+def fixed_val_batches(stream: TokenStream, context_length: int, batch_size: int, batches: int,
+                      grid: WindowGrid = "shifted") -> list[Batch]:
+    """The same `batches` batches at every evaluation. With the `shifted` grid, windows spread evenly over
+    the whole val split; with the `fixed` grid, its first windows, every context_length tokens from the
+    split's start, as the book's val loader cuts them (so that a run of the book's recipe is measured on
+    the book's val windows)."""
     if len(stream) < context_length + 1:
         raise ShardError(f"the val split holds {len(stream)} tokens, fewer than one window of context_length "
                          f"{context_length} + 1; raise tokenize.val_fraction or use a shorter context")
     count = min(batches * batch_size, (len(stream) - 1) // context_length)
-    starts = np.linspace(0, len(stream) - context_length - 1, count).astype(np.int64)
+    if grid == "fixed":
+        starts = context_length * np.arange(count, dtype=np.int64)
+    else:
+        starts = np.linspace(0, len(stream) - context_length - 1, count).astype(np.int64)
     windows = [stream.window(int(s), context_length + 1) for s in starts]
     return [to_batch(windows[i:i + batch_size]) for i in range(0, len(windows), batch_size)]
 
@@ -115,7 +122,8 @@ def run_pretrain(params: Params, shards_dir: str | Path, out_dir: str | Path, *,
     train = TokenStream.from_manifest(shards_dir, "train")
     batches = RandomWindows(train, T, config.batch_size, config.seed, dist.rank, dist.world_size,
                             shift=config.windows == "shifted")
-    val = fixed_val_batches(TokenStream.from_manifest(shards_dir, "val"), T, config.batch_size, config.eval_batches)
+    val = fixed_val_batches(TokenStream.from_manifest(shards_dir, "val"), T, config.batch_size, config.eval_batches,
+                            config.windows)
     sampler = (prompt_sampler(manifest["tokenizer"], config.sample_prompt, config.sample_tokens, config.seed)
                if config.sample_interval else None)
     evaluator = None

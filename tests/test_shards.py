@@ -96,6 +96,20 @@ def test_fixed_windows_are_the_books_in_a_new_order_each_epoch_and_shifted_ones_
     assert len(offsets) > 1  # the grid moves from epoch to epoch
 
 
+
+def test_val_windows_follow_the_grid(tmp_path):
+    from llm.pretrain import fixed_val_batches
+
+    length = int(np.random.default_rng().integers(100, 140))
+    write_split(tmp_path, [np.arange(length)], tokens_per_shard=1000, vocab_size=1000)
+    tokens = TokenStream.from_manifest(tmp_path, "train")
+    starts = {grid: [x[0, 0].item() for x, _ in fixed_val_batches(tokens, 16, batch_size=1, batches=5, grid=grid)]
+              for grid in ("shifted", "fixed")}
+    assert starts["fixed"] == [0, 16, 32, 48, 64]  # the book's val loader: stride 16 from the first token
+    assert starts["shifted"][0] == 0 and starts["shifted"][-1] == length - 17  # spread to the split's end
+    for x, y in fixed_val_batches(tokens, 16, batch_size=2, batches=2, grid="fixed"):
+        assert torch.equal(y, x + 1)  # each window's targets, one token on
+
 def test_ranks_split_the_global_batch(stream):
     tokens, _ = stream
     single = RandomWindows(tokens, 8, batch_size=6, seed=5).next_batch()[0]
