@@ -1,6 +1,6 @@
 """The book's chapter 5 pretraining run: the book's own loop against the pipeline's pretrain stage, in one run.
 
-    python -m benchmarks.book [--epochs 10] [--seed 123] [--precision auto | fp32 | bf16]
+    python -m benchmarks.book [--epochs 10] [--seed 123] [--precision auto | fp32 | bf16] [--rounds 1]
 
 Both sides train the book's GPT_CONFIG_124M (163M parameters: 12 layers, 12 heads, n_embd 768, context
 256, dropout 0.1, no qkv biases, an untied head) from the same starting weights (PyTorch's default
@@ -38,9 +38,14 @@ train losses each reports differ: the book's over 5 shuffled batches in eval mod
 steps since the last report, with dropout on. For a like comparison the two final models are then measured
 alike: eval mode, fp32, the mean loss over the book's 18 train windows and its 2 val windows.
 
+The sides run one after the other, so a change in the host's load between them falls on one side only
+(the load average is printed at each side's start and end). `--rounds 2` pairs them: each round runs both,
+the first the book then ours, the second ours then the book, and so on, and the ratios are the medians of
+the rounds' (both curves are the same in every round, their seeds fixed: only the times differ).
+
 Both wall times, final losses and curves are printed. The book's loop takes most of a run: the full 10
 epochs took 8 minutes in all on 2 idle cores with AMX, and about an hour on 2 busy cores without it.
-Last line: `book_speedup=R` (goal: at least 3).
+Last line: `book_speedup=R` (goal: at least 3), the median over the rounds.
 """
 
 from __future__ import annotations
@@ -50,6 +55,8 @@ import dataclasses
 import gc
 import math
 import os
+import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -206,7 +213,12 @@ def main() -> None:
     parser.add_argument("--precision", choices=PRECISIONS,
                         help="the pipeline side's training precision instead of the recipe's (fp32: as a host "
                         "without native bf16 trains)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="runs of both sides, each round in the other order (2: the book, ours, ours, the book); "
+                        "the ratios are the rounds' medians")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
     sys.stdout.reconfigure(line_buffering=True)  # a run logged to a file shows its progress as it goes
     started = time.perf_counter()
     params = load_params(RECIPE)
@@ -235,15 +247,25 @@ def main() -> None:
               f"has the book's settings ({params.pretrain.max_steps} steps = {book.NUM_EPOCHS} epochs)")
 
         steps = args.epochs * steps_per_epoch
-        print(f"the book's loop, {args.epochs} epochs ({steps} steps), fp32, seed {args.seed}:")
-        ref = run_book(loaders, measure, tokenizer, args.epochs, args.seed)
-        print(f"  {ref.seconds:.0f} s; load average {load_average()}")
-        gc.collect()
-        print(f"the pipeline's pretrain stage, {steps} steps, precision {params.pretrain.precision}:")
-        ours = run_ours(params, Path(tmp) / "shards", Path(tmp) / "pretrain", measure, steps)
-        print(f"  {ours.seconds:.0f} s; load average {load_average()}")
+        rounds: list[dict[str, Side]] = []
+        for number in range(args.rounds):
+            sides: dict[str, Side] = {}
+            for name in ("book", "ours") if number % 2 == 0 else ("ours", "book"):
+                if name == "book":
+                    print(f"round {number + 1}: the book's loop, {args.epochs} epochs ({steps} steps), fp32, seed "
+                          f"{args.seed}:")
+                    sides[name] = run_book(loaders, measure, tokenizer, args.epochs, args.seed)
+                else:
+                    print(f"round {number + 1}: the pipeline's pretrain stage, {steps} steps, precision "
+                          f"{params.pretrain.precision}:")
+                    out = Path(tmp) / f"pretrain-{number + 1}"  # a fresh folder: the stage resumes what it finds
+                    sides[name] = run_ours(params, Path(tmp) / "shards", out, measure, steps)
+                    shutil.rmtree(out)
+                print(f"  {sides[name].seconds:.0f} s; load average {load_average()}")
+                gc.collect()
+            rounds.append(sides)
 
-    print(f"wall time: the book {ref.seconds:.0f} s, ours {ours.seconds:.0f} s ({ref.seconds / ours.seconds:.2f}x)")
+    ref, ours = rounds[0]["book"], rounds[0]["ours"]  # the losses: each side's seed fixes them
     for side, how in ((ref, "eval mode, 5 shuffled batches"), (ours, "the mean over the last steps, dropout on")):
         last = side.curve[-1]
         print(f"{side.name} at its last evaluation (step {last.step}): train loss {last.train_loss:.3f} ({how}), "
@@ -251,12 +273,23 @@ def main() -> None:
     print(f"the final models measured alike (eval mode, fp32, the book's {len(measure[0].dataset)} train and "
           f"{len(measure[1].dataset)} val windows): the book train {ref.train_loss:.3f} val {ref.val_loss:.3f}; ours "
           f"train {ours.train_loss:.3f} val {ours.val_loss:.3f}")
-    target = max(ref.best().val_loss, ours.best().val_loss) + MARGIN
-    at = {side.name: side.first_at(target) for side in (ref, ours)}
-    print(f"equal val loss: target {target:.3f} (the worse best + {MARGIN}); the book reaches it at step "
-          f"{at['book'].step} after {at['book'].seconds:.0f} s, ours at step {at['ours'].step} after "
-          f"{at['ours'].seconds:.0f} s; benchmark took {time.perf_counter() - started:.0f} s")
-    print(f"book_speedup={at['book'].seconds / at['ours'].seconds:.2f}")
+    walls, equals = [], []
+    for number, sides in enumerate(rounds, 1):
+        ref, ours = sides["book"], sides["ours"]
+        target = max(ref.best().val_loss, ours.best().val_loss) + MARGIN
+        at = {side.name: side.first_at(target) for side in (ref, ours)}
+        walls.append(ref.seconds / ours.seconds)
+        equals.append(at["book"].seconds / at["ours"].seconds)
+        print(f"round {number} ({'the book' if number % 2 else 'ours'} first): wall time: the book "
+              f"{ref.seconds:.0f} s, ours {ours.seconds:.0f} s ({walls[-1]:.2f}x); equal val loss: target "
+              f"{target:.3f} (the worse best + {MARGIN}), the book reaches it at step {at['book'].step} after "
+              f"{at['book'].seconds:.0f} s, ours at step {at['ours'].step} after {at['ours'].seconds:.0f} s "
+              f"({equals[-1]:.2f}x)")
+    if len(rounds) > 1:
+        print(f"the medians of {len(rounds)} rounds: wall {statistics.median(walls):.2f}x, equal val loss "
+              f"{statistics.median(equals):.2f}x")
+    print(f"benchmark took {time.perf_counter() - started:.0f} s")
+    print(f"book_speedup={statistics.median(equals):.2f}")
 
 
 if __name__ == "__main__":
