@@ -52,11 +52,11 @@ def run_tags(stage: str, params_file: str, held: StageLock) -> dict[str, str]:
             **({FLOW_RUN_TAG: flow_run} if flow_run else {})}
 
 
-def crash_stale_flow_run(flow_run_id: str | None, stage: str) -> bool:
+def crash_stale_flow_run(flow_run_id: str | None, stage: str, found_by: str | None) -> bool:
     """Mark Crashed the Prefect flow run of a stage's process that died holding its lock, which Prefect
-    would otherwise show Running for good; True where it did. A flow run already final (the process died
-    after Prefect heard it end), or kept in another Prefect database than the one in use now, is left as
-    it is."""
+    would otherwise show Running for good; True where it did. `found_by` is the flow run that took the
+    lock over. A flow run already final (the process died after Prefect heard it end), or kept in another
+    Prefect database than the one in use now, is left as it is."""
     if not flow_run_id:
         return False
     from prefect import get_client
@@ -70,7 +70,7 @@ def crash_stale_flow_run(flow_run_id: str | None, stage: str) -> bool:
         if found.state is not None and found.state.is_final():
             return False
         message = (f"the {stage} stage's process ended without reporting (killed, or its host went down); "
-                   f"the run that took its lock over, flow run {runtime.flow_run.get_id()}, found it")
+                   f"the run that took its lock over, flow run {found_by}, found it")
         client.set_flow_run_state(flow_run_id, Crashed(message=message), force=True)
     return True
 
@@ -88,7 +88,7 @@ def tracked_run(stage: str, *, out_dir: str | Path, experiment: str, params_file
             held.record(**{FLOW_RUN_KEY: flow_run})
         if held.stale:
             fail_stale_runs(experiment, held.stale.get("token"), keep=run_id)
-            crash_stale_flow_run(held.stale.get(FLOW_RUN_KEY), stage)
+            crash_stale_flow_run(held.stale.get(FLOW_RUN_KEY), stage, found_by=flow_run)
         with MLflowTracker(experiment, stage, tags=run_tags(stage, params_file, held), run_id=run_id) as tracker:
             tracker.log_params(params_to_log)
             yield tracker

@@ -29,7 +29,7 @@ from llm.generate import prompt_sampler
 from llm.masking import Masking, MaskedBatches, masked_token_metrics, masked_val_batches
 from llm.model import GPT, ModelConfig
 from llm.starting import starting_model, starting_weights
-from llm.shards import RandomWindows, ShardError, TokenStream, to_batch, read_manifest
+from llm.shards import RandomWindows, ShardError, TokenStream, grid_starts, to_batch, read_manifest
 from llm.files import sha256_file
 from llm.imports import code_fingerprint
 from llm.train import Batch, Trainer, TrainResult
@@ -56,7 +56,7 @@ def fixed_val_batches(stream: TokenStream, context_length: int, batch_size: int,
                          f"{context_length} + 1; raise tokenize.val_fraction or use a shorter context")
     count = min(batches * batch_size, (len(stream) - 1) // context_length)
     if grid == "fixed":
-        starts = context_length * np.arange(count, dtype=np.int64)
+        starts = grid_starts(len(stream), context_length)[:count]
     else:
         starts = np.linspace(0, len(stream) - context_length - 1, count).astype(np.int64)
     windows = [stream.window(int(s), context_length + 1) for s in starts]

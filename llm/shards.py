@@ -272,6 +272,13 @@ def to_batch(rows: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
     return block[:, :-1], block[:, 1:]  # inputs and next-token targets, (B, T) each
 
 
+def grid_starts(tokens: int, context_length: int, offset: int = 0) -> np.ndarray:
+    """Where the windows of a split of `tokens` tokens start on the grid of stride `context_length` from
+    `offset`: every whole window with its targets (context_length + 1 tokens). At offset 0 it is the book's
+    DataLoader's grid (stride = max_length)."""
+    return offset + context_length * np.arange((tokens - 1 - offset) // context_length)
+
+
 class RandomWindows:
     """Training batches of `context_length`-token windows in a seeded random order, resumable.
 
@@ -297,10 +304,10 @@ class RandomWindows:
         if self._order is None:
             rng = np.random.default_rng([self.seed, self.epoch])
             offset = int(rng.integers(self.context_length)) if self.shift else 0
-            count = (len(self.stream) - 1 - offset) // self.context_length
-            if count < 1:
-                offset, count = 0, (len(self.stream) - 1) // self.context_length
-            self._order = offset + self.context_length * rng.permutation(count)
+            starts = grid_starts(len(self.stream), self.context_length, offset)
+            if not len(starts):  # the offset leaves no whole window: the grid from the first token
+                starts = grid_starts(len(self.stream), self.context_length)
+            self._order = rng.permutation(starts)
         return self._order
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
