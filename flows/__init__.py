@@ -20,6 +20,10 @@ os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "llm")
 # PREFECT_HOME's first start takes longer.
 SERVER_STARTUP_TIMEOUT_S = 120
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(SERVER_STARTUP_TIMEOUT_S))
+# The API of the Prefect server that flows/server.py started for a command (scripts/pipeline's), which stops
+# when the command ends: set by it for the command's stages, which then leave Prefect's heartbeats off
+# (flows.common.heartbeats_wanted says why).
+RUN_SERVER_ENV = "LLM_PREFECT_RUN_SERVER"
 
 
 class _QuietTemporaryServerNotice(_logging.Filter):

@@ -1,4 +1,5 @@
-"""What the stage flows share: their logger, metrics files, and a stage's locked, tracked MLflow run.
+"""What the stage flows share: their logger, metrics files, a stage's locked, tracked MLflow run, and how
+a stage's process runs its flow (`run_stage`).
 
 A stage killed where no handler runs (SIGKILL, the kernel's out-of-memory killer, a host going down)
 leaves its MLflow run RUNNING and its Prefect flow run Running: neither hears it end. The stage's lock
@@ -11,15 +12,18 @@ Kept free of the training code, so that the data stages' code deps in dvc.yaml s
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from prefect import runtime
+from prefect import Flow, runtime
 from prefect.exceptions import MissingContextError, ObjectNotFound
 from prefect.logging import get_run_logger
+from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, get_current_settings, temporary_settings
 
+from flows import RUN_SERVER_ENV
 from llm.files import write_json_atomic
 from llm.lineage import lineage_tags
 from llm.lock import StageLock, stage_lock
@@ -32,6 +36,35 @@ def stage_logger() -> logging.Logger | logging.LoggerAdapter:
         return get_run_logger()
     except MissingContextError:
         return logging.getLogger("flows")
+
+
+R = TypeVar("R")
+
+
+def heartbeats_wanted() -> bool:
+    """Whether a stage's flow run should send Prefect its heartbeats: where a server that outlives the stage
+    could read them, or where the user set their frequency.
+
+    Heartbeats are for Prefect's zombie-run detection: an automation on the server that marks Crashed a flow
+    run that stopped beating (Prefect Cloud's is managed; Prefect's guide has a self-hosted server's user
+    create one, and set PREFECT_FLOWS_HEARTBEAT_FREQUENCY). A stage's temporary server (no PREFECT_API_URL)
+    ends with the stage, and the server flows/server.py starts for a command (RUN_SERVER_ENV) with the
+    command: neither can read them once a stage dies, and the next run of a stage killed outright marks its
+    flow run Crashed itself (`crash_stale_flow_run`). There they cost the stage the end of its flow run,
+    which waits for the heartbeat thread to wake from its last second of sleep (benchmarks/overhead.py)."""
+    settings = get_current_settings()
+    if "heartbeat_frequency" in settings.flows.model_fields_set:  # the environment, a profile, prefect.toml
+        return True
+    url = settings.api.url
+    return bool(url) and url != os.environ.get(RUN_SERVER_ENV)
+
+
+def run_stage(stage: Flow[..., R]) -> R:
+    """Run a stage's flow with its default parameters, as `python -m flows.<stage>` does: with Prefect's
+    heartbeats only where they are wanted (`heartbeats_wanted`)."""
+    off = {PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
+    with nullcontext() if heartbeats_wanted() else temporary_settings(updates=off):
+        return stage()
 
 
 def write_metrics(path: str | Path, metrics: dict) -> None:

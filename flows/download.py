@@ -17,7 +17,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
 from prefect.tasks import exponential_backoff
 
-from flows.common import stage_logger, tracked_run, write_metrics
+from flows.common import run_stage, stage_logger, tracked_run, write_metrics
 from llm import download as dl
 from llm.config import SourceConfig, load_params
 from llm.lineage import source_inputs
@@ -61,4 +61,4 @@ def download(
 
 
 if __name__ == "__main__":
-    download()
+    run_stage(download)

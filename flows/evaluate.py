@@ -19,7 +19,7 @@ from pathlib import Path
 
 from prefect import flow
 
-from flows.common import stage_logger, tracked_run, write_metrics
+from flows.common import run_stage, stage_logger, tracked_run, write_metrics
 from llm import faults
 from llm.checkpoint import MODEL_FILE, SPLIT_FILE, read_config
 from llm.config import EvaluateConfig, load_params
@@ -93,4 +93,4 @@ def evaluate(params_file: str = "params.yaml", base_dir: str = "data/checkpoints
 
 
 if __name__ == "__main__":
-    evaluate()
+    run_stage(evaluate)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from prefect import flow
 
-from flows.common import stage_logger, tracked_run, write_metrics
+from flows.common import run_stage, stage_logger, tracked_run, write_metrics
 from llm.config import ExportFormat, load_params
 from llm.export import export as export_model
 from llm.files import atomic_dir
@@ -63,4 +63,4 @@ def export(params_file: str = "params.yaml", best_file: str = "data/eval/best.js
 
 
 if __name__ == "__main__":
-    export()
+    run_stage(export)

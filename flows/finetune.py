@@ -15,6 +15,7 @@ from pathlib import Path
 
 from prefect import flow
 
+from flows.common import run_stage
 from flows.training import tracked_training
 from llm import distributed
 from llm.checkpoint import SPLIT_FILE
@@ -45,6 +46,6 @@ def finetune(params_file: str = "params.yaml", raw_dir: str = "data/raw",
 if __name__ == "__main__":
     # Under torchrun only rank 0 runs as a Prefect flow run; the other ranks run the same code bare.
     if distributed.from_env().is_main:
-        finetune()
+        run_stage(finetune)
     else:
         finetune.fn()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from prefect import flow
 
+from flows.common import run_stage
 from flows.training import tracked_training
 from llm import distributed
 from llm.checkpoint import SPLIT_FILE
@@ -54,6 +55,6 @@ def preference(params_file: str = "params.yaml", raw_dir: str = "data/raw",
 if __name__ == "__main__":
     # Under torchrun only rank 0 runs as a Prefect flow run; the other ranks run the same code bare.
     if distributed.from_env().is_main:
-        preference()
+        run_stage(preference)
     else:
         preference.fn()

@@ -16,6 +16,7 @@ import dataclasses
 
 from prefect import flow
 
+from flows.common import run_stage
 from flows.training import tracked_training
 from llm import distributed
 from llm.config import load_params
@@ -46,6 +47,6 @@ def pretrain(params_file: str = "params.yaml", shards_dir: str = "data/shards",
 if __name__ == "__main__":
     # Under torchrun only rank 0 runs as a Prefect flow run; the other ranks run the same code bare.
     if distributed.from_env().is_main:
-        pretrain()
+        run_stage(pretrain)
     else:
         pretrain.fn()

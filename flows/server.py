@@ -36,7 +36,7 @@ from typing import IO
 
 import filelock
 
-from flows import SERVER_STARTUP_TIMEOUT_S, stop_with_this_process
+from flows import RUN_SERVER_ENV, SERVER_STARTUP_TIMEOUT_S, stop_with_this_process
 from llm.store import (ARTIFACT_LOCATION_ENV, QUIET_ENV, artifact_location, project_store_uri, sqlite_path,
                        store_lock, with_busy_timeout)
 
@@ -144,12 +144,13 @@ class Server:
 
 
 def start_prefect(env: Mapping[str, str]) -> Server:
-    """`prefect server start` on a free port of 127.0.0.1, its runs kept in the Prefect home."""
+    """`prefect server start` on a free port of 127.0.0.1, its runs kept in the Prefect home. Its clients are
+    told it is a server for the one command (RUN_SERVER_ENV), which stops when the command ends."""
     port = free_port()
     api_url = f"http://127.0.0.1:{port}/api"
     argv = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
     return Server.start("the Prefect server", argv, health_url=f"{api_url}/health",
-                        client_env={"PREFECT_API_URL": api_url},
+                        client_env={"PREFECT_API_URL": api_url, RUN_SERVER_ENV: api_url},
                         instead="set PREFECT_API_URL to a running Prefect server instead", env=env)
 
 

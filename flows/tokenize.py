@@ -13,7 +13,7 @@ from pathlib import Path
 
 from prefect import flow
 
-from flows.common import stage_logger, tracked_run, write_metrics
+from flows.common import run_stage, stage_logger, tracked_run, write_metrics
 from llm.config import load_params
 from llm.lineage import source_inputs
 from llm.tokenize import tokenize_corpus
@@ -43,4 +43,4 @@ def tokenize(
 
 
 if __name__ == "__main__":
-    tokenize()
+    run_stage(tokenize)
