@@ -1,7 +1,8 @@
 """scripts/gpu-check and benchmarks/gpu.py: what can be checked without a GPU (the checks themselves need one).
 
-The benchmark's two checks run on a CPU with tiny settings and end with their key=value figures; the
-script refuses a machine without a CUDA GPU, with a message, in its log too.
+The benchmark's two checks run on a CPU with tiny settings and end with their key=value figures, also where
+the packages a GPU image lacks cannot be imported; the script refuses a machine without a CUDA GPU, with a
+message, in its log too.
 """
 
 from __future__ import annotations
@@ -65,6 +66,44 @@ def test_the_train_check_is_the_124m_recipe_read_with_or_without_ruamel(monkeypa
     assert (pretrain.batch_size, pretrain.global_batch_size, pretrain.max_steps) == (32, 128, 300)
     assert pretrain.compile and pretrain.precision == "auto" and pretrain.lr == 6e-4 and pretrain.min_lr == 6e-5
     assert pretrain.init_from == "scratch" and pretrain.sample_interval == 0
+
+
+# Of the project's requirements, what the GPU machines' image lacks (its package list: torch, numpy, pyarrow,
+# safetensors, tiktoken, tqdm, PyYAML, pytest, but none of these), which `GPU_CHECK_PYTHON=python3
+# scripts/gpu-check` runs on; an import of one of them on the check's path would fail there first.
+NOT_ON_A_GPU_IMAGE = ("prefect", "mlflow", "dvc", "gguf", "ruamel")
+WITHOUT = """
+import importlib.abc, runpy, sys
+
+class Absent(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in {absent!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+
+sys.meta_path.insert(0, Absent())
+sys.argv = sys.argv[1:]
+runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+"""
+
+
+def run_without_them(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", WITHOUT.format(absent=NOT_ON_A_GPU_IMAGE), *argv], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_the_checks_run_without_the_packages_a_gpu_image_lacks():
+    absent = run_without_them("mlflow")
+    assert absent.returncode != 0 and "No module named 'mlflow'" in absent.stderr  # the stand-in works
+
+    train = run_without_them("benchmarks.gpu", *TINY_TRAIN)
+    assert train.returncode == 0, train.stderr[-3000:]
+    assert figures(train.stdout)["loss_fell"] == "yes"
+    generate = run_without_them("benchmarks.gpu", "generate", "--preset", "tiny", "--device", "cpu",
+                                "--new-tokens", "4", "--repeats", "1", "--precision", "fp32")
+    assert generate.returncode == 0, generate.stderr[-3000:]
+    collected = run_without_them("pytest", "tests/test_cuda.py", "--collect-only", "-q", "-p", "no:cacheprovider")
+    assert collected.returncode == 0, collected.stdout[-3000:] + collected.stderr[-3000:]
+    assert "7 tests collected" in collected.stdout
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
