@@ -29,6 +29,8 @@ from llm.lineage import lineage_tags
 from llm.lock import StageLock, stage_lock
 from llm.tracking import LOCK_TOKEN_TAG, MLflowTracker, fail_stale_runs
 
+R = TypeVar("R")  # what a stage's flow returns
+
 
 def stage_logger() -> logging.Logger | logging.LoggerAdapter:
     """Prefect's run logger inside a flow or task (its lines reach the Prefect UI), else a plain one."""
@@ -36,9 +38,6 @@ def stage_logger() -> logging.Logger | logging.LoggerAdapter:
         return get_run_logger()
     except MissingContextError:
         return logging.getLogger("flows")
-
-
-R = TypeVar("R")
 
 
 def heartbeats_wanted() -> bool:

@@ -15,9 +15,7 @@ from pathlib import Path
 
 from prefect import flow
 
-from flows.common import run_stage
-from flows.training import tracked_training
-from llm import distributed
+from flows.training import run_training_stage, tracked_training
 from llm.checkpoint import SPLIT_FILE
 from llm.config import load_params
 from llm.finetune import run_finetune, run_settings
@@ -44,8 +42,4 @@ def finetune(params_file: str = "params.yaml", raw_dir: str = "data/raw",
 
 
 if __name__ == "__main__":
-    # Under torchrun only rank 0 runs as a Prefect flow run; the other ranks run the same code bare.
-    if distributed.from_env().is_main:
-        run_stage(finetune)
-    else:
-        finetune.fn()
+    run_training_stage(finetune)

@@ -17,9 +17,7 @@ from pathlib import Path
 
 from prefect import flow
 
-from flows.common import run_stage
-from flows.training import tracked_training
-from llm import distributed
+from flows.training import run_training_stage, tracked_training
 from llm.checkpoint import SPLIT_FILE
 from llm.config import load_params
 from llm.lineage import source_inputs, split_inputs
@@ -53,8 +51,4 @@ def preference(params_file: str = "params.yaml", raw_dir: str = "data/raw",
 
 
 if __name__ == "__main__":
-    # Under torchrun only rank 0 runs as a Prefect flow run; the other ranks run the same code bare.
-    if distributed.from_env().is_main:
-        run_stage(preference)
-    else:
-        preference.fn()
+    run_training_stage(preference)

@@ -16,9 +16,7 @@ import dataclasses
 
 from prefect import flow
 
-from flows.common import run_stage
-from flows.training import tracked_training
-from llm import distributed
+from flows.training import run_training_stage, tracked_training
 from llm.config import load_params
 from llm.lineage import shards_input
 from llm.pretrain import run_pretrain, run_settings
@@ -45,8 +43,4 @@ def pretrain(params_file: str = "params.yaml", shards_dir: str = "data/shards",
 
 
 if __name__ == "__main__":
-    # Under torchrun only rank 0 runs as a Prefect flow run; the other ranks run the same code bare.
-    if distributed.from_env().is_main:
-        run_stage(pretrain)
-    else:
-        pretrain.fn()
+    run_training_stage(pretrain)

@@ -1,4 +1,5 @@
-"""The tracked run of a training stage (pretrain, finetune): MLflow run, metrics, loss plots, registry."""
+"""The tracked run of a training stage (pretrain, finetune, classify, preference): MLflow run, metrics, loss
+plots, registry; and how its process runs it, under torchrun too (`run_training_stage`)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from flows.common import stage_logger, tracked_run, write_metrics
+from prefect import Flow
+
+from flows.common import run_stage, stage_logger, tracked_run, write_metrics
 from llm import distributed
 from llm.config import load_params
 from llm.checkpoint import HISTORY_FILE, write_registration
@@ -64,3 +67,11 @@ def tracked_training(
                         ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items()), result.precision_used,
                         registered_model, version)
     return recorded
+
+
+def run_training_stage(stage: Flow[..., dict]) -> dict:
+    """`run_stage` for a training stage, which torchrun may start as several processes: rank 0 runs it as
+    the Prefect flow run, the other ranks run the same code bare (their part of `tracked_training`)."""
+    if distributed.from_env().is_main:
+        return run_stage(stage)
+    return stage.fn()
