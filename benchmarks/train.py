@@ -94,19 +94,24 @@ class Setting:
 
 # --- the reference: nanoGPT's model.py (vendored) and train.py's loop --------------------------------
 
-def reference_runner(tokens: torch.Tensor, setting: Setting, total_steps: int) -> Runner:
+def reference_model(fused_adamw: bool) -> tuple[nanogpt.GPT, torch.optim.AdamW]:
+    """nanoGPT's model at our shape, and the AdamW its `configure_optimizers` makes for it."""
     cfg = model_config("cpu-small", dropout=0.0)
-    block_size = cfg.context_length
-    torch.manual_seed(1337)  # train.py's seed
     with contextlib.redirect_stdout(io.StringIO()):  # its prints (parameter counts, fused or not), per setting
-        model = nanogpt.GPT(nanogpt.GPTConfig(block_size=block_size, vocab_size=cfg.vocab_size,
+        model = nanogpt.GPT(nanogpt.GPTConfig(block_size=cfg.context_length, vocab_size=cfg.vocab_size,
                                               n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
                                               dropout=0.0, bias=True))
         # configure_optimizers reads device_type for one thing only, whether to fuse: asking for 'cuda'
         # here is how the fused kernel (on the CPU, where these parameters are) is offered to it.
-        optimizer = model.configure_optimizers(WEIGHT_DECAY, LR, BETAS,
-                                               "cuda" if setting.fused_adamw else "cpu")
-    assert all(group.get("fused") == (setting.fused_adamw or None) for group in optimizer.param_groups)
+        optimizer = model.configure_optimizers(WEIGHT_DECAY, LR, BETAS, "cuda" if fused_adamw else "cpu")
+    assert all(group.get("fused") == (fused_adamw or None) for group in optimizer.param_groups)
+    return model, optimizer
+
+
+def reference_runner(tokens: torch.Tensor, setting: Setting, total_steps: int) -> Runner:
+    block_size = model_config("cpu-small").context_length
+    torch.manual_seed(1337)  # train.py's seed
+    model, optimizer = reference_model(setting.fused_adamw)
     step_model = torch.compile(model) if setting.compile else model
     ctx = (contextlib.nullcontext() if setting.dtype == torch.float32
            else torch.autocast(device_type="cpu", dtype=setting.dtype))
@@ -153,12 +158,7 @@ def reference_runner(tokens: torch.Tensor, setting: Setting, total_steps: int) -
 
 
 def reference_params() -> int:
-    cfg = model_config("cpu-small", dropout=0.0)
-    with contextlib.redirect_stdout(io.StringIO()):
-        model = nanogpt.GPT(nanogpt.GPTConfig(block_size=cfg.context_length, vocab_size=cfg.vocab_size,
-                                              n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
-                                              dropout=0.0, bias=True))
-    return model.get_num_params(non_embedding=False)
+    return reference_model(fused_adamw=False)[0].get_num_params(non_embedding=False)
 
 
 # --- ours: the project's trainer ---------------------------------------------------------------------
