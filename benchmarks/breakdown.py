@@ -1,20 +1,27 @@
-"""Where a training step's time goes, ours against nanoGPT's, by kind of work, in one run.
+"""Where a training step's time goes, ours against a reference's, by kind of work, in one run.
 
-    python -m benchmarks.breakdown [--dtype auto | fp32 | bf16] [--no-compile] [--rounds 8]
+    python -m benchmarks.breakdown [--against nanogpt | book] [--dtype auto | fp32 | bf16] [--no-compile]
+                                   [--rounds 8]
 
-benchmarks.train measures how much faster our training step is than nanoGPT's; this shows where the
-difference comes from, and how far it can go. Both sides take the shape and settings of benchmarks.train
-(`cpu-small`, batch 8 x 256, GPT-2's vocabulary; AdamW fused, clipping at 1.0), in the same setting:
-fp32, or bf16 autocast (`--dtype auto` takes bf16 where the CPU computes it natively, by the trainer's own
-rule), compiled unless `--no-compile`. A step is forward, backward, clipping, optimizer step, over one
-random batch: nanoGPT's `model.py` (vendored: benchmarks/nanogpt.py) with the AdamW of its
-`configure_optimizers`, and our `llm.model.GPT` with the trainer's `llm.optim` (AdamW, clipping). Each step
-of each side runs under torch.profiler, the sides alternating, and each operator's own time (its self
-time, children excluded) is summed by kind:
+benchmarks.train and benchmarks.book measure how much faster our training step is than their references';
+this shows where the difference comes from, and how far it can go. A step is forward, backward, clipping
+where the run clips, and the optimizer step, over one random batch:
+- `--against nanogpt` (the default), benchmarks.train's comparison: `cpu-small`, batch 8 x 256, GPT-2's
+  vocabulary, AdamW fused, clipping at 1.0. nanoGPT's `model.py` (vendored: benchmarks/nanogpt.py) with
+  the AdamW of its `configure_optimizers`, and our `llm.model.GPT` with the trainer's `llm.optim` (AdamW,
+  clipping), both in one setting: fp32, or bf16 autocast (`--dtype auto` takes bf16 where the CPU
+  computes it natively, by the trainer's own rule), compiled unless `--no-compile`;
+- `--against book`, benchmarks.book's: the book's chapter 5 model (benchmarks/book_ch05.py: its
+  `GPTModel` at context 256, dropout 0.1) and step (`calc_loss_batch`, torch's AdamW at lr 4e-4 and weight
+  decay 0.1, no clipping), fp32 and eager as the book runs, against our `gpt2-book` model with the
+  recipe's settings (recipes/book-ch05.yaml: the same batch of 2 x 256, AdamW with its groups, no
+  clipping, eager), in `--dtype` (`auto`, as the recipe trains).
+Each step of each side runs under torch.profiler, the sides alternating, and each operator's own time
+(its self time, children excluded) is summed by kind:
 - matmuls: `aten::mm`, `addmm`, `bmm` and `baddbmm`: the same products on both sides, whatever the
   loss does around them;
-- attention: SDPA's kernels (in bf16 training our `attention: auto` takes the explicit product instead,
-  whose two products count as matmuls and its softmax as other);
+- attention: SDPA's kernels (the book's explicit product, and ours where `attention: auto` takes it, in
+  bf16 training, count as matmuls for their two products and as other for the softmax);
 - optimizer: everything under the clipping and the optimizer step (the gradient norm, fused AdamW);
 - other: everything else: Inductor's fused kernels (the loss and its gradient, LayerNorm, GELU), eager
   elementwise passes, copies and fills.
@@ -42,9 +49,13 @@ from torch import Tensor, nn
 from torch.autograd.profiler_util import FunctionEvent
 from torch.profiler import ProfilerActivity, profile, record_function
 
+from benchmarks import book_ch05
+from benchmarks.book import RECIPE
 from benchmarks.train import BATCH, BETAS, DTYPES, GRAD_CLIP, LR, STEP0_TOLERANCE, WEIGHT_DECAY, reference_model
+from llm.config import load_params
 from llm.hardware import autocast, keep_freed_memory, train_dtype
 from llm.model import GPT, model_config
+from llm.model_config import ModelConfig
 from llm.optim import adamw, clip_gradients
 
 KINDS = ("matmuls", "attention", "optimizer", "other")
@@ -83,7 +94,7 @@ def training_step(forward: Callable[[], Tensor], model: nn.Module, optimizer: to
     return step
 
 
-def reference_step(x: Tensor, y: Tensor, dtype: torch.dtype, compile_model: bool) -> Step:
+def nanogpt_step(x: Tensor, y: Tensor, dtype: torch.dtype, compile_model: bool) -> Step:
     model, optimizer = reference_model(fused_adamw=True)  # what benchmarks.train keeps for it, fused being faster
     step_model = torch.compile(model) if compile_model else model
 
@@ -95,16 +106,49 @@ def reference_step(x: Tensor, y: Tensor, dtype: torch.dtype, compile_model: bool
                          lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP))
 
 
-def ours_step(x: Tensor, y: Tensor, dtype: torch.dtype, compile_model: bool) -> Step:
-    model = GPT(model_config("cpu-small", dropout=0.0))
-    optimizer = adamw(model, LR, WEIGHT_DECAY, BETAS, "cpu")
+def book_step(x: Tensor, y: Tensor) -> Step:
+    torch.manual_seed(book_ch05.SEED)
+    model = book_ch05.GPTModel(book_ch05.GPT_CONFIG_124M)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=book_ch05.LEARNING_RATE, weight_decay=book_ch05.WEIGHT_DECAY)
+    return training_step(lambda: book_ch05.calc_loss_batch(x, y, model, x.device), model, optimizer, lambda: None)
+
+
+def ours_step(model: GPT, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor, dtype: torch.dtype,
+              compile_model: bool, grad_clip: float) -> Step:
     step_model = torch.compile(model) if compile_model else model
 
     def forward() -> Tensor:
         with autocast(x.device, dtype):  # as the Trainer runs it
             return step_model(x, y)
 
-    return training_step(forward, model, optimizer, lambda: clip_gradients(model, GRAD_CLIP))
+    clip = (lambda: clip_gradients(model, grad_clip)) if grad_clip > 0 else (lambda: None)
+    return training_step(forward, model, optimizer, clip)
+
+
+def sides(against: str, dtype: torch.dtype, compile_model: bool) -> dict[str, tuple[str, Step]]:
+    """The two sides' steps, each with its setting in words."""
+    def batch(config: ModelConfig, rows: int) -> tuple[Tensor, Tensor]:
+        return tuple(torch.randint(config.vocab_size, (rows, config.context_length)) for _ in range(2))
+
+    torch.manual_seed(1337)
+    setting = f"{str(dtype).removeprefix('torch.')} {'compiled' if compile_model else 'eager'}"
+    if against == "nanogpt":
+        config = model_config("cpu-small", dropout=0.0)
+        x, y = batch(config, BATCH)
+        ours = GPT(config)
+        optimizer = adamw(ours, LR, WEIGHT_DECAY, BETAS, "cpu")
+        return {"nanoGPT": (f"{setting}, fused AdamW, clipping at {GRAD_CLIP}",
+                            nanogpt_step(x, y, dtype, compile_model)),
+                "ours": (f"{setting}, clipping at {GRAD_CLIP}",
+                         ours_step(ours, optimizer, x, y, dtype, compile_model, GRAD_CLIP))}
+    recipe = load_params(RECIPE)
+    config, train = recipe.model.build(), recipe.pretrain
+    x, y = batch(config, train.batch_size)
+    ours = GPT(config)
+    optimizer = adamw(ours, train.lr, train.weight_decay, (train.beta1, train.beta2), "cpu")
+    return {"the book": ("float32 eager, torch's AdamW, no clipping", book_step(x, y)),
+            "ours": (f"{str(dtype).removeprefix('torch.')} eager (the recipe's), no clipping",
+                     ours_step(ours, optimizer, x, y, dtype, compile_model=False, grad_clip=train.grad_clip))}
 
 
 def profiled(step: Step, others: dict[str, float] | None = None) -> dict[str, float]:
@@ -126,48 +170,48 @@ def profiled(step: Step, others: dict[str, float] | None = None) -> dict[str, fl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--against", choices=["nanogpt", "book"], default="nanogpt",
+                        help="the reference: nanoGPT (benchmarks.train's) or the book's chapter 5 run "
+                        "(benchmarks.book's)")
     parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
-                        help="auto: bf16 where the CPU computes it natively, else fp32")
-    parser.add_argument("--no-compile", action="store_true", help="both sides eager")
+                        help="auto: bf16 where the CPU computes it natively, else fp32 (the book's side: always "
+                        "fp32)")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="against nanoGPT, both sides eager (against the book, both always are)")
     parser.add_argument("--rounds", type=int, default=8, help="profiled steps per side, the sides alternating")
     args = parser.parse_args()
-    cpu = torch.device("cpu")
-    dtype = train_dtype(cpu, "auto") if args.dtype == "auto" else DTYPES[args.dtype]
-    compile_model = not args.no_compile
+    dtype = train_dtype(torch.device("cpu"), "auto") if args.dtype == "auto" else DTYPES[args.dtype]
     inductor_config.cpp.enable_kernel_profile = True  # before anything compiles: one name a kernel
     keep_freed_memory()  # as our trainer sets it, for both sides (benchmarks.train does the same)
-    vocab = model_config("cpu-small").vocab_size
-    torch.manual_seed(1337)
-    x, y = (torch.randint(vocab, (BATCH, model_config("cpu-small").context_length)) for _ in range(2))
-    setting = f"{str(dtype).removeprefix('torch.')} {'compiled' if compile_model else 'eager'}"
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; cpu-small, batch {BATCH} x {x.shape[1]}, "
-          f"both sides {setting}, fused AdamW, clipping at {GRAD_CLIP}")
-
-    sides = {"nanoGPT": reference_step(x, y, dtype, compile_model), "ours": ours_step(x, y, dtype, compile_model)}
-    for name, step in sides.items():
+    steps = sides(args.against, dtype, compile_model=not args.no_compile)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          + "; ".join(f"{name}: {setting}" for name, (setting, _) in steps.items()))
+    uniform_loss = math.log(model_config("cpu-small").vocab_size)
+    for name, (_, step) in steps.items():
         step0 = step()
-        assert abs(step0 - math.log(vocab)) <= STEP0_TOLERANCE, f"{name}: step-0 loss {step0:.3f}"
+        assert abs(step0 - uniform_loss) <= STEP0_TOLERANCE, f"{name}: step-0 loss {step0:.3f}"
         for _ in range(WARMUP - 1):
             step()
-    samples: dict[str, dict[str, list[float]]] = {name: defaultdict(list) for name in sides}
-    others: dict[str, dict[str, float]] = {name: {} for name in sides}
+    samples: dict[str, dict[str, list[float]]] = {name: defaultdict(list) for name in steps}
+    others: dict[str, dict[str, float]] = {name: {} for name in steps}
     for round_ in range(args.rounds):
-        for name in sides if round_ % 2 == 0 else reversed(sides):
-            for key, value in profiled(sides[name], others[name]).items():
+        for name in steps if round_ % 2 == 0 else reversed(steps):
+            for key, value in profiled(steps[name][1], others[name]).items():
                 samples[name][key].append(value)
     medians = {name: {key: statistics.median(values) for key, values in by_key.items()}
                for name, by_key in samples.items()}
 
+    reference = next(iter(steps))
     print(f"ms a step, the median of {args.rounds} profiled steps each (operators' own time, by kind):")
-    print(f"  {'':10s} {'nanoGPT':>9s} {'ours':>9s}")
+    print(f"  {'':10s} {reference:>9s} {'ours':>9s}")
     for key in (*KINDS, "wall"):
         label = "step (wall)" if key == "wall" else key
-        print(f"  {label:11s}{medians['nanoGPT'][key]:9.1f} {medians['ours'][key]:9.1f}")
+        print(f"  {label:11s}{medians[reference][key]:9.1f} {medians['ours'][key]:9.1f}")
     for name, by_name in others.items():
         largest = sorted(by_name.items(), key=lambda item: -item[1])[:TOP_OTHERS]
         print(f"largest other operators, {name}, ms a step (the mean): " + "; ".join(
             f"{op[:OP_NAME_CHARS]} {total / args.rounds:.1f}" for op, total in largest))
-    ref, ours = medians["nanoGPT"]["wall"], medians["ours"]["wall"]
+    ref, ours = medians[reference]["wall"], medians["ours"]["wall"]
     without_other = ours - medians["ours"]["other"]
     print(f"step ratio under the profiler: {ref / ours:.2f}; with every 'other' pass of ours free, at most "
           f"{ref / without_other:.2f} ({ref:.0f} ms over {without_other:.0f})")

@@ -7,7 +7,7 @@
 Attention has two implementations behind `ModelConfig.attention`: the book's explicit one (scores,
 an upper-triangular mask buffer, softmax, dropout) and PyTorch's fused `scaled_dot_product_attention`;
 they agree to float32 rounding. `auto`, the default, runs SDPA except where the explicit product is the
-faster (training in bf16 on a CPU, over up to AUTO_EXPLICIT_MAX_KEYS keys). `ModelConfig.init` picks the
+faster (training on a CPU in bf16 or with dropout, over up to AUTO_EXPLICIT_MAX_KEYS keys). `ModelConfig.init` picks the
 starting weights: GPT-2's N(0, 0.02) (the default), or PyTorch's default of each layer, which the book's
 `GPTModel` trains from (the `gpt2-book` preset's: the book's chapter 5 curve depends on it).
 `ModelConfig.objective: masked` makes the same blocks an encoder (BERT's objective, llm/masking.py):
@@ -39,10 +39,11 @@ from llm.loss import IGNORE_INDEX, Reduction, linear_cross_entropy  # noqa: F401
 from llm.model_config import ModelConfig, model_config  # noqa: F401
 
 
-# In bf16 on a CPU, SDPA's kernels (flash, and the math path that dropout takes) are slower than the explicit
-# product over up to this many keys, forward and backward together, and faster beyond; SDPA's slow part is
-# its backward: its forward alone, what evaluation and generation run, is the faster at every length
-# (benchmarks/attention.py).
+# In training on a CPU, in bf16 (SDPA's flash kernel, and the math path that dropout takes) or in fp32 with
+# dropout (the math path, drawing torch's mask element by element), SDPA is slower than the explicit product
+# over up to this many keys, forward and backward together, and faster beyond; SDPA's slow part is its
+# backward: its forward alone, what evaluation and generation run, is the faster at every length
+# (benchmarks/attention.py, with --dropout for the second).
 AUTO_EXPLICIT_MAX_KEYS = 512
 
 
@@ -91,10 +92,14 @@ def future_mask(context_length: int, device: torch.device | str | None = None) -
     return torch.ones(context_length, context_length, dtype=torch.bool, device=device).triu(1)
 
 
-def auto_runs_explicit(device: torch.device, dtype: torch.dtype, keys: int, backward: bool) -> bool:
-    """Where `attention: auto` runs the explicit product rather than SDPA: bf16 on a CPU, over up to
-    AUTO_EXPLICIT_MAX_KEYS keys, with a backward pass to follow (training)."""
-    return backward and device.type == "cpu" and dtype == torch.bfloat16 and keys <= AUTO_EXPLICIT_MAX_KEYS
+def auto_runs_explicit(device: torch.device, dtype: torch.dtype, keys: int, backward: bool,
+                       dropout_p: float = 0.0) -> bool:
+    """Where `attention: auto` runs the explicit product rather than SDPA: on a CPU, over up to
+    AUTO_EXPLICIT_MAX_KEYS keys, with a backward pass to follow (training), in bf16 or with dropout.
+    SDPA's CPU kernel has no dropout: with it, SDPA runs its math path, whose mask torch draws element by
+    element, where the explicit product draws llm/dropout.py's in bulk."""
+    return (backward and device.type == "cpu" and keys <= AUTO_EXPLICIT_MAX_KEYS
+            and (dtype == torch.bfloat16 or dropout_p > 0))
 
 
 def causal_allowed(T: int, S: int, device: torch.device) -> Tensor:
@@ -136,7 +141,7 @@ class SelfAttention(nn.Module):
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None) -> Tensor:
         T, S = q.size(2), k.size(2)
         dropout_p = self.dropout if self.training else 0.0
-        if not self._explicit_for(q, S):
+        if not self._explicit_for(q, S, dropout_p):
             if self.causal and allowed is None and 1 < T < S:
                 # SDPA's is_causal aligns the mask top-left, right only when T == S; one new token sees
                 # every key; a chunk after cached positions needs the mask spelled out.
@@ -153,11 +158,11 @@ class SelfAttention(nn.Module):
         weights = torch.softmax(scores, dim=-1)
         return self.attn_dropout(weights) @ v  # (B, nh, T, hs)
 
-    def _explicit_for(self, q: Tensor, S: int) -> bool:
+    def _explicit_for(self, q: Tensor, S: int, dropout_p: float) -> bool:
         """Whether this call runs the explicit product: always with `explicit`, never with `sdpa`, and with
         `auto` where it is the faster (whether a backward follows: whether autograd records q)."""
         if self.attention == "auto":
-            return auto_runs_explicit(q.device, q.dtype, S, backward=q.requires_grad)
+            return auto_runs_explicit(q.device, q.dtype, S, backward=q.requires_grad, dropout_p=dropout_p)
         return self.attention == "explicit"
 
 

@@ -76,6 +76,28 @@ def test_auto_attention_runs_the_explicit_product_in_bf16_on_a_cpu_up_to_its_lim
         assert not torch.equal(models["auto"].wte.weight.grad, models[other].wte.weight.grad)
 
 
+def test_auto_attention_runs_the_explicit_product_in_fp32_training_with_dropout_up_to_its_limit(monkeypatch):
+    """SDPA's CPU kernel has no dropout: with it SDPA runs its math path, so auto takes the explicit product,
+    whose mask llm/dropout.py draws; without dropout (eval mode) fp32 stays on SDPA."""
+    monkeypatch.setattr("llm.model.AUTO_EXPLICIT_MAX_KEYS", 24)
+    models = {kind: tiny(attention=kind, dropout=0.1) for kind in ("auto", "sdpa", "explicit")}
+    for model in models.values():
+        model.load_state_dict(models["auto"].state_dict())
+    for T in (24, 25):  # at the limit, and past it
+        idx, targets = tokens(2, T), tokens(2, T)
+        losses = {}
+        for kind, model in models.items():
+            torch.manual_seed(T)  # the same draws for each: the same kernels give the same masks
+            losses[kind] = model(idx, targets)
+        same = "explicit" if T <= 24 else "sdpa"
+        assert torch.equal(losses["auto"], losses[same]), (T, same)
+        assert not torch.equal(losses["auto"], losses[{"sdpa": "explicit", "explicit": "sdpa"}[same]])
+    idx = tokens(2, 24)
+    evaluated = {kind: model.eval()(idx) for kind, model in models.items()}  # gradients on, no dropout
+    assert torch.equal(evaluated["auto"], evaluated["sdpa"])
+    assert not torch.equal(evaluated["auto"], evaluated["explicit"])
+
+
 def test_auto_attention_runs_sdpa_without_a_backward_to_follow_in_bf16():
     """Evaluation and generation run the forward alone, where SDPA is the faster at every length."""
     models = {kind: tiny(attention=kind).to(torch.bfloat16).eval() for kind in ("auto", "sdpa", "explicit")}
