@@ -21,7 +21,8 @@ Each step of each side runs under torch.profiler, the sides alternating, and eac
 - matmuls: `aten::mm`, `addmm`, `bmm` and `baddbmm`: the same products on both sides, whatever the
   loss does around them;
 - attention: SDPA's kernels (the book's explicit product, and ours where `attention: auto` takes it, in
-  bf16 training, count as matmuls for their two products and as other for the softmax);
+  training in bf16 or with dropout, count as matmuls for their two products and as other for the
+  softmax);
 - optimizer: everything under the clipping and the optimizer step (the gradient norm, fused AdamW);
 - other: everything else: Inductor's fused kernels (the loss and its gradient, LayerNorm, GELU), eager
   elementwise passes, copies and fills.
@@ -29,8 +30,8 @@ Inductor's kernels are profiled each under its own name (`torch._inductor.config
 so that the largest "other" operators of each side can be printed by name. The profiler's own cost per
 operator is small (a few microseconds) and lands on both sides alike.
 
-It prints each kind in ms a step for both sides, and the ceiling: nanoGPT's step over ours without its
-"other" work, the ratio no fusion of our elementwise passes could pass while the matmuls, attention and
+It prints each kind in ms a step for both sides, and the ceiling: the reference's step over ours without
+its "other" work, the ratio no fusion of our elementwise passes could pass while the matmuls, attention and
 optimizer stay as they are. Last line: `breakdown_ceiling=R`.
 """
 
