@@ -46,7 +46,7 @@ from collections.abc import Callable
 
 import torch
 import torch._inductor.config as inductor_config
-from torch import Tensor, nn
+from torch import Tensor
 from torch.autograd.profiler_util import FunctionEvent
 from torch.profiler import ProfilerActivity, profile, record_function
 
@@ -81,7 +81,7 @@ def kind(event: FunctionEvent) -> str:
     return "other"
 
 
-def training_step(forward: Callable[[], Tensor], model: nn.Module, optimizer: torch.optim.Optimizer,
+def training_step(forward: Callable[[], Tensor], optimizer: torch.optim.Optimizer,
                   clip: Callable[[], object]) -> Step:
     def step() -> float:
         loss = forward()
@@ -103,15 +103,14 @@ def nanogpt_step(x: Tensor, y: Tensor, dtype: torch.dtype, compile_model: bool) 
         with autocast(x.device, dtype):  # nanoGPT's `ctx`: torch.autocast, or nothing in fp32
             return step_model(x, y)[1]
 
-    return training_step(forward, model, optimizer,
-                         lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP))
+    return training_step(forward, optimizer, lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP))
 
 
 def book_step(x: Tensor, y: Tensor) -> Step:
     torch.manual_seed(book_ch05.SEED)
     model = book_ch05.GPTModel(book_ch05.GPT_CONFIG_124M)
     optimizer = torch.optim.AdamW(model.parameters(), lr=book_ch05.LEARNING_RATE, weight_decay=book_ch05.WEIGHT_DECAY)
-    return training_step(lambda: book_ch05.calc_loss_batch(x, y, model, x.device), model, optimizer, lambda: None)
+    return training_step(lambda: book_ch05.calc_loss_batch(x, y, model, x.device), optimizer, lambda: None)
 
 
 def ours_step(model: GPT, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor, dtype: torch.dtype,
@@ -123,7 +122,7 @@ def ours_step(model: GPT, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor
             return step_model(x, y)
 
     clip = (lambda: clip_gradients(model, grad_clip)) if grad_clip > 0 else (lambda: None)
-    return training_step(forward, model, optimizer, clip)
+    return training_step(forward, optimizer, clip)
 
 
 def sides(against: str, dtype: torch.dtype, compile_model: bool) -> dict[str, tuple[str, Step]]:
@@ -132,7 +131,8 @@ def sides(against: str, dtype: torch.dtype, compile_model: bool) -> dict[str, tu
         return tuple(torch.randint(config.vocab_size, (rows, config.context_length)) for _ in range(2))
 
     torch.manual_seed(1337)
-    setting = f"{str(dtype).removeprefix('torch.')} {'compiled' if compile_model else 'eager'}"
+    dtype_name = str(dtype).removeprefix("torch.")
+    setting = f"{dtype_name} {'compiled' if compile_model else 'eager'}"
     if against == "nanogpt":
         config = model_config("cpu-small", dropout=0.0)
         x, y = batch(config, BATCH)
@@ -148,7 +148,7 @@ def sides(against: str, dtype: torch.dtype, compile_model: bool) -> dict[str, tu
     ours = GPT(config)
     optimizer = adamw(ours, train.lr, train.weight_decay, (train.beta1, train.beta2), "cpu")
     return {"the book": ("float32 eager, torch's AdamW, no clipping", book_step(x, y)),
-            "ours": (f"{str(dtype).removeprefix('torch.')} eager (the recipe's), no clipping",
+            "ours": (f"{dtype_name} eager (the recipe's), no clipping",
                      ours_step(ours, optimizer, x, y, dtype, compile_model=False, grad_clip=train.grad_clip))}
 
 
