@@ -1,17 +1,20 @@
-"""Next-token cross-entropy fused with the LM head, computed in chunks of rows.
+"""Next-token cross-entropy fused with the LM head.
 
 At small model sizes the head (hidden @ W^T over GPT-2's 50,257 tokens) and the cross-entropy on its
 output are most of a training step, and most of *that* is memory traffic, not arithmetic: the plain
 path writes the (N, V) logits, reads them for log-softmax, writes log-probabilities, and repeats all of
-it backward. Here each chunk of rows is turned into its loss and its gradient (softmax - one-hot) while
-it is still in cache, the gradient is kept in the compute dtype, and two matmuls at the end give the
-gradients of the hidden states and of W. Same values as `F.cross_entropy(hidden @ W.T, targets)` (to
-the rounding of the compute dtype), and never more than one chunk of fp32 logits in memory.
+it backward. Here the logits are turned into the loss and its gradient (softmax - one-hot) in one pass,
+the gradient is kept in the compute dtype, and two matmuls at the end give the gradients of the hidden
+states and of W. Same values as `F.cross_entropy(hidden @ W.T, targets)` (to the rounding of the
+compute dtype).
 
-Under torch.compile it runs as one chunk: Inductor fuses the elementwise passes into the matmuls'
-neighbours itself, and the full-size matmuls run faster than chunked ones. Even so it beats compiling
-the plain head + cross-entropy, by one exp per logit and, in bf16, a faster layout for the weight
-gradient (benchmarks/train.py times the whole step against nanoGPT's).
+- fp32, eager: the logits are computed straight into the gradient's buffer, and ATen's softmax kernel
+  turns them into the gradient in place, row by row while each row is in cache: no (N, V) temporary.
+- bf16 (autocast), eager: chunks of CHUNK_ROWS rows of fp32 logits, each turned into its rows of the
+  bf16 gradient the same way; never more than one chunk of fp32 logits in memory.
+- Under torch.compile, one chunk: Inductor fuses the pointwise passes into one kernel over each row
+  itself. Even so it beats compiling the plain head + cross-entropy, by one exp per logit and, in bf16,
+  a faster layout for the weight gradient (benchmarks/train.py times the whole step against nanoGPT's).
 
 Under autocast the matmuls run in the autocast dtype (bf16), as the plain path's would.
 """
@@ -19,6 +22,7 @@ Under autocast the matmuls run in the autocast dtype (bf16), as the plain path's
 from __future__ import annotations
 
 import typing
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -27,7 +31,7 @@ from torch import Tensor
 IGNORE_INDEX = -100
 Reduction = Literal["mean", "none"]
 REDUCTIONS: tuple[str, ...] = typing.get_args(Reduction)
-CHUNK_ROWS = 128  # fp32 logits of 128 rows x 50,257 tokens: 26 MB, a chunk that stays near the caches
+CHUNK_ROWS = 128  # fp32 logits of 128 rows x 50,257 tokens: a 26 MB temporary
 
 
 def _compute_dtype(hidden: Tensor) -> torch.dtype:
@@ -43,28 +47,44 @@ def _chunk_loss(logits: Tensor, targets: Tensor, valid: Tensor) -> Tensor:
     return (torch.logsumexp(logits, dim=-1) - picked) * valid
 
 
-def _chunk_loss_and_grad(logits: Tensor, targets: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
-    """A chunk of fp32 logits (n, V): the loss of each row (0 where ignored), and d(summed loss)/d(logits),
-    softmax - one-hot on valid rows and zero on ignored ones. The softmax's numerators are computed once
-    and serve both its normaliser and the gradient: one exp per logit, where log-sum-exp and then the
-    softmax would take two (the exps are most of this function's time)."""
-    picked = logits.gather(1, targets[:, None]).squeeze(1)  # (n,), before eager overwrites the logits
+def _loss_and_grad_(logits: Tensor, targets: Tensor, valid: Tensor,
+                    row_logits: Callable[[Tensor], Tensor]) -> Tensor:
+    """Eager: a chunk of fp32 logits (n, V) is overwritten with d(summed loss)/d(logits), softmax - one-hot
+    on valid rows and zero on ignored ones; returns the loss of each row (0 where ignored).
+
+    ATen's softmax kernel takes each row through its max, its exps and their normalisation while the row
+    is in cache, in place: one pass over the chunk's memory, one exp per logit, nothing of the chunk's size
+    allocated. The loss is -log of the target's probability, exact to fp32 rounding while that probability
+    is a normal float (a loss below 87); where it underflows, `row_logits(rows)` recomputes those rows'
+    logits for log-sum-exp minus the target's logit."""
+    picked = logits.gather(1, targets[:, None]).squeeze(1)  # (n,), before the softmax overwrites it
+    torch._softmax(logits, 1, False, out=logits)  # (n, V): elementwise per row, so in place is safe
+    probability = logits.gather(1, targets[:, None]).squeeze(1)  # (n,)
+    loss = -probability.log()
+    underflow = ((probability < torch.finfo(torch.float32).tiny) & valid).nonzero().squeeze(1)
+    if len(underflow):
+        loss[underflow] = torch.logsumexp(row_logits(underflow), dim=1) - picked[underflow]
+    ignored = (~valid).nonzero().squeeze(1)
+    if len(ignored):
+        logits.index_fill_(0, ignored, 0.0)
+    logits[torch.arange(len(targets), device=logits.device), targets] -= valid.float()
+    return loss.where(valid, 0.0)  # not loss * valid: an ignored row's loss may be inf
+
+
+def _compiled_loss_and_grad(logits: Tensor, targets: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    """Under torch.compile: fp32 logits (n, V) to the loss of each row (0 where ignored) and
+    d(summed loss)/d(logits), in pointwise operations and reductions that Inductor fuses into one kernel.
+
+    Cheap per logit: Inductor keeps each row's numerators in a local buffer, so that the normaliser and the
+    gradient are one pass over the row, one exp per logit; an ignored row's scale is 0 and its target -1,
+    which no column matches; the comparison is in int32 (int64 vectors are slower)."""
+    picked = logits.gather(1, targets[:, None]).squeeze(1)  # (n,)
     peak = logits.amax(dim=1, keepdim=True)  # (n, 1)
-    if torch.compiler.is_compiling():
-        # Pointwise only, and cheap per logit: Inductor keeps each row's numerators in a local buffer, so
-        # that the normaliser and the gradient are one pass over the row; an ignored row's scale is 0 and
-        # its target -1, which no column matches; the comparison is in int32 (int64 vectors are slower).
-        numerators = torch.exp(logits - peak)
-        normaliser = numerators.sum(dim=1, keepdim=True)  # (n, 1)
-        columns = torch.arange(logits.shape[1], dtype=torch.int32, device=logits.device)
-        one_hot = columns[None, :] == torch.where(valid, targets, -1).int()[:, None]
-        grad = numerators * (valid[:, None] / normaliser) - one_hot.float()
-    else:
-        # Eager: in place, so that no temporary of the chunk's size is allocated.
-        numerators = logits.sub_(peak).exp_()
-        normaliser = numerators.sum(dim=1, keepdim=True)
-        grad = numerators.mul_(valid[:, None] / normaliser)
-        grad[torch.arange(grad.shape[0], device=grad.device), targets] -= valid.float()
+    numerators = torch.exp(logits - peak)
+    normaliser = numerators.sum(dim=1, keepdim=True)  # (n, 1)
+    columns = torch.arange(logits.shape[1], dtype=torch.int32, device=logits.device)
+    one_hot = columns[None, :] == torch.where(valid, targets, -1).int()[:, None]
+    grad = numerators * (valid[:, None] / normaliser) - one_hot.float()
     lse = (peak + normaliser.log()).squeeze(1)  # (n,)
     return (lse - picked) * valid, grad
 
@@ -105,7 +125,7 @@ _spare = _Spare()
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk_rows: int,
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk_rows: int | None,
                 dtype: torch.dtype, per_row: bool) -> Tensor:
         # hidden (N, C), weight (V, C), targets (N,)
         h, w = hidden.to(dtype), weight.to(dtype)
@@ -115,17 +135,25 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         rows_loss = torch.empty(h.shape[0], dtype=torch.float32, device=hidden.device) if per_row else None
         grad_logits = _spare.take((h.shape[0], w.shape[0]), dtype, hidden.device)  # (N, V)
-        # In fp32 eager, each chunk's logits are computed straight into its rows of G, which the loss turns
-        # into the gradient in place: no chunk-sized temporary and no copy of it into G.
-        in_place = dtype == torch.float32 and not torch.compiler.is_compiling()
+        compiling = torch.compiler.is_compiling()
+        # In fp32 eager the logits are computed straight into G, which the softmax turns into the gradient
+        # in place: no chunk-sized temporary and no copy of it into G, so nothing to chunk for either.
+        in_place = dtype == torch.float32 and not compiling
+        if chunk_rows is None:
+            chunk_rows = h.shape[0] if in_place or compiling else CHUNK_ROWS
         for start in range(0, h.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
             if in_place:
                 logits = torch.mm(h[rows], w.T, out=grad_logits[rows])  # (n, V)
-                loss, _ = _chunk_loss_and_grad(logits, safe[rows], valid[rows])
             else:
                 logits = (h[rows] @ w.T).float()  # (n, V)
-                loss, grad_logits[rows] = _chunk_loss_and_grad(logits, safe[rows], valid[rows])
+            if compiling:
+                loss, grad_logits[rows] = _compiled_loss_and_grad(logits, safe[rows], valid[rows])
+            else:
+                loss = _loss_and_grad_(logits, safe[rows], valid[rows],
+                                       lambda some, h_rows=h[rows]: (h_rows[some] @ w.T).float())
+                if not in_place:
+                    grad_logits[rows] = logits
             if per_row:
                 rows_loss[rows] = loss
             else:
@@ -159,13 +187,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None, None
 
 
-def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_rows: int = CHUNK_ROWS, *,
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_rows: int | None = None, *,
                          reduction: Reduction = "mean") -> Tensor:
     """Cross-entropy of `hidden @ weight.T` against `targets`, ignoring IGNORE_INDEX targets: their mean,
     or with reduction "none" each target's (0 where ignored), shaped as `targets` (the negative
     log-probabilities that preference tuning sums per sequence).
 
-    hidden (..., C), weight (V, C), targets (...): the leading dimensions are flattened.
+    hidden (..., C), weight (V, C), targets (...): the leading dimensions are flattened. `chunk_rows`: rows
+    of logits computed at a time; by default all of them where they are computed straight into the gradient
+    (fp32 training) or under torch.compile, else CHUNK_ROWS.
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
@@ -178,6 +208,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_
         loss = _LinearCrossEntropy.apply(hidden, weight, targets, chunk_rows, dtype, per_row)
         return loss.view(shape) if per_row else loss
     # No gradients wanted (evaluation): only the loss, chunk by chunk.
+    chunk_rows = chunk_rows or CHUNK_ROWS
     h, w = hidden.to(dtype), weight.to(dtype)
     valid = targets != IGNORE_INDEX
     safe = targets.clamp(min=0)

@@ -12,7 +12,7 @@ def plain(hidden, weight, targets):
     return F.cross_entropy(hidden @ weight.T, targets, ignore_index=IGNORE_INDEX)
 
 
-@pytest.mark.parametrize("chunk_rows", [1, 7, 64, 1000])
+@pytest.mark.parametrize("chunk_rows", [None, 1, 7, 64, 1000])
 def test_matches_plain_cross_entropy_with_gradients(chunk_rows):
     hidden = torch.randn(50, 16, requires_grad=True)
     weight = torch.randn(300, 16, requires_grad=True)
@@ -42,6 +42,25 @@ def test_the_compiled_path_matches_plain_cross_entropy_with_gradients(reduction)
     torch.testing.assert_close(actual, expected)
     for a, e in zip(torch.autograd.grad((actual * weights).sum(), (hidden, weight)),
                     torch.autograd.grad((expected * weights).sum(), (hidden, weight))):
+        torch.testing.assert_close(a, e)
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 7])
+def test_losses_whose_probability_underflows_are_exact_and_ignored_ones_stay_zero(chunk_rows):
+    # Logits this far apart put most targets' softmax probability below fp32's smallest normal number:
+    # their loss (hundreds) comes from log-sum-exp, not from -log of that probability; an ignored row's
+    # probability underflows too, and its loss is still 0, not inf * 0.
+    hidden = (torch.randn(30, 16) * 100).requires_grad_()
+    weight = torch.randn(200, 16, requires_grad=True)
+    targets = torch.randint(0, 200, (30,))
+    targets[[2, 11]] = IGNORE_INDEX
+    expected = F.cross_entropy(hidden @ weight.T, targets, ignore_index=IGNORE_INDEX, reduction="none")
+    assert (expected > 200).sum() > 10
+    actual = linear_cross_entropy(hidden, weight, targets, chunk_rows, reduction="none")
+    torch.testing.assert_close(actual, expected)
+    assert actual[[2, 11]].tolist() == [0.0, 0.0]
+    for a, e in zip(torch.autograd.grad(actual.sum(), (hidden, weight)),
+                    torch.autograd.grad(expected.sum(), (hidden, weight))):
         torch.testing.assert_close(a, e)
 
 
