@@ -140,7 +140,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # in place: no chunk-sized temporary and no copy of it into G, so nothing to chunk for either.
         in_place = dtype == torch.float32 and not compiling
         if chunk_rows is None:
-            chunk_rows = h.shape[0] if in_place or compiling else CHUNK_ROWS
+            chunk_rows = h.shape[0] if in_place else CHUNK_ROWS
         for start in range(0, h.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
             if in_place:
