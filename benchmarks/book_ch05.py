@@ -281,15 +281,21 @@ def train_model_simple(model: GPTModel, train_loader: DataLoader, val_loader: Da
     return history
 
 
+def seeded_model_and_optimizer(seed: int, device: torch.device) -> tuple[GPTModel, torch.optim.AdamW]:
+    """The notebook's training cell up to training: the seed, the model on `device`, its AdamW."""
+    torch.manual_seed(seed)
+    model = GPTModel(GPT_CONFIG_124M)
+    model.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
+    return model, optimizer
+
+
 def main(train_loader: DataLoader, val_loader: DataLoader, tokenizer: tiktoken.Encoding,
          num_epochs: int = NUM_EPOCHS, log: Callable[[str], None] = print,
          seed: int = SEED) -> tuple[GPTModel, History]:
     """The notebook's training cell: seed, model, optimizer, train_model_simple."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(seed)
-    model = GPTModel(GPT_CONFIG_124M)
-    model.to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
+    model, optimizer = seeded_model_and_optimizer(seed, device)
     history = train_model_simple(model, train_loader, val_loader, optimizer, device, num_epochs=num_epochs,
                                  eval_freq=EVAL_FREQ, eval_iter=EVAL_ITER, start_context=START_CONTEXT,
                                  tokenizer=tokenizer, log=log)

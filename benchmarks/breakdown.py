@@ -107,9 +107,7 @@ def nanogpt_step(x: Tensor, y: Tensor, dtype: torch.dtype, compile_model: bool) 
 
 
 def book_step(x: Tensor, y: Tensor) -> Step:
-    torch.manual_seed(book_ch05.SEED)
-    model = book_ch05.GPTModel(book_ch05.GPT_CONFIG_124M)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=book_ch05.LEARNING_RATE, weight_decay=book_ch05.WEIGHT_DECAY)
+    model, optimizer = book_ch05.seeded_model_and_optimizer(book_ch05.SEED, x.device)
     return training_step(lambda: book_ch05.calc_loss_batch(x, y, model, x.device), optimizer, lambda: None)
 
 
