@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import tiktoken
 import torch
 from torch import Tensor, nn
@@ -48,6 +49,7 @@ class Sampling:
     temperature: float = 0.0  # 0: greedy (argmax); else logits / temperature, then sampled
     top_k: int | None = None  # sample among the k most likely tokens only
     top_p: float | None = None  # ... among the fewest most likely tokens whose probabilities reach top_p
+    # (and any token tied with the least likely of those)
     seed: int | None = None  # for reproducible sampling; None: torch's global generator
 
     def problems(self) -> Iterator[Problem]:
@@ -61,22 +63,63 @@ class Sampling:
 def sample_next(logits: Tensor, sampling: Sampling, generator: torch.Generator | None = None) -> Tensor:
     """The next token id of each row (B,) from last-position logits (B, vocab_size)."""
     if sampling.temperature == 0:
-        # max's indices are argmax's (the first maximum of a row), and in bf16 max is the faster kernel,
-        # where argmax over GPT-2's vocabulary is a sizeable part of a cached decoding step.
-        return logits.max(dim=-1).indices
+        return argmax(logits)
     logits = logits.float() / sampling.temperature
     if sampling.top_k is not None and sampling.top_k < logits.size(-1):
         kth = logits.topk(sampling.top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if sampling.top_p is not None and sampling.top_p < 1:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        # Keep a token while the more likely ones before it hold less than top_p; the first always stays.
-        drop_sorted = probs.cumsum(dim=-1) - probs >= sampling.top_p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
-        logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+    if sampling.top_p is not None and sampling.top_p < 1:
+        probs = nucleus(probs, sampling.top_p)
+    return draw(probs, generator)
+
+
+def argmax(logits: Tensor) -> Tensor:
+    """Each row's most likely token (B,) from logits (B, vocab_size): the first of tied maxima, as torch's."""
+    if logits.device.type == "cpu":
+        # NumPy's argmax runs in SIMD lanes; torch's CPU max-with-index steps through a row an element at a
+        # time, a sizeable part of a cached decoding step over GPT-2's vocabulary (benchmarks/sampling.py).
+        return torch.from_numpy(logits.detach().float().numpy().argmax(axis=-1))
+    return logits.max(dim=-1).indices
+
+
+def nucleus(probs: Tensor, top_p: float) -> Tensor:
+    """`probs` (B, V) with each row's tokens outside its nucleus zeroed: the most likely tokens, taken from
+    the top while those taken before hold less than `top_p` (the first always stays), and any token as likely
+    as the last one taken (a tie is kept whole, not cut by the order a sort happened to leave it in)."""
+    ranked = descending(probs)  # (B, V)
+    before = ranked.cumsum(dim=-1) - ranked  # what the tokens ranked above each one hold
+    taken = (before < top_p).sum(dim=-1, keepdim=True)  # (B, 1), at least 1
+    least = ranked.gather(-1, taken - 1)  # (B, 1): the probability of the last token taken
+    return probs.where(probs >= least, 0.0)
+
+
+def descending(values: Tensor) -> Tensor:
+    """Each row of `values` (B, V) sorted from the largest down."""
+    if values.device.type == "cpu":
+        # NumPy's sort is vectorised; torch's CPU sort is many times slower over GPT-2's vocabulary
+        # (benchmarks/sampling.py).
+        return torch.from_numpy(np.sort(values.detach().numpy(), axis=-1)).flip(-1)
+    return values.sort(dim=-1, descending=True).values
+
+
+def draw(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """One token id per row (B,), drawn with the row's probabilities (B, V), which need not sum to 1.
+
+    Inverse transform sampling: the token where one uniform draw, scaled to the row's total, falls in the
+    row's cumulative distribution, summed in float64 (float32 on MPS, which has no float64). torch.multinomial
+    draws one sample as a race of exponentials instead: a random number per token, more time than a cached
+    decoding step of a small model over GPT-2's vocabulary takes (benchmarks/sampling.py); this draws one
+    per row."""
+    cdf = probs.cumsum(dim=-1, dtype=torch.float32 if probs.device.type == "mps" else torch.float64)  # (B, V)
+    total = cdf[:, -1:]  # (B, 1)
+    if not bool(((total > 0) & total.isfinite()).all()):
+        raise ValueError("the next token's probabilities are NaN, infinite or all zero: the logits hold NaN "
+                         "or inf, so the model's weights are broken (check the checkpoint; in bf16, try fp32)")
+    uniform = torch.rand(total.shape, dtype=total.dtype, device=probs.device, generator=generator)
+    # Kept below the total after rounding, the draw lands on a token whose probability is above 0.
+    point = torch.minimum(uniform * total, total.nextafter(torch.zeros_like(total)))
+    return torch.searchsorted(cdf, point, right=True).squeeze(-1)
 
 
 def _left_pad(prompts: Sequence[Sequence[int]], device: torch.device) -> tuple[Tensor, Tensor]:

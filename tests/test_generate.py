@@ -4,9 +4,15 @@ import sys
 
 import pytest
 import torch
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from llm.checkpoint import save_model
-from llm.generate import Sampling, TextDecoder, decode_stream, generate, main, sample_next, stream
+from llm.generate import Sampling, TextDecoder, decode_stream, draw, generate, main, nucleus, sample_next, stream
 from llm.model import GPT, model_config
 from llm.tokenizer import get_tokenizer
 from llm.validation import ConfigError
@@ -114,9 +120,63 @@ def test_greedy_picks_the_first_of_tied_maxima_as_argmax_does(dtype):
     logits[0, [5, 9, 40000]] = 100  # a tie of three
     logits[1] = 0  # a row that is all ties
     logits[2, -1] = 100  # the last token
+    logits[3, 7] = float("nan")  # a broken row: torch takes the NaN as the maximum
     picked = sample_next(logits, Sampling())
     assert picked.tolist() == logits.argmax(dim=-1).tolist()
-    assert picked[:3].tolist() == [5, 0, 50256]
+    assert picked[:4].tolist() == [5, 0, 50256, 7]
+
+
+def test_draws_follow_the_probabilities():
+    # the drawn frequencies of 40,000 rows each within 4.5 standard errors of the probability; a draw that
+    # lands one token off, or favours either end of the row, is many standard errors out
+    probs = torch.tensor([0.4, 0.0, 0.3, 0.2, 0.1, 0.0, 0.0])
+    rows = 40_000
+    generator = torch.Generator().manual_seed(0)
+    drawn = draw((probs * 3).expand(rows, -1), generator)  # the row needs no normalising
+    frequency = torch.bincount(drawn, minlength=len(probs)) / rows
+    error = (probs * (1 - probs) / rows).sqrt()
+    assert (frequency - probs).abs().le(4.5 * error).all(), frequency
+    assert frequency[probs == 0].eq(0).all()
+
+
+@pytest.mark.parametrize("sampling", [
+    Sampling(temperature=1.0),
+    Sampling(temperature=0.7, top_k=4),
+    Sampling(temperature=1.3, top_p=0.8),
+    Sampling(temperature=0.9, top_k=6, top_p=0.9),
+])
+def test_sampling_draws_as_transformers_samples(sampling):
+    # transformers' warpers, in the order its generate applies them, give the probabilities it samples
+    # from; our draws' frequencies match them within 4.5 standard errors
+    warpers = [TemperatureLogitsWarper(sampling.temperature)]
+    warpers += [TopKLogitsWarper(sampling.top_k)] if sampling.top_k else []
+    warpers += [TopPLogitsWarper(sampling.top_p)] if sampling.top_p else []
+    logits = torch.randn(1, 12, generator=torch.Generator().manual_seed(1)) * 2
+    expected = torch.softmax(LogitsProcessorList(warpers)(torch.zeros(1, 0, dtype=torch.long), logits), -1)[0]
+    rows = 40_000
+    drawn = sample_next(logits.expand(rows, -1), sampling, torch.Generator().manual_seed(0))
+    frequency = torch.bincount(drawn, minlength=12) / rows
+    error = (expected * (1 - expected) / rows).sqrt()
+    assert (frequency - expected).abs().le(4.5 * error).all(), (frequency, expected)
+    assert frequency[expected == 0].eq(0).all()
+
+
+@pytest.mark.parametrize("probs, top_p, kept", [
+    ([0.5, 0.3, 0.15, 0.05], 0.7, [0.5, 0.3, 0, 0]),  # 0.5 < 0.7, then 0.8 >= 0.7
+    ([0.5, 0.3, 0.15, 0.05], 0.5, [0.5, 0, 0, 0]),  # the first alone reaches top_p
+    ([0.05, 0.15, 0.5, 0.3], 0.7, [0, 0, 0.5, 0.3]),  # in any order
+    ([0.3, 0.3, 0.3, 0.1], 0.5, [0.3, 0.3, 0.3, 0]),  # a tie at the cut is kept whole
+    ([0.5, 0.3, 0.15, 0.05], 1.0, [0.5, 0.3, 0.15, 0.05]),
+])
+def test_the_nucleus_keeps_the_most_likely_tokens_that_reach_top_p(probs, top_p, kept):
+    assert torch.equal(nucleus(torch.tensor([probs]), top_p), torch.tensor([kept]))
+
+
+def test_broken_logits_are_named_not_sampled():
+    logits = torch.zeros(2, 10)
+    logits[1, 3] = float("nan")
+    with pytest.raises(ValueError, match="the next token's probabilities are NaN, infinite or all zero"):
+        sample_next(logits, Sampling(temperature=1.0))
 
 
 def test_bad_settings_are_named():
