@@ -79,6 +79,7 @@ def argmax(logits: Tensor) -> Tensor:
     if logits.device.type == "cpu":
         # NumPy's argmax runs in SIMD lanes; torch's CPU max-with-index steps through a row an element at a
         # time, a sizeable part of a cached decoding step over GPT-2's vocabulary (benchmarks/sampling.py).
+        # NumPy has no bf16: floats first, which keeps every value and so the pick.
         return torch.from_numpy(logits.detach().float().numpy().argmax(axis=-1))
     return logits.max(dim=-1).indices
 
