@@ -95,7 +95,7 @@ def decoding_step_s(rounds: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=7, help="paired rounds per setting")
+    parser.add_argument("--rounds", type=int, default=7, help="rounds per setting, the two sides in turn in each")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; logits of {VOCAB:,} tokens, fp32; "
           f"the median of {args.rounds} rounds of {PICKS_PER_ROUND} picks")
