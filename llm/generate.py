@@ -108,10 +108,10 @@ def draw(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """One token id per row (B,), drawn with the row's probabilities (B, V), which need not sum to 1.
 
     Inverse transform sampling: the token where one uniform draw, scaled to the row's total, falls in the
-    row's cumulative distribution, summed in float64 (float32 on MPS, which has no float64). torch.multinomial
-    draws one sample as a race of exponentials instead: a random number per token, more time than a cached
-    decoding step of a small model over GPT-2's vocabulary takes (benchmarks/sampling.py); this draws one
-    per row."""
+    row's cumulative distribution, summed in float64 so that a token of tiny probability keeps its share
+    (float32 on MPS, which has no float64). torch.multinomial draws one sample as a race of exponentials
+    instead: a random number per token, over GPT-2's vocabulary most of the time a cached decoding step of a
+    small model takes (benchmarks/sampling.py); this draws one per row."""
     cdf = probs.cumsum(dim=-1, dtype=torch.float32 if probs.device.type == "mps" else torch.float64)  # (B, V)
     total = cdf[:, -1:]  # (B, 1)
     if not bool(((total > 0) & total.isfinite()).all()):
