@@ -65,13 +65,27 @@ def sample_next(logits: Tensor, sampling: Sampling, generator: torch.Generator |
     if sampling.temperature == 0:
         return argmax(logits)
     logits = logits.float() / sampling.temperature
+    tokens = None  # which token each column of `logits` is: None while the columns are the whole vocabulary
     if sampling.top_k is not None and sampling.top_k < logits.size(-1):
-        kth = logits.topk(sampling.top_k, dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        logits, tokens = top_k(logits, sampling.top_k)  # (B, n): the rest of the row is never drawn
     probs = logits.softmax(dim=-1)
     if sampling.top_p is not None and sampling.top_p < 1:
         probs = nucleus(probs, sampling.top_p)
-    return draw(probs, generator)
+    picked = draw(probs, generator)  # (B,)
+    return picked if tokens is None else tokens.gather(-1, picked[:, None]).squeeze(-1)
+
+
+def top_k(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k largest logits of each row (B, n), largest first, and their token ids (B, n). A tie at the k-th
+    value is kept whole, as transformers keeps it, so n is more than k where some row has one; a row with
+    fewer is filled up with -inf."""
+    values, tokens = logits.topk(k, dim=-1)  # (B, k)
+    kth = values[:, -1:]  # (B, 1)
+    n = int((logits >= kth).sum(dim=-1).max())
+    if n > k:
+        values, tokens = logits.topk(n, dim=-1)
+        values = values.masked_fill(values < kth, float("-inf"))
+    return values, tokens
 
 
 def argmax(logits: Tensor) -> Tensor:

@@ -12,7 +12,7 @@ from transformers.generation.logits_process import (
 )
 
 from llm.checkpoint import save_model
-from llm.generate import Sampling, TextDecoder, decode_stream, draw, generate, main, nucleus, sample_next, stream
+from llm.generate import Sampling, TextDecoder, decode_stream, draw, generate, main, nucleus, sample_next, stream, top_k
 from llm.model import GPT, model_config
 from llm.tokenizer import get_tokenizer
 from llm.validation import ConfigError
@@ -170,6 +170,18 @@ def test_sampling_draws_as_transformers_samples(sampling):
 ])
 def test_the_nucleus_keeps_the_most_likely_tokens_that_reach_top_p(probs, top_p, kept):
     assert torch.equal(nucleus(torch.tensor([probs]), top_p), torch.tensor([kept]))
+
+
+def test_top_k_keeps_a_tie_at_the_kth_value_whole():
+    logits = torch.tensor([[5.0, 3, 3, 1, 3], [4, 3, 2, 1, 0]])
+    values, tokens = top_k(logits, 2)
+    # row 0's k-th value, 3, is tied three ways: all kept; row 1 has no tie and is filled up with -inf
+    assert values.tolist() == [[5, 3, 3, 3], [4, 3, float("-inf"), float("-inf")]]
+    assert tokens[0, 0] == 0 and set(tokens[0, 1:].tolist()) == {1, 2, 4} and tokens[1, :2].tolist() == [0, 1]
+    assert torch.equal(logits.gather(1, tokens)[0], values[0])
+    drawn = sample_next(torch.tensor([[0.0, 2, 2, 2, -1]]).expand(4000, -1), Sampling(temperature=1.0, top_k=2),
+                        torch.Generator().manual_seed(0))
+    assert set(drawn.tolist()) == {1, 2, 3}
 
 
 def test_broken_logits_are_named_not_sampled():
