@@ -126,17 +126,23 @@ def test_greedy_picks_the_first_of_tied_maxima_as_argmax_does(dtype):
     assert picked[:4].tolist() == [5, 0, 50256, 7]
 
 
-def test_draws_follow_the_probabilities():
-    # the drawn frequencies of 40,000 rows each within 4.5 standard errors of the probability; a draw that
-    # lands one token off, or favours either end of the row, is many standard errors out
-    probs = torch.tensor([0.4, 0.0, 0.3, 0.2, 0.1, 0.0, 0.0])
-    rows = 40_000
-    generator = torch.Generator().manual_seed(0)
-    drawn = draw((probs * 3).expand(rows, -1), generator)  # the row needs no normalising
-    frequency = torch.bincount(drawn, minlength=len(probs)) / rows
-    error = (probs * (1 - probs) / rows).sqrt()
-    assert (frequency - probs).abs().le(4.5 * error).all(), frequency
+DRAWS = 40_000  # rows drawn from one distribution in the frequency tests
+
+
+def assert_drawn_as(drawn: torch.Tensor, probs: torch.Tensor) -> None:
+    """Each token's frequency among `drawn` lies within 4.5 standard errors of its probability, and a token of
+    probability 0 is never drawn: a draw that lands one token off, or favours either end of the row, is many
+    standard errors out."""
+    frequency = torch.bincount(drawn, minlength=len(probs)) / len(drawn)
+    error = (probs * (1 - probs) / len(drawn)).sqrt()
+    assert (frequency - probs).abs().le(4.5 * error).all(), (frequency, probs)
     assert frequency[probs == 0].eq(0).all()
+
+
+def test_draws_follow_the_probabilities():
+    probs = torch.tensor([0.4, 0.0, 0.3, 0.2, 0.1, 0.0, 0.0])
+    generator = torch.Generator().manual_seed(0)
+    assert_drawn_as(draw((probs * 3).expand(DRAWS, -1), generator), probs)  # the row needs no normalising
 
 
 @pytest.mark.parametrize("sampling", [
@@ -147,18 +153,14 @@ def test_draws_follow_the_probabilities():
 ])
 def test_sampling_draws_as_transformers_samples(sampling):
     # transformers' warpers, in the order its generate applies them, give the probabilities it samples
-    # from; our draws' frequencies match them within 4.5 standard errors
+    # from; our draws' frequencies match them
     warpers = [TemperatureLogitsWarper(sampling.temperature)]
     warpers += [TopKLogitsWarper(sampling.top_k)] if sampling.top_k else []
     warpers += [TopPLogitsWarper(sampling.top_p)] if sampling.top_p else []
     logits = torch.randn(1, 12, generator=torch.Generator().manual_seed(1)) * 2
     expected = torch.softmax(LogitsProcessorList(warpers)(torch.zeros(1, 0, dtype=torch.long), logits), -1)[0]
-    rows = 40_000
-    drawn = sample_next(logits.expand(rows, -1), sampling, torch.Generator().manual_seed(0))
-    frequency = torch.bincount(drawn, minlength=12) / rows
-    error = (expected * (1 - expected) / rows).sqrt()
-    assert (frequency - expected).abs().le(4.5 * error).all(), (frequency, expected)
-    assert frequency[expected == 0].eq(0).all()
+    drawn = sample_next(logits.expand(DRAWS, -1), sampling, torch.Generator().manual_seed(0))
+    assert_drawn_as(drawn, expected)
 
 
 @pytest.mark.parametrize("probs, top_p, kept", [
