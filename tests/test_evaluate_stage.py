@@ -22,9 +22,11 @@ from llm.instructions import Record, Split, write_split
 from llm.model import GPT, model_config
 from llm.shards import ShardError, TokenStream
 from llm.evaluate import promote_if_better
+from llm.hardware import has_glibc
 from llm.store import configure
 from tests.conftest import shared_file
 from tests.data import make_shards, patterned_tokens
+from tests.memory import BUFFER_BYTES, bytes_given_back
 
 
 @pytest.fixture
@@ -209,3 +211,22 @@ def test_an_encoder_base_gets_masked_token_figures_instead_of_perplexity(tmp_pat
                                                         [], None)).read_text()
     assert f"| val loss | {expected.loss:.4f} (masked tokens) |" in report
     assert f"| val masked-token accuracy (top-5) | {expected.accuracy:.3f} ({expected.top5_accuracy:.3f}) |" in report
+
+
+@pytest.mark.skipif(not has_glibc(), reason="needs glibc")
+def test_on_a_cpu_the_stages_process_keeps_freed_memory_for_the_next_batch_of_logits(tmp_path):
+    shards = make_shards(tmp_path / "shards", patterned_tokens(3000), patterned_tokens(700))
+    for name in ("base", "tuned"):
+        save_model(GPT(model_config("tiny")), tmp_path / name, extra={"prompt_style": "alpaca"})
+    records = [Record(**r) for r in json.loads(shared_file("instruction-data.json").read_text())[:6]]
+    write_split(tmp_path / "tuned" / SPLIT_FILE, Split(records[:2], records[2:4], records[4:]))
+    setup = ("from llm.config import EvaluateConfig\n"
+             "from llm.evaluate import evaluate_models\n"
+             "config = EvaluateConfig(device='cpu', max_new_tokens=2, examples=1, batch_size=4)\n"
+             "measured = evaluate_models(config, sys.argv[1], {'finetune': sys.argv[2]}, sys.argv[3])\n"
+             "print(measured.base_loss.tokens)")
+
+    scored, given_back = bytes_given_back(setup, str(tmp_path / "base"), str(tmp_path / "tuned"), str(shards))
+
+    assert scored == "699"  # the stage measured the val split: every token but the first is a target
+    assert given_back < BUFFER_BYTES // 20  # kept: glibc would unmap a freed 128 MB buffer at once

@@ -4,8 +4,6 @@ with: freed buffers kept in the heap, not given back to the kernel, for the next
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from types import MappingProxyType
 
 import pytest
@@ -13,6 +11,7 @@ import torch
 
 from llm.hardware import (bf16_is_fast, datasheet_bf16_peak, has_glibc, inference_dtype, measured_matmul_flops,
                           precision_name, train_dtype)
+from tests.memory import BUFFER_BYTES, bytes_given_back
 
 CPU = torch.device("cpu")
 AVX512 = {"architecture": "x86_64", "avx2": True, "avx512_f": True, "avx512_bw": True, "avx512_vl": True,
@@ -62,37 +61,15 @@ def test_a_dtype_is_named_as_params_yaml_names_it_and_a_bad_precision_is_refused
         inference_dtype(CPU, "fp16")
 
 
-# A fresh process: fills a 128 MB tensor, frees it and prints how many bytes of memory the process gave
-# back, with or without keep_freed_memory() first. Kept bytes, not page faults on a second buffer, are what
-# is checked: where the second buffer lands depends on what other threads allocated in between, which
-# varies from run to run.
-_KEEP = """
-import resource, sys, torch
-from llm.hardware import keep_freed_memory
-applied = keep_freed_memory() if sys.argv[1] == "keep" else False
-def resident_bytes() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * resource.getpagesize()
-x = torch.empty(2**25).fill_(1.0)
-before = resident_bytes()
-del x
-print(applied, before - resident_bytes())
-"""
-
-
 @pytest.mark.skipif(not has_glibc(), reason="needs glibc")
 def test_freed_memory_stays_with_the_process_for_the_next_step_to_reuse():
-    def given_back(mode: str) -> tuple[str, int]:
-        out = subprocess.run([sys.executable, "-c", _KEEP, mode], capture_output=True, text=True, check=True)
-        applied, count = out.stdout.split()
-        return applied, int(count)
-
-    buffer_bytes = 2**25 * 4
-    _, default = given_back("default")
-    assert default > buffer_bytes * 9 // 10  # glibc unmaps a buffer this large as soon as it is freed
-    applied, kept = given_back("keep")
+    setup = ("from llm.hardware import keep_freed_memory\n"
+             "print(keep_freed_memory() if sys.argv[1] == 'keep' else False)")
+    _, default = bytes_given_back(setup, "default")
+    assert default > BUFFER_BYTES * 9 // 10  # glibc unmaps a buffer this large as soon as it is freed
+    applied, kept = bytes_given_back(setup, "keep")
     assert applied == "True"
-    assert kept < buffer_bytes // 20
+    assert kept < BUFFER_BYTES // 20
 
 
 @pytest.mark.parametrize(("device_name", "tflops"), [
