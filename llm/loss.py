@@ -21,6 +21,7 @@ Under autocast the matmuls run in the autocast dtype (bf16), as the plain path's
 
 from __future__ import annotations
 
+import math
 import typing
 from collections.abc import Callable
 from typing import Literal
@@ -32,6 +33,7 @@ IGNORE_INDEX = -100
 Reduction = Literal["mean", "none"]
 REDUCTIONS: tuple[str, ...] = typing.get_args(Reduction)
 CHUNK_ROWS = 128  # fp32 logits of 128 rows x 50,257 tokens: a 26 MB temporary
+LSE_BLOCK_ROWS = 8  # rows of 50,257 fp32 logits that stay in a core's cache through the passes over them
 
 
 def _compute_dtype(hidden: Tensor) -> torch.dtype:
@@ -41,10 +43,34 @@ def _compute_dtype(hidden: Tensor) -> torch.dtype:
     return hidden.dtype
 
 
+def logsumexp_(logits: Tensor) -> Tensor:
+    """`torch.logsumexp(logits, dim=1)` of fp32 logits (n, V), to the bit, computed in place: `logits` is
+    overwritten.
+
+    torch's computes the rows' maxima, then `(logits - maxima).exp_()` into a new (n, V) tensor, and sums
+    it: a temporary the size of the logits and passes over memory that does not fit a cache. The same
+    operations here run on blocks of LSE_BLOCK_ROWS rows in place, each block still in cache for its next
+    pass, and nothing of the logits' size is allocated."""
+    n = logits.shape[0]
+    starts = list(range(0, n, LSE_BLOCK_ROWS))
+    if len(starts) > 1 and n - starts[-1] == 1:
+        # A block of one row would be summed differently: torch splits a lone row's sum across threads.
+        starts.pop()
+    out = torch.empty(n, dtype=logits.dtype, device=logits.device)  # (n,)
+    for start, end in zip(starts, [*starts[1:], n]):
+        block, rows = logits[start:end], out[start:end]
+        peak = block.amax(dim=1, keepdim=True)
+        peak.masked_fill_(peak.abs() == math.inf, 0.0)  # as torch's: an infinite maximum is not subtracted
+        torch.sum(block.sub_(peak).exp_(), dim=1, out=rows)
+        rows.log_().add_(peak.squeeze(1))
+    return out
+
+
 def _chunk_loss(logits: Tensor, targets: Tensor, valid: Tensor) -> Tensor:
-    """The loss of each row of a chunk of fp32 logits, 0 where ignored (evaluation: no gradient)."""
+    """The loss of each row of a chunk of fp32 logits, 0 where ignored (evaluation: no gradient); the
+    chunk is overwritten."""
     picked = logits.gather(1, targets[:, None]).squeeze(1)  # (n,)
-    return (torch.logsumexp(logits, dim=-1) - picked) * valid
+    return (logsumexp_(logits) - picked) * valid
 
 
 def _loss_and_grad_(logits: Tensor, targets: Tensor, valid: Tensor,
@@ -63,7 +89,7 @@ def _loss_and_grad_(logits: Tensor, targets: Tensor, valid: Tensor,
     loss = -probability.log()
     underflow = ((probability < torch.finfo(torch.float32).tiny) & valid).nonzero().squeeze(1)
     if len(underflow):
-        loss[underflow] = torch.logsumexp(row_logits(underflow), dim=1) - picked[underflow]
+        loss[underflow] = logsumexp_(row_logits(underflow)) - picked[underflow]
     ignored = (~valid).nonzero().squeeze(1)
     if len(ignored):
         logits.index_fill_(0, ignored, 0.0)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import llm.loss
-from llm.loss import IGNORE_INDEX, linear_cross_entropy
+from llm.loss import IGNORE_INDEX, linear_cross_entropy, logsumexp_
 
 
 def plain(hidden, weight, targets):
@@ -171,3 +171,18 @@ def test_per_position_losses_match_plain_cross_entropy_with_gradients_weighted_p
 def test_an_unknown_reduction_is_refused_with_the_choices():
     with pytest.raises(ValueError, match="reduction must be one of mean, none, got 'sum'"):
         linear_cross_entropy(torch.randn(2, 4), torch.randn(5, 4), torch.zeros(2, dtype=torch.long), reduction="sum")
+
+
+@pytest.mark.parametrize("rows", [1, 2, 8, 9, 17, 130])
+def test_the_in_place_logsumexp_is_torchs_to_the_bit(rows):
+    logits = torch.randn(rows, 50257) * 4
+    logits[0, 3] = float("inf")
+    if rows > 2:
+        logits[1] = float("-inf")  # a row with nothing possible
+        logits[2, 7] = float("nan")
+    expected = torch.logsumexp(logits, dim=1)
+
+    computed = logsumexp_(logits.clone())
+
+    assert torch.equal(computed.nan_to_num(), expected.nan_to_num())
+    assert torch.equal(computed.isnan(), expected.isnan())
