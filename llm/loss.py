@@ -48,9 +48,12 @@ def logsumexp_(logits: Tensor) -> Tensor:
     overwritten.
 
     torch's computes the rows' maxima, then `(logits - maxima).exp_()` into a new (n, V) tensor, and sums
-    it: a temporary the size of the logits and passes over memory that does not fit a cache. The same
-    operations here run on blocks of LSE_BLOCK_ROWS rows in place, each block still in cache for its next
-    pass, and nothing of the logits' size is allocated."""
+    it: a temporary the size of the logits and passes over memory that does not fit a cache. On a CPU the
+    same operations run here on blocks of LSE_BLOCK_ROWS rows in place, each block still in cache for its
+    next pass, and nothing of the logits' size is allocated. Elsewhere torch's own runs: a GPU would pay
+    kernel launches per block, and under torch.compile Inductor fuses the passes itself."""
+    if logits.device.type != "cpu" or torch.compiler.is_compiling():
+        return torch.logsumexp(logits, dim=1)
     n = logits.shape[0]
     starts = list(range(0, n, LSE_BLOCK_ROWS))
     if len(starts) > 1 and n - starts[-1] == 1:
