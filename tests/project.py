@@ -48,11 +48,9 @@ def stage_env(prefect_api_url: str | None = None, **extra: str) -> dict[str, str
     return env
 
 
-def dvc(repo: Path, *args: str, env: dict[str, str], timeout_s: float = 900, servers: bool = False) -> str:
-    """Run `dvc ARGS` in `repo`, with `servers` under `python -m flows.server` as the README runs
-    experiments; fail with its whole output if it fails."""
-    command = [sys.executable, "-m", "flows.server", "dvc", *args] if servers else ["dvc", *args]
-    run = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=timeout_s)
+def dvc(repo: Path, *args: str, env: dict[str, str], timeout_s: float = 900) -> str:
+    """Run `dvc ARGS` in `repo`; fail with its whole output if it fails."""
+    run = subprocess.run(["dvc", *args], cwd=repo, env=env, capture_output=True, text=True, timeout=timeout_s)
     if run.returncode != 0:
         raise AssertionError(f"dvc {' '.join(args)} failed ({run.returncode}):\n{run.stdout}\n{run.stderr}")
     return run.stdout + run.stderr
