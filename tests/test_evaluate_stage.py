@@ -182,18 +182,25 @@ def test_the_judges_credentials_never_reach_mlflow():
     assert loggable_config(EvaluateConfig())["judge"]["url"] is None
 
 
+def stage_inputs(folder: Path, base: GPT) -> Path:
+    """What evaluate_models reads, in `folder`: `base` as the base model (base/), a tiny instruction model
+    (tuned/) with a split of the book's first six records, and val shards; returns the shards' folder."""
+    shards = make_shards(folder / "shards", patterned_tokens(3000), patterned_tokens(700))
+    save_model(base, folder / "base")
+    save_model(GPT(model_config("tiny")), folder / "tuned", extra={"prompt_style": "alpaca"})
+    records = [Record(**r) for r in json.loads(shared_file("instruction-data.json").read_text())[:6]]
+    write_split(folder / "tuned" / SPLIT_FILE, Split(records[:2], records[2:4], records[4:]))
+    return shards
+
+
 def test_an_encoder_base_gets_masked_token_figures_instead_of_perplexity(tmp_path):
     from llm.evaluate import ENCODER_ANSWER
     from llm.masking import split_metrics
     from llm.report import Evaluation, write_report
 
-    shards = make_shards(tmp_path / "shards", patterned_tokens(3000), patterned_tokens(700))
     torch.manual_seed(0)
     encoder = GPT(model_config("tiny", objective="masked"))
-    save_model(encoder, tmp_path / "base")
-    save_model(GPT(model_config("tiny")), tmp_path / "tuned", extra={"prompt_style": "alpaca"})
-    records = [Record(**r) for r in json.loads(shared_file("instruction-data.json").read_text())[:6]]
-    write_split(tmp_path / "tuned" / SPLIT_FILE, Split(records[:2], records[2:4], records[4:]))
+    shards = stage_inputs(tmp_path, encoder)
     config = EvaluateConfig(device="cpu", max_new_tokens=3, examples=1, batch_size=4)
     swag = [Item("A man", ("runs.", "sits.", "is blue", "eats"), 1)]
 
@@ -215,11 +222,7 @@ def test_an_encoder_base_gets_masked_token_figures_instead_of_perplexity(tmp_pat
 
 @pytest.mark.skipif(not has_glibc(), reason="needs glibc")
 def test_on_a_cpu_the_stages_process_keeps_freed_memory_for_the_next_batch_of_logits(tmp_path):
-    shards = make_shards(tmp_path / "shards", patterned_tokens(3000), patterned_tokens(700))
-    for name in ("base", "tuned"):
-        save_model(GPT(model_config("tiny")), tmp_path / name, extra={"prompt_style": "alpaca"})
-    records = [Record(**r) for r in json.loads(shared_file("instruction-data.json").read_text())[:6]]
-    write_split(tmp_path / "tuned" / SPLIT_FILE, Split(records[:2], records[2:4], records[4:]))
+    shards = stage_inputs(tmp_path, GPT(model_config("tiny")))
     setup = ("from llm.config import EvaluateConfig\n"
              "from llm.evaluate import evaluate_models\n"
              "config = EvaluateConfig(device='cpu', max_new_tokens=2, examples=1, batch_size=4)\n"
