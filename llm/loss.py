@@ -14,7 +14,7 @@ compute dtype).
   bf16 gradient the same way; never more than one chunk of fp32 logits in memory.
 - Under torch.compile, one chunk: Inductor fuses the pointwise passes into one kernel over each row
   itself. Even so it beats compiling the plain head + cross-entropy, by one exp per logit and, in bf16,
-  a faster layout for the weight gradient (benchmarks/train.py times the whole step against nanoGPT's).
+  the weight gradient laid out for speed (benchmarks/train.py times the whole step against nanoGPT's).
 
 Under autocast the matmuls run in the autocast dtype (bf16), as the plain path's would.
 """
@@ -33,6 +33,11 @@ IGNORE_INDEX = -100
 Reduction = Literal["mean", "none"]
 REDUCTIONS: tuple[str, ...] = typing.get_args(Reduction)
 CHUNK_ROWS = 128  # fp32 logits of 128 rows x 50,257 tokens: a 26 MB temporary
+# Up to this many rows, a bf16 weight gradient is computed as G^T h, in the weight's layout; above, as
+# (h^T G)^T. The second layout multiplies faster as rows grow, but casting its (C, V) product into the
+# weight's (V, C) is a transposing pass that costs the same at any row count, and at C 768 several times
+# a plain cast (benchmarks/headgrad.py measures both).
+DIRECT_GRAD_WEIGHT_ROWS = 1024
 LSE_BLOCK_ROWS = 8  # rows of 50,257 fp32 logits that stay in a core's cache through the passes over them
 
 
@@ -206,10 +211,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 # G^T h comes out in the weight's dtype and layout: nothing to cast or copy, and autograd
                 # adds the tied embedding's gradient into it in place.
                 grad_weight = grad_logits.T @ (h * scale)  # (V, C)
+            elif grad_logits.shape[0] <= DIRECT_GRAD_WEIGHT_ROWS:
+                # G^T h comes out in the weight's layout, so the cast is a plain pass
+                grad_weight = (grad_logits.T @ (h * scale)).to(ctx.dtypes[1])  # (V, C)
             else:
                 # (h^T G)^T with h^T laid out contiguously first: in bf16, the layouts that oneDNN
-                # multiplies fastest (the copy is of the small (N, C) side); then cast and laid out as the
-                # weight in one pass, a pass that the cast needs anyway
+                # multiplies fastest at many rows (the copy is of the small (N, C) side); then cast and
+                # laid out as the weight in one pass
                 product = (h * scale).T.contiguous() @ grad_logits  # (C, V)
                 grad_weight = product.T.to(ctx.dtypes[1], memory_format=torch.contiguous_format)  # (V, C)
         _spare.give_back(grad_logits)

@@ -86,10 +86,12 @@ def test_under_bf16_autocast_it_stays_close_to_the_plain_path():
     assert hidden.grad.dtype == torch.float32 and weight.grad.dtype == torch.float32
 
 
-@pytest.mark.parametrize("autocast", [False, True])
-def test_a_head_tied_to_the_token_embedding_gets_the_sum_of_both_gradients(autocast):
-    # fp32 computes the head's weight gradient in the weight's own layout, bf16 transposes and casts it;
-    # either way autograd adds the embedding's gradient to it, as it does to the plain path's.
+@pytest.mark.parametrize(("autocast", "direct_rows"), [(False, 1024), (True, 1024), (True, 0)])
+def test_a_head_tied_to_the_token_embedding_gets_the_sum_of_both_gradients(monkeypatch, autocast, direct_rows):
+    # fp32 computes the head's weight gradient in the weight's own layout; bf16 does too up to
+    # DIRECT_GRAD_WEIGHT_ROWS rows (40 here), and above them transposes and casts it. Either way autograd
+    # adds the embedding's gradient to it, as it does to the plain path's.
+    monkeypatch.setattr(llm.loss, "DIRECT_GRAD_WEIGHT_ROWS", direct_rows)
     weight = (torch.randn(300, 16) * 0.1).requires_grad_()
     ids, targets = torch.randint(0, 300, (2, 20)), torch.randint(0, 300, (2, 20))
     targets[1, :5] = IGNORE_INDEX

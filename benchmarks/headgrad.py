@@ -1,0 +1,85 @@
+"""The bf16 weight gradient of the fused head + loss in its two layouts, over row counts and widths: what
+llm/loss.py's DIRECT_GRAD_WEIGHT_ROWS decides on.
+
+    python -m benchmarks.headgrad [--repeats 5] [--rows 256,512,1024,1536,2048] [--widths 256,768]
+
+Under bf16 autocast the head's weight is an fp32 parameter (V, C) and its gradient comes from a bf16
+product of the gradient of the logits G (N, V) and the hidden states h (N, C), cast to fp32:
+- direct: G^T h, which comes out (V, C), in the weight's layout, so that the cast is a plain pass;
+- transposed: (h^T G)^T, oneDNN's faster product as N grows, but its (C, V) result needs a transposing
+  cast into the weight's (V, C), a pass whose cost does not shrink with N.
+Each is timed on `llm.loss.linear_cross_entropy` as training runs it (forward and backward, bf16 autocast,
+an fp32 weight of GPT-2's 50,257 rows), the layout forced through the threshold; the two in turn, each
+repeat, so that a busy spell of the host lands on both. Both must give the same gradients to bf16
+rounding. A row says which layout the threshold picks at its N and whether that was the faster here.
+The book's chapter 5 run (recipes/book-ch05.yaml) is N 512 (batch 2 x 256), C 768; `cpu-small` at the
+pipeline's batch 8 x 256 is N 2,048, C 256. Last line: `headgrad_book_shape=R`, the transposed layout's
+time over the direct one's at N 512, C 768 (what the book's recipe gains per step from the threshold).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+import llm.loss
+from benchmarks.common import time_interleaved
+from llm.hardware import keep_freed_memory
+from llm.loss import linear_cross_entropy
+
+VOCAB = 50257
+BOOK_SHAPE = (512, 768)  # (N, C)
+LAYOUTS = {"direct": sys.maxsize, "transposed": 0}  # DIRECT_GRAD_WEIGHT_ROWS that forces each
+
+
+def step(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, direct_rows: int):
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        llm.loss.DIRECT_GRAD_WEIGHT_ROWS = direct_rows
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = linear_cross_entropy(hidden, weight, targets)
+        return torch.autograd.grad(loss, (hidden, weight))
+
+    return run
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--rows", default="256,512,1024,1536,2048", help="N: tokens per micro-batch")
+    parser.add_argument("--widths", default="256,768", help="C: n_embd")
+    args = parser.parse_args(argv)
+    keep_freed_memory()  # as the trainer runs
+    threshold = llm.loss.DIRECT_GRAD_WEIGHT_ROWS
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; DIRECT_GRAD_WEIGHT_ROWS = {threshold}; "
+          f"the fused loss forward + backward, bf16 autocast, V {VOCAB:,}, median of {args.repeats}")
+    ratios = {}
+    try:
+        for width in (int(w) for w in args.widths.split(",")):
+            for rows in (int(r) for r in args.rows.split(",")):
+                torch.manual_seed(0)
+                hidden = torch.randn(rows, width, requires_grad=True)
+                weight = (torch.randn(VOCAB, width) * 0.02).requires_grad_()
+                targets = torch.randint(VOCAB, (rows,))
+                runs = {name: step(hidden, weight, targets, direct_rows) for name, direct_rows in LAYOUTS.items()}
+                grads = {name: run() for name, run in runs.items()}
+                for got, want in zip(grads["direct"], grads["transposed"]):
+                    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-2)  # bf16's rounding
+                timings = time_interleaved(runs, repeats=args.repeats)
+                ratio = timings["transposed"].median / timings["direct"].median
+                ratios[rows, width] = ratio
+                picked = "direct" if rows <= threshold else "transposed"
+                faster = "direct" if ratio > 1 else "transposed"
+                print(f"N {rows:5,} C {width:4}: direct {timings['direct']}, transposed {timings['transposed']}: "
+                      f"transposed/direct {ratio:.2f}; the threshold picks {picked}"
+                      f"{'' if picked == faster else ', the slower here'}", flush=True)
+    finally:
+        llm.loss.DIRECT_GRAD_WEIGHT_ROWS = threshold
+    if BOOK_SHAPE in ratios:
+        print(f"headgrad_book_shape={ratios[BOOK_SHAPE]:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
