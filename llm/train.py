@@ -80,7 +80,8 @@ class BatchSource(Protocol):
 
 
 # What the loop reports of its steps and val batches; any other name in a history is an evaluator's.
-_STEP_METRICS = frozenset({"train_loss", "lr", "grad_norm", "tokens_per_s", "tokens", "mfu", "val_loss"})
+_STEP_METRICS = frozenset({"train_loss", "lr", "grad_norm", "tokens_per_s", "tokens", "mfu", "peak_flops",
+                           "val_loss"})
 
 
 class TrainingDiverged(RuntimeError):
@@ -224,9 +225,12 @@ class Trainer:
                                   for name, values in progress.pending_figures.items()}}
                     # Measured (on a CPU) at the first report, not at start-up, when the process is
                     # still busy starting things (Prefect's temporary server) and the peak reads low.
+                    # The peak goes beside the MFU: on a shared CPU the measured rate moves with the host's
+                    # load, and two runs' MFU compare only against their own peaks.
                     peak = peak_flops(self.device, self.dtype)
                     if peak:
                         metrics["mfu"] = rate * self.gpt.flops_per_token() / peak
+                        metrics["peak_flops"] = peak
                     self._report(metrics)
                     bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", lr=f"{metrics['lr']:.1e}",
                                     tok_s=f"{rate:,.0f}")
@@ -330,7 +334,7 @@ class Trainer:
         history = self.progress.history
         metrics = {"steps": float(self.progress.step), "tokens": float(self.progress.tokens)}
         evaluated = [name for name in history if name not in _STEP_METRICS]  # the evaluator's, if any
-        for name in ("train_loss", "val_loss", "tokens_per_s", "mfu", *evaluated):
+        for name in ("train_loss", "val_loss", "tokens_per_s", "mfu", "peak_flops", *evaluated):
             if history.get(name):
                 metrics[name] = history[name][-1][1]
         metrics["params"] = float(self.gpt.num_params(non_embedding=False))

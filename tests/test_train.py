@@ -53,8 +53,13 @@ def test_loss_falls_and_everything_is_reported(tmp_path, shards):
     assert val[-1] == (20, result.metrics["val_loss"]) and val[-1][1] < val[0][1] - 2
     assert result.precision_used == "fp32"
     assert [s for s, _ in tracker.series("train_loss")] == list(range(2, 21, 2))
-    for name in ("lr", "grad_norm", "tokens_per_s", "mfu", "tokens"):
+    for name in ("lr", "grad_norm", "tokens_per_s", "mfu", "peak_flops", "tokens"):
         assert len(tracker.series(name)) == 10
+    # MFU is the FLOP/s the steps reached over the peak that each report carries beside it
+    flops_per_token = result.model.flops_per_token()
+    for (_, mfu), (_, rate), (_, peak) in zip(*(tracker.series(n) for n in ("mfu", "tokens_per_s", "peak_flops"))):
+        assert mfu == pytest.approx(rate * flops_per_token / peak)
+    assert result.metrics["peak_flops"] == tracker.series("peak_flops")[-1][1] > 0
     assert tracker.series("tokens")[-1][1] == 20 * 8 * 32
     assert set(tracker.texts) == {"samples/step-000010.txt", "samples/step-000020.txt"}
     assert tracker.texts["samples/step-000020.txt"].startswith(" the and of")
