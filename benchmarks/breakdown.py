@@ -32,7 +32,8 @@ operator is small (a few microseconds), but not its memory: its event records co
 where (with freed memory kept, as the trainer runs) they split the large free blocks that a step's big
 buffers would reuse, so those buffers land on fresh pages and their first pass (a `fill_` of zeros, a
 copy) pays the page faults: measured, zeroing a (50,257, 768) gradient took 10 ms bare and 50-400 ms
-under the profiler. The sides are then also timed bare, alternating, and both walls printed: where a
+under the profiler. The sides are therefore also timed bare, alternating, before any step is profiled
+(the split blocks outlast the profiler), and both walls printed: where a
 side's profiled step is much slower than its bare one, its "other" (where fills and copies count) is
 overstated by about the difference, and so is the ceiling.
 
@@ -200,14 +201,16 @@ def main() -> None:
             step()
     samples: dict[str, dict[str, list[float]]] = {name: defaultdict(list) for name in steps}
     others: dict[str, dict[str, float]] = {name: {} for name in steps}
+    # The bare rounds first: the profiled ones leave the heap split by the profiler's records.
     for round_ in range(args.rounds):
-        for name in steps if round_ % 2 == 0 else reversed(steps):
-            for key, value in profiled(steps[name][1], others[name]).items():
-                samples[name][key].append(value)
         for name in steps if round_ % 2 == 0 else reversed(steps):
             start = time.perf_counter()
             steps[name][1]()
             samples[name]["bare"].append((time.perf_counter() - start) * 1e3)
+    for round_ in range(args.rounds):
+        for name in steps if round_ % 2 == 0 else reversed(steps):
+            for key, value in profiled(steps[name][1], others[name]).items():
+                samples[name][key].append(value)
     medians = {name: {key: statistics.median(values) for key, values in by_key.items()}
                for name, by_key in samples.items()}
 
