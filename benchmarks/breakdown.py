@@ -33,9 +33,9 @@ where (with freed memory kept, as the trainer runs) they split the large free bl
 buffers would reuse, so those buffers land on fresh pages and their first pass (a `fill_` of zeros, a
 copy) pays the page faults: measured, zeroing a (50,257, 768) gradient took 10 ms bare and 50-400 ms
 under the profiler. The sides are therefore also timed bare, alternating, before any step is profiled
-(the split blocks outlast the profiler), and both walls printed: where a
-side's profiled step is much slower than its bare one, its "other" (where fills and copies count) is
-overstated by about the difference, and so is the ceiling.
+(the split blocks outlast the profiler), and both walls printed: where a side's profiled step is much
+slower than its bare one, its "other" (where fills and copies count) is overstated by about the
+difference, and so is the ceiling.
 
 It prints each kind in ms a step for both sides, and the ceiling: the reference's step over ours without
 its "other" work, the ratio no fusion of our elementwise passes could pass while the matmuls, attention and
