@@ -207,12 +207,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_hidden = ((grad_logits @ w) * scale).to(ctx.dtypes[0])  # (N, C)
         if ctx.needs_input_grad[1]:
-            if grad_logits.dtype == ctx.dtypes[1]:
-                # G^T h comes out in the weight's dtype and layout: nothing to cast or copy, and autograd
-                # adds the tied embedding's gradient into it in place.
-                grad_weight = grad_logits.T @ (h * scale)  # (V, C)
-            elif grad_logits.shape[0] <= DIRECT_GRAD_WEIGHT_ROWS:
-                # G^T h comes out in the weight's layout, so the cast is a plain pass
+            if grad_logits.dtype == ctx.dtypes[1] or grad_logits.shape[0] <= DIRECT_GRAD_WEIGHT_ROWS:
+                # G^T h comes out in the weight's layout: in its dtype (fp32) nothing to cast or copy, and
+                # autograd adds the tied embedding's gradient into it in place; in bf16 a plain cast
                 grad_weight = (grad_logits.T @ (h * scale)).to(ctx.dtypes[1])  # (V, C)
             else:
                 # (h^T G)^T with h^T laid out contiguously first: in bf16, the layouts that oneDNN
