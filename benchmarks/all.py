@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from llm.files import atomic_path, write_json_atomic
+from llm.lineage import code_version
 
 HEADLINE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(\S+)$")
 
@@ -51,6 +52,7 @@ SUITE: tuple[Entry, ...] = (
     Entry("train", "train"),
     Entry("train-fp32", "train", ("--dtype", "fp32")),
     Entry("book", "book", ("--rounds", "2")),
+    Entry("book-fp32", "book", ("--precision", "fp32")),  # what a host without native bf16 trains in
     Entry("breakdown-fp32", "breakdown", ("--dtype", "fp32", "--no-compile")),
     Entry("breakdown-book", "breakdown", ("--against", "book")),
     Entry("headgrad", "headgrad"),
@@ -80,16 +82,9 @@ def host_class(capabilities: dict) -> str:
     return "AVX2" if capabilities.get("avx2") else platform.machine()
 
 
-def _git(*args: str) -> str | None:
-    try:
-        return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def host_and_code() -> dict:
     capabilities = torch.cpu.get_capabilities()
-    status = _git("status", "--porcelain", "--untracked-files=no")
+    commit, uncommitted = code_version()
     return {
         "host": {
             "cpu": capabilities.get("cpu_name", platform.processor() or "unknown"),
@@ -101,7 +96,7 @@ def host_and_code() -> dict:
             "torch": torch.__version__,
             "python": platform.python_version(),
         },
-        "code": {"commit": _git("rev-parse", "HEAD"), "uncommitted_changes": None if status is None else bool(status)},
+        "code": {"commit": commit, "uncommitted_changes": uncommitted},
     }
 
 

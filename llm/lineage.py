@@ -20,6 +20,7 @@ from typing import Any
 
 from llm.files import read_json, sha256_file
 
+
 def _git(*args: str, cwd: Path) -> str | None:
     try:
         return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
@@ -27,15 +28,24 @@ def _git(*args: str, cwd: Path) -> str | None:
         return None
 
 
+def code_version(cwd: str | Path | None = None) -> tuple[str | None, bool | None]:
+    """The git commit checked out at `cwd` (the working directory by default), and whether tracked files
+    differ from it; (None, None) outside a git repository or without git."""
+    cwd = Path.cwd() if cwd is None else Path(cwd)
+    commit = _git("rev-parse", "HEAD", cwd=cwd)
+    if commit is None:
+        return None, None
+    return commit, bool(_git("status", "--porcelain", "--untracked-files=no", cwd=cwd))
+
+
 def lineage_tags(stage: str, params_file: str | Path = "params.yaml",
                  data_manifest: str | Path = "data/raw/manifest.json") -> dict[str, str]:
     """Which code, settings and data made a run: commit, params hash, data hash, DVC stage."""
-    here = Path.cwd()
     tags = {"pipeline.stage": stage}
-    commit = _git("rev-parse", "HEAD", cwd=here)
+    commit, dirty = code_version()
     if commit:
         tags["mlflow.source.git.commit"] = tags["pipeline.commit"] = commit
-        tags["pipeline.dirty"] = str(bool(_git("status", "--porcelain", "--untracked-files=no", cwd=here)))
+        tags["pipeline.dirty"] = str(dirty)
     for key, path in (("pipeline.params_sha256", params_file), ("pipeline.data_sha256", data_manifest)):
         if Path(path).is_file():
             tags[key] = sha256_file(path)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from llm.checkpoint import REGISTRY_FILE, read_registration, write_registration
-from llm.lineage import flatten, lineage_tags
+from llm.lineage import code_version, flatten, lineage_tags
 from llm.registry import log_gpt_model, registered_version
 from llm.store import TrackingUnavailable, artifact_location, project_root, sqlite_path, tracking_uri, with_busy_timeout
 from llm.tracking import MemoryTracker, MLflowTracker
@@ -55,6 +55,13 @@ def test_lineage_tags_name_commit_params_and_data(tmp_path, monkeypatch):
     assert tags["pipeline.dirty"] == "False"
     assert tags["dvc.stage"] == "pretrain"
     assert len(tags["pipeline.params_sha256"]) == len(tags["pipeline.data_sha256"]) == 64
+    (tmp_path / "params.yaml").write_text("tokenize: {seed: 2}\n")  # a tracked file changed, not committed
+    assert lineage_tags("pretrain")["pipeline.dirty"] == "True"
+    assert code_version(tmp_path / "data") == (commit, True)  # a folder inside the repository
+
+
+def test_code_version_outside_a_git_repository_is_unknown(tmp_path):
+    assert code_version(tmp_path) == (None, None)
 
 
 def test_memory_tracker_keeps_series():
