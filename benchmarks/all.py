@@ -4,13 +4,15 @@
     python -m benchmarks.all --list
 
 Runs the benchmarks of SUITE (the README's benchmark table, with the arguments its figures come from) one
-after another, each in its own process: run side by side they would compete for the cores. Each one's
+after another, each in its own process: run side by side they would compete for the cores. On 2 cores
+the whole suite takes about 40 minutes, the book's run in bf16 and in fp32 half of it. Each one's
 output (stdout and stderr) goes to `<out>/<run>/<entry>.log`, and its last line, `name=value`, is its
 headline. `<out>/<run>.json` holds the host (CPU model, which bf16 hardware it has, threads, torch and
 Python versions), the code (git commit, and whether the tree had uncommitted changes), and per benchmark
 the headline, its exit code, its wall time and the load average before and after it: on a shared machine
 the load is what a skeptic asks about first. `<run>` is the date, the host's class (AMX, AVX512-BF16,
-AVX-512 or AVX2: what decides the training dtype, llm/hardware.py) and the commit.
+AVX-512 or AVX2: what decides the training dtype, llm/hardware.py) and the commit, with `-2`, `-3`, ...
+after it where that name is taken: no run overwrites another's.
 
 The summary is rewritten after every benchmark, atomically: a suite stopped halfway keeps what finished.
 A benchmark that fails or runs past `--timeout-s` is recorded with its exit code and the rest go on; the
@@ -158,6 +160,15 @@ def select(suite: Sequence[Entry], only: str | None, skip: str | None) -> list[E
     return [e for e in chosen if not skip or e.name not in skip.split(",")]
 
 
+def unused_run_name(out: Path, base: str) -> str:
+    """`base`, or `base-2`, `base-3`, ... where an earlier run of the same day, host and commit is filed."""
+    run, n = base, 1
+    while (out / f"{run}.json").exists() or (out / run).exists():
+        n += 1
+        run = f"{base}-{n}"
+    return run
+
+
 def main(argv: list[str] | None = None, suite: Sequence[Entry] = SUITE) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", help="comma-separated names of the suite's entries to run (--list shows them)")
@@ -177,8 +188,8 @@ def main(argv: list[str] | None = None, suite: Sequence[Entry] = SUITE) -> int:
     summary = {"started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                **host_and_code(), "benchmarks": {}}
     commit = (summary["code"]["commit"] or "nogit")[:7]
-    run = f"{summary['started'][:10]}-{summary['host']['class']}-{commit}"
     out = Path(args.out)
+    run = unused_run_name(out, f"{summary['started'][:10]}-{summary['host']['class']}-{commit}")
     host = summary["host"]
     print(f"{host['cpu']} ({host['class']}), {host['torch_threads']} threads, torch {host['torch']}; "
           f"commit {commit}{' with uncommitted changes' if summary['code']['uncommitted_changes'] else ''}; "

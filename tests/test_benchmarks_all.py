@@ -83,3 +83,12 @@ def test_the_list_names_every_entry_of_the_suite_with_its_command(capsys):
     assert len(lines) == len(suite.SUITE)
     assert lines[2].split(None, 1) == ["book", "python -m benchmarks.book --rounds 2"]
     assert lines[3].split(None, 1) == ["book-fp32", "python -m benchmarks.book --precision fp32"]
+
+
+@pytest.mark.slow
+def test_a_second_run_of_the_same_day_host_and_commit_is_filed_beside_the_first(tmp_path, capsys):
+    entries = [suite.Entry("broken", "headgrad", ("--rows", "many"))]
+    for _ in range(2):
+        suite.main(["--out", str(tmp_path)], suite=entries)
+    first, second = sorted(tmp_path.glob("*.json"), key=lambda p: len(p.name))
+    assert second.stem == first.stem + "-2" and second.with_suffix("").is_dir()
