@@ -9,8 +9,9 @@ the whole suite takes about 40 minutes, the book's run in bf16 and in fp32 half 
 output (stdout and stderr) goes to `<out>/<run>/<entry>.log`, and its last line, `name=value`, is its
 headline. `<out>/<run>.json` holds the host (CPU model, which bf16 hardware it has, threads, torch and
 Python versions), the code (git commit, and whether the tree had uncommitted changes), and per benchmark
-the headline, its exit code, its wall time and the load average before and after it: on a shared machine
-the load is what a skeptic asks about first. `<run>` is the date, the host's class (AMX, AVX512-BF16,
+the headline, its exit code, its wall time, the load average before and after it, and the share of CPU
+time the hypervisor stole for other machines while it ran (/proc/stat's steal): on a shared machine the
+load is what a skeptic asks about first. `<run>` is the date, the host's class (AMX, AVX512-BF16,
 AVX-512 or AVX2: what decides the training dtype, llm/hardware.py) and the commit, with `-2`, `-3`, ...
 after it where that name is taken: no run overwrites another's.
 
@@ -114,10 +115,31 @@ def last_headline(output: str) -> tuple[str, float] | None:
         return None
 
 
+def cpu_times() -> list[int] | None:
+    """The machine's CPU time counters since boot (/proc/stat's first line, in clock ticks), or None
+    where there is no /proc/stat."""
+    try:
+        with open("/proc/stat", encoding="ascii") as stat:
+            return [int(field) for field in stat.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+
+
+def steal_percent(before: list[int] | None, after: list[int] | None) -> float | None:
+    """Of the CPU time that passed between two readings, the share the hypervisor gave to other
+    machines (/proc/stat's 8th field, steal): on a shared VM, how much neighbours took while a benchmark
+    ran. None where the counters are missing or did not move."""
+    if before is None or after is None or len(before) < 8 or len(after) < 8:
+        return None
+    elapsed = [a - b for a, b in zip(after[:8], before[:8])]  # user .. steal; guest time is inside user
+    total = sum(elapsed)
+    return round(100 * elapsed[7] / total, 2) if total > 0 else None
+
+
 def run_entry(entry: Entry, log: Path, timeout_s: float) -> dict:
     """Run one benchmark, its output into `log` (whole once renamed there); its record for the summary."""
     command = [sys.executable, "-m", f"benchmarks.{entry.module}", *entry.args]
-    load_before = os.getloadavg()
+    load_before, ticks_before = os.getloadavg(), cpu_times()
     started = time.perf_counter()
     with atomic_path(log) as tmp, open(tmp, "w", encoding="utf-8") as out:
         # A session of its own, so that a timeout stops the servers and workers it started too
@@ -141,6 +163,7 @@ def run_entry(entry: Entry, log: Path, timeout_s: float) -> dict:
         "wall_s": round(time.perf_counter() - started, 1),
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        "cpu_steal_percent": steal_percent(ticks_before, cpu_times()),
         "log": log.name,
     }
 
@@ -205,6 +228,8 @@ def main(argv: list[str] | None = None, suite: Sequence[Entry] = SUITE) -> int:
                    f"FAILED (exit code {record['exit_code']}, no name=value last line)" if record["exit_code"] == 0 else
                    f"FAILED (exit code {record['exit_code']})")
         load = f"load {record['load_average_before'][0]:.1f} -> {record['load_average_after'][0]:.1f}"
+        if record["cpu_steal_percent"] is not None:
+            load += f", {record['cpu_steal_percent']:g}% of CPU time stolen by the hypervisor"
         print(f"{entry.name}: {outcome} in {record['wall_s']:.0f} s ({load}); log {out / run / record['log']}",
               flush=True)
     failures = sum(failed(r) for r in summary["benchmarks"].values())

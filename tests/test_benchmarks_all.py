@@ -40,6 +40,7 @@ def test_each_benchmark_is_filed_and_a_failure_or_a_timeout_leaves_the_rest_runn
     assert good["headline"]["value"] > 0
     assert good["command"] == "python -m benchmarks.headgrad " + " ".join(BOOK_SHAPE)
     assert len(good["load_average_before"]) == len(good["load_average_after"]) == 3
+    assert good["cpu_steal_percent"] is None or 0 <= good["cpu_steal_percent"] <= 100
 
     logs = summary_file.with_suffix("")
     assert sorted(p.name for p in logs.iterdir()) == ["broken.log", "headgrad.log", "too-slow.log"]  # no temporaries
@@ -92,3 +93,13 @@ def test_a_second_run_of_the_same_day_host_and_commit_is_filed_beside_the_first(
         suite.main(["--out", str(tmp_path)], suite=entries)
     first, second = sorted(tmp_path.glob("*.json"), key=lambda p: len(p.name))
     assert second.stem == first.stem + "-2" and second.with_suffix("").is_dir()
+
+
+def test_steal_is_the_share_of_elapsed_cpu_time_the_hypervisor_took():
+    # user nice system idle iowait irq softirq steal guest guest_nice
+    before = [100, 0, 50, 800, 10, 0, 5, 35, 0, 0]
+    after = [400, 0, 150, 1300, 10, 0, 15, 125, 40, 0]  # 1,000 ticks passed, 90 of them stolen
+    assert suite.steal_percent(before, after) == 9.0
+    assert suite.steal_percent(before, before) is None  # no time passed
+    assert suite.steal_percent(None, after) is None
+    assert suite.steal_percent([1, 2, 3, 4], [5, 6, 7, 8]) is None  # a kernel without the steal field
