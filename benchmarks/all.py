@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import os
 import platform
 import re
@@ -183,13 +184,20 @@ def select(suite: Sequence[Entry], only: str | None, skip: str | None) -> list[E
     return [e for e in chosen if not skip or e.name not in skip.split(",")]
 
 
-def unused_run_name(out: Path, base: str) -> str:
-    """`base`, or `base-2`, `base-3`, ... where an earlier run of the same day, host and commit is filed."""
-    run, n = base, 1
-    while (out / f"{run}.json").exists() or (out / run).exists():
-        n += 1
-        run = f"{base}-{n}"
-    return run
+def reserve_run(out: Path, base: str) -> str:
+    """`base`, or `base-2`, `base-3`, ... where an earlier run of the same day, host and commit is filed;
+    its log folder is created here, so that two suites started at once cannot take the same name."""
+    out.mkdir(parents=True, exist_ok=True)
+    for n in itertools.count(1):
+        run = base if n == 1 else f"{base}-{n}"
+        if (out / f"{run}.json").exists():
+            continue
+        try:
+            (out / run).mkdir()
+        except FileExistsError:
+            continue
+        return run
+    raise AssertionError("unreachable: itertools.count never ends")
 
 
 def main(argv: list[str] | None = None, suite: Sequence[Entry] = SUITE) -> int:
@@ -212,11 +220,12 @@ def main(argv: list[str] | None = None, suite: Sequence[Entry] = SUITE) -> int:
                **host_and_code(), "benchmarks": {}}
     commit = (summary["code"]["commit"] or "nogit")[:7]
     out = Path(args.out)
-    run = unused_run_name(out, f"{summary['started'][:10]}-{summary['host']['class']}-{commit}")
+    run = reserve_run(out, f"{summary['started'][:10]}-{summary['host']['class']}-{commit}")
     host = summary["host"]
     print(f"{host['cpu']} ({host['class']}), {host['torch_threads']} threads, torch {host['torch']}; "
           f"commit {commit}{' with uncommitted changes' if summary['code']['uncommitted_changes'] else ''}; "
           f"{len(entries)} benchmarks into {out / run}.json", flush=True)
+    write_json_atomic(out / f"{run}.json", summary)  # from the start: a suite stopped early says so
     for entry in entries:
         print(f"{entry.name}: running ...", flush=True)
         record = run_entry(entry, out / run / f"{entry.name}.log", args.timeout_s)
