@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import itertools
 import os
 import platform
 import re
@@ -188,16 +187,16 @@ def reserve_run(out: Path, base: str) -> str:
     """`base`, or `base-2`, `base-3`, ... where an earlier run of the same day, host and commit is filed;
     its log folder is created here, so that two suites started at once cannot take the same name."""
     out.mkdir(parents=True, exist_ok=True)
-    for n in itertools.count(1):
-        run = base if n == 1 else f"{base}-{n}"
-        if (out / f"{run}.json").exists():
-            continue
-        try:
-            (out / run).mkdir()
-        except FileExistsError:
-            continue
-        return run
-    raise AssertionError("unreachable: itertools.count never ends")
+    run, n = base, 1
+    while True:
+        if not (out / f"{run}.json").exists():
+            try:
+                (out / run).mkdir()
+                return run
+            except FileExistsError:
+                pass
+        n += 1
+        run = f"{base}-{n}"
 
 
 def main(argv: list[str] | None = None, suite: Sequence[Entry] = SUITE) -> int:
