@@ -59,6 +59,7 @@ SUITE: tuple[Entry, ...] = (
     Entry("breakdown-fp32", "breakdown", ("--dtype", "fp32", "--no-compile")),
     Entry("breakdown-book", "breakdown", ("--against", "book")),
     Entry("headgrad", "headgrad"),
+    Entry("headblocks", "headblocks"),
     Entry("dropout", "dropout"),
     Entry("attention", "attention"),
     Entry("kvcache", "kvcache"),

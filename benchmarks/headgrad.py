@@ -34,9 +34,13 @@ BOOK_SHAPE = (512, 768)  # (N, C)
 LAYOUTS = {"direct": sys.maxsize, "transposed": 0}  # DIRECT_GRAD_WEIGHT_ROWS that forces each
 
 
-def step(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, direct_rows: int):
+def step(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, **settings: int):
+    """The fused loss forward and backward in bf16 autocast, as training runs it, with llm.loss's module
+    settings (DIRECT_GRAD_WEIGHT_ROWS=..., VOCAB_BLOCK=...) set for each run: the gradients of hidden and
+    weight. The caller restores the settings."""
     def run() -> tuple[torch.Tensor, torch.Tensor]:
-        llm.loss.DIRECT_GRAD_WEIGHT_ROWS = direct_rows
+        for name, value in settings.items():
+            setattr(llm.loss, name, value)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = linear_cross_entropy(hidden, weight, targets)
         return torch.autograd.grad(loss, (hidden, weight))
@@ -62,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
                 hidden = torch.randn(rows, width, requires_grad=True)
                 weight = (torch.randn(VOCAB, width) * 0.02).requires_grad_()
                 targets = torch.randint(VOCAB, (rows,))
-                runs = {name: step(hidden, weight, targets, direct_rows) for name, direct_rows in LAYOUTS.items()}
+                runs = {name: step(hidden, weight, targets, DIRECT_GRAD_WEIGHT_ROWS=direct_rows)
+                        for name, direct_rows in LAYOUTS.items()}
                 grads = {name: run() for name, run in runs.items()}
                 for got, want in zip(grads["direct"], grads["transposed"]):
                     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-2)  # bf16's rounding

@@ -8,9 +8,11 @@ In training each element is zeroed with probability p and the rest scaled by 1 /
 from on a CPU. `F.dropout` draws it with `bernoulli_`, element by element from PyTorch's Mersenne
 Twister, and the book's model draws a lot of them (dropout 0.1 after the embeddings, on every layer's
 attention weights and after every residual branch): a large part of its training step on a CPU
-(benchmarks/dropout.py measures both masks, alone and in the step). Here NumPy's PCG64 fills 32-bit
-words in bulk and an element is kept where its word is at or above p * 2**32 (p to within 2**-32, the
-scale from the same rounded p, so the expectation is exact).
+(benchmarks/dropout.py measures both masks, alone and in the step). Here NumPy's PCG64 fills 16-bit
+words in bulk, four from each of its 64-bit draws, and an element is kept where its word is at or above
+p * 2**16 (p to within 2**-17, the scale from the same rounded p, so the expectation is exact; a p that
+rounds to 0 or to 1 takes F.dropout). Drawing the random bits is most of the mask's cost: 16 of them an
+element are half of 32's, and plenty for a rate.
 
 The mask is still a function of torch's global generator: PCG64's seed is one draw from it, so
 `torch.manual_seed` decides every mask, as it decides `F.dropout`'s (the trainer reseeds per step for
@@ -27,20 +29,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-_WORD = 2**32  # the mask's random words are uint32, compared as int32 (torch has no uint32 comparison)
+_WORD = 2**16  # the mask's random words are uint16, compared as int16 (torch has no uint16 comparison)
+_WORDS_PER_DRAW = 4  # PCG64's draws are 64 bits
 
 
 def keep_threshold(p: float) -> int:
-    """The smallest kept word: an element is dropped where its uniform 32-bit word is below this."""
+    """The smallest kept word: an element is dropped where its uniform 16-bit word is below this."""
     return round(p * _WORD)
 
 
 def keep_mask(shape: torch.Size | tuple[int, ...], p: float) -> Tensor:
     """A bool mask of `shape`, True where an element is kept: each independently with probability
-    1 - keep_threshold(p) / 2**32, drawn by PCG64 seeded from torch's global generator."""
+    1 - keep_threshold(p) / 2**16, drawn by PCG64 seeded from torch's global generator."""
     seed = int(torch.empty((), dtype=torch.int64).random_())
     n = math.prod(shape)
-    words = np.random.PCG64(seed).random_raw((n + 1) // 2).view(np.int32)[:n]  # uint32 bits, read as int32
+    draws = np.random.PCG64(seed).random_raw(-(-n // _WORDS_PER_DRAW))
+    words = draws.view(np.int16)[:n]  # uint16 bits, read as int16
     return torch.from_numpy(words).view(shape) >= keep_threshold(p) - _WORD // 2
 
 
@@ -49,7 +53,7 @@ def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
     if not training or p == 0:
         return x
     threshold = keep_threshold(p)
-    if x.device.type != "cpu" or torch.compiler.is_compiling() or threshold >= _WORD:
+    if x.device.type != "cpu" or torch.compiler.is_compiling() or not 0 < threshold < _WORD:
         return F.dropout(x, p, training)
     scale = _WORD / (_WORD - threshold)  # 1 / (1 - p), with the p the mask draws
     return x * keep_mask(x.shape, p).to(x.dtype).mul_(scale)

@@ -10,10 +10,14 @@ compute dtype).
 
 - fp32, eager: the logits are computed straight into the gradient's buffer, and ATen's softmax kernel
   turns them into the gradient in place, row by row while each row is in cache: no (N, V) temporary.
-- bf16 (autocast), eager: chunks of CHUNK_ROWS rows of fp32 logits, each turned into its rows of the
-  bf16 gradient the same way; never more than one chunk of fp32 logits in memory.
+- bf16 (autocast), eager: the bf16 logits are computed into the gradient's buffer, then chunks of
+  CHUNK_ROWS rows of them are upcast to fp32 and turned into their rows of the bf16 gradient the same
+  way; never more than one chunk of fp32 logits in memory.
 - Under torch.compile, one chunk: Inductor fuses the pointwise passes into one kernel over each row
-  itself. Even so it beats compiling the plain head + cross-entropy, by one exp per logit and, in bf16,
+  itself.
+
+In bf16 on a CPU the logits' product runs by blocks of VOCAB_BLOCK rows of the weight (`head_logits`):
+oneDNN multiplies 4,096 vocabulary rows at a time faster than all 50,257 at once (benchmarks/headblocks.py). Even so it beats compiling the plain head + cross-entropy, by one exp per logit and, in bf16,
   the weight gradient laid out for speed (benchmarks/train.py times the whole step against nanoGPT's).
 
 Under autocast the matmuls run in the autocast dtype (bf16), as the plain path's would.
@@ -38,6 +42,8 @@ CHUNK_ROWS = 128  # fp32 logits of 128 rows x 50,257 tokens: a 26 MB temporary
 # weight's (V, C) is a transposing pass that costs the same at any row count, and at C 768 several times
 # a plain cast (benchmarks/headgrad.py measures both).
 DIRECT_GRAD_WEIGHT_ROWS = 1024
+# Rows of the weight (tokens of the vocabulary) per product in a bf16 head's forward on a CPU; 0: one product.
+VOCAB_BLOCK = 4096
 LSE_BLOCK_ROWS = 8  # rows of 50,257 fp32 logits that stay in a core's cache through the passes over them
 
 
@@ -71,6 +77,24 @@ def logsumexp_(logits: Tensor) -> Tensor:
         peak.masked_fill_(peak.abs() == math.inf, 0.0)  # as torch's: an infinite maximum is not subtracted
         torch.sum(block.sub_(peak).exp_(), dim=1, out=rows)
         rows.log_().add_(peak.squeeze(1))
+    return out
+
+
+def head_logits(h: Tensor, w: Tensor, out: Tensor | None = None) -> Tensor:
+    """The logits h @ w.T (N, V) of hidden states h (N, C) and a head's weight w (V, C), into `out` if given.
+
+    In bf16 on a CPU, a product per block of VOCAB_BLOCK rows of w, each into its columns of the result:
+    for a vocabulary of GPT-2's size, oneDNN's one product over all of it runs at about half the rate of
+    the blocks (benchmarks/headblocks.py). Under torch.compile the blocks are concatenated, which Inductor
+    does by having each product write into its slice. Elsewhere, and in fp32 (where one product already
+    runs at the CPU's peak), one product."""
+    if not VOCAB_BLOCK or h.dtype != torch.bfloat16 or h.device.type != "cpu" or w.shape[0] <= VOCAB_BLOCK:
+        return h @ w.T if out is None else torch.mm(h, w.T, out=out)
+    starts = range(0, w.shape[0], VOCAB_BLOCK)
+    if out is None:
+        return torch.cat([h @ w[s:s + VOCAB_BLOCK].T for s in starts], dim=1)
+    for s in starts:
+        torch.mm(h, w[s:s + VOCAB_BLOCK].T, out=out[:, s:s + VOCAB_BLOCK])
     return out
 
 
@@ -170,20 +194,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
         rows_loss = torch.empty(h.shape[0], dtype=torch.float32, device=hidden.device) if per_row else None
         grad_logits = _spare.take((h.shape[0], w.shape[0]), dtype, hidden.device)  # (N, V)
         compiling = torch.compiler.is_compiling()
-        # In fp32 eager the logits are computed straight into G, which the softmax turns into the gradient
-        # in place: no chunk-sized temporary and no copy of it into G, so nothing to chunk for either.
+        # Eager, the logits are computed straight into G. In fp32 the softmax turns them into the gradient
+        # in place: no chunk-sized temporary and no copy, so nothing to chunk for either; in bf16 a chunk at
+        # a time is upcast, turned into its gradient and written back.
         in_place = dtype == torch.float32 and not compiling
         if chunk_rows is None:
             chunk_rows = h.shape[0] if in_place else CHUNK_ROWS
+        if not compiling:
+            head_logits(h, w, out=grad_logits)  # (N, V)
         for start in range(0, h.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
-            if in_place:
-                logits = torch.mm(h[rows], w.T, out=grad_logits[rows])  # (n, V)
-            else:
-                logits = (h[rows] @ w.T).float()  # (n, V)
             if compiling:
+                logits = head_logits(h[rows], w).float()  # (n, V)
                 loss, grad_logits[rows] = _compiled_loss_and_grad(logits, safe[rows], valid[rows])
             else:
+                logits = grad_logits[rows] if in_place else grad_logits[rows].float()  # (n, V)
                 loss = _loss_and_grad_(logits, safe[rows], valid[rows],
                                        lambda some, h_rows=h[rows]: (h_rows[some] @ w.T).float())
                 if not in_place:

@@ -5,7 +5,7 @@
     Block:  x = x + attn(ln_1(x));  x = x + mlp(ln_2(x))      (pre-LayerNorm, residuals)
 
 Attention has two implementations behind `ModelConfig.attention`: the book's explicit one (scores,
-an upper-triangular mask buffer, softmax, dropout) and PyTorch's fused `scaled_dot_product_attention`;
+the causal mask, softmax, dropout) and PyTorch's fused `scaled_dot_product_attention`;
 they agree to float32 rounding. `auto`, the default, runs SDPA except where the explicit product is the
 faster (training on a CPU in bf16 or with dropout, over up to AUTO_EXPLICIT_MAX_KEYS keys). `ModelConfig.init` picks the
 starting weights: GPT-2's N(0, 0.02) (the default), or PyTorch's default of each layer, which the book's
@@ -87,11 +87,6 @@ class KVCache:
 # The model
 
 
-def future_mask(context_length: int, device: torch.device | str | None = None) -> Tensor:
-    """The book's causal mask (T, T): True above the diagonal, where a query would see a later key."""
-    return torch.ones(context_length, context_length, dtype=torch.bool, device=device).triu(1)
-
-
 def auto_runs_explicit(device: torch.device, dtype: torch.dtype, keys: int, backward: bool,
                        dropout_p: float = 0.0) -> bool:
     """Where `attention: auto` runs the explicit product rather than SDPA: on a CPU, over up to
@@ -105,6 +100,11 @@ def auto_runs_explicit(device: torch.device, dtype: torch.dtype, keys: int, back
 def causal_allowed(T: int, S: int, device: torch.device) -> Tensor:
     """(T, S): which of S keys each of the last T queries may see, itself and the keys before it."""
     return torch.ones(T, S, dtype=torch.bool, device=device).tril(S - T)
+
+
+def causal_bias(T: int, S: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(T, S): the causal mask as a term added to the scores: 0 where `causal_allowed`, -inf where not."""
+    return torch.full((T, S), float("-inf"), dtype=dtype, device=device).triu(S - T + 1)
 
 
 class SelfAttention(nn.Module):
@@ -121,8 +121,6 @@ class SelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.attn_dropout = Dropout(config.dropout)
         self.resid_dropout = Dropout(config.dropout)
-        if config.attention == "explicit" and self.causal:
-            self.register_buffer("mask", future_mask(config.context_length), persistent=False)
 
     def forward(self, x: Tensor, allowed: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
         """x (B, T, C). `allowed` (B, 1, T, S) says which keys each query may see; None: every key in an
@@ -148,13 +146,18 @@ class SelfAttention(nn.Module):
                 allowed = causal_allowed(T, S, q.device)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p,
                                                   is_causal=self.causal and allowed is None and T == S)
-        scores = q @ k.transpose(-2, -1) / math.sqrt(k.size(-1))  # (B, nh, T, S)
-        if allowed is not None:
-            scores = scores.masked_fill(~allowed, float("-inf"))
-        elif self.causal and self.attention == "explicit":
-            scores = scores.masked_fill(self.mask[S - T : S, :S], float("-inf"))  # the queries' rows
-        elif self.causal:
-            scores = scores.masked_fill(~causal_allowed(T, S, q.device), float("-inf"))
+        B, nh, _, hs = q.shape
+        if self.causal and allowed is None:
+            # One product gives the scaled scores with the mask added (the scale applied before rounding
+            # to the compute dtype): no passes over the (B, nh, T, S) scores to divide and to mask, nor
+            # their backward passes.
+            bias = causal_bias(T, S, q.dtype, q.device)  # (T, S)
+            scores = torch.baddbmm(bias, q.reshape(B * nh, T, hs), k.reshape(B * nh, S, hs).transpose(1, 2),
+                                   alpha=1 / math.sqrt(hs)).view(B, nh, T, S)
+        else:
+            scores = q @ k.transpose(-2, -1) / math.sqrt(hs)  # (B, nh, T, S)
+            if allowed is not None:
+                scores = scores.masked_fill(~allowed, float("-inf"))
         weights = torch.softmax(scores, dim=-1)
         return self.attn_dropout(weights) @ v  # (B, nh, T, hs)
 

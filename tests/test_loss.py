@@ -188,3 +188,34 @@ def test_the_in_place_logsumexp_is_torchs_to_the_bit(rows):
 
     assert torch.equal(computed.nan_to_num(), expected.nan_to_num())
     assert torch.equal(computed.isnan(), expected.isnan())
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_a_bf16_head_multiplied_by_vocabulary_blocks_gives_the_one_products_loss_and_gradients(monkeypatch,
+                                                                                                compiled):
+    # 300 tokens in blocks of 64: four whole blocks and a short one; eager, into the gradient's buffer,
+    # and under torch.compile, concatenated.
+    hidden = torch.randn(2, 24, 32, requires_grad=True)
+    weight = (torch.randn(300, 32) * 0.1).requires_grad_()
+    targets = torch.randint(0, 300, (2, 24))
+    targets[0, :3] = IGNORE_INDEX
+    loss_fn = torch.compile(linear_cross_entropy, backend="aot_eager", fullgraph=True) if compiled \
+        else linear_cross_entropy
+    results = []
+    for block in (0, 64):
+        monkeypatch.setattr(llm.loss, "VOCAB_BLOCK", block)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = loss_fn(hidden, weight, targets)
+        results.append((loss, *torch.autograd.grad(loss, (hidden, weight))))
+        torch._dynamo.reset()
+    for one_product, blocked in zip(*results):  # equal here; a CPU's kernels may sum in another order
+        torch.testing.assert_close(blocked, one_product, atol=1e-4, rtol=1e-3)
+
+
+def test_head_logits_by_blocks_are_the_one_products_into_the_buffer_given(monkeypatch):
+    monkeypatch.setattr(llm.loss, "VOCAB_BLOCK", 64)
+    h, w = torch.randn(10, 32, dtype=torch.bfloat16), torch.randn(300, 32, dtype=torch.bfloat16)
+    out = torch.empty(10, 300, dtype=torch.bfloat16)
+    assert llm.loss.head_logits(h, w, out=out) is out
+    torch.testing.assert_close(out, h @ w.T)  # to bf16 rounding
+    torch.testing.assert_close(llm.loss.head_logits(h, w), h @ w.T)

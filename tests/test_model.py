@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from llm.model import GPT, IGNORE_INDEX, ModelConfig, model_config
+from llm.model import GPT, IGNORE_INDEX, ModelConfig, causal_allowed, causal_bias, model_config
 from llm.model_config import PRESETS
 from llm.validation import ConfigError
 
@@ -41,6 +41,14 @@ def test_a_later_token_never_changes_an_earlier_position(attention):
     before, after = model(idx), model(changed)
     torch.testing.assert_close(before[:, :15], after[:, :15], rtol=0, atol=1e-6)
     assert (before[:, 15:] - after[:, 15:]).abs().amax() > 1e-3
+
+
+@pytest.mark.parametrize(("T", "S"), [(5, 5), (1, 7), (3, 8)])
+def test_the_causal_bias_is_minus_infinity_exactly_where_a_query_may_not_see_a_key(T, S):
+    bias = causal_bias(T, S, torch.bfloat16, torch.device("cpu"))
+    allowed = causal_allowed(T, S, torch.device("cpu"))
+    assert bias.dtype == torch.bfloat16 and bias.shape == (T, S)
+    assert torch.equal(bias == float("-inf"), ~allowed) and bool((bias[allowed] == 0).all())
 
 
 def test_explicit_and_sdpa_attention_agree_on_outputs_and_gradients():

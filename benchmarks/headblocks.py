@@ -1,0 +1,76 @@
+"""The bf16 head's forward product by vocabulary blocks or in one, over row counts and widths: what
+llm/loss.py's VOCAB_BLOCK decides on.
+
+    python -m benchmarks.headblocks [--repeats 5] [--rows 256,512,1024,2048] [--widths 256,768] [--block 4096]
+
+The fused head + loss computes the logits h @ W^T (N, V) of the hidden states h (N, C) and the head's
+weight W (V, C) before turning them into the loss and its gradient. In bf16 on a CPU, oneDNN's one
+product over GPT-2's 50,257 vocabulary rows runs well below the rate of the same product cut into blocks of
+a few thousand rows, each written into its columns of the logits (`llm.loss.head_logits`). Each shape is
+timed on `llm.loss.linear_cross_entropy` as training runs it (forward and backward, bf16 autocast, eager,
+an fp32 weight of GPT-2's 50,257 rows), VOCAB_BLOCK 0 (one product) against `--block`, the two in turn each
+repeat, so that a busy spell of the host lands on both; both must give the same gradients to bf16
+rounding. Under torch.compile the blocks are concatenated inside the graph: benchmarks.train times that in
+its whole step. In fp32 one product already runs at the CPU's peak, and llm.loss keeps it.
+
+`cpu-small` at the pipeline's batch 8 x 256 (benchmarks.train's shape) is N 2,048, C 256; the book's
+chapter 5 run (recipes/book-ch05.yaml) is N 512, C 768. Last line: `headblocks_train_shape=R`, one
+product's time over the blocks' at N 2,048, C 256.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+import llm.loss
+from benchmarks.common import time_interleaved
+from benchmarks.headgrad import VOCAB, step
+from llm.hardware import keep_freed_memory
+
+TRAIN_SHAPE = (2048, 256)  # (N, C)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--rows", default="256,512,1024,2048", help="N: tokens per micro-batch")
+    parser.add_argument("--widths", default="256,768", help="C: n_embd")
+    parser.add_argument("--block", type=int, default=llm.loss.VOCAB_BLOCK, help="vocabulary rows per product")
+    args = parser.parse_args(argv)
+    if args.block < 1:
+        parser.error(f"--block must be at least 1 vocabulary row, got {args.block}")
+    keep_freed_memory()  # as the trainer runs
+    block = llm.loss.VOCAB_BLOCK
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; the fused loss forward + backward, bf16 "
+          f"autocast, V {VOCAB:,}: one product against blocks of {args.block:,} vocabulary rows, median of "
+          f"{args.repeats}")
+    ratios = {}
+    try:
+        for width in (int(w) for w in args.widths.split(",")):
+            for rows in (int(r) for r in args.rows.split(",")):
+                torch.manual_seed(0)
+                hidden = torch.randn(rows, width, requires_grad=True)
+                weight = (torch.randn(VOCAB, width) * 0.02).requires_grad_()
+                targets = torch.randint(VOCAB, (rows,))
+                runs = {"one": step(hidden, weight, targets, VOCAB_BLOCK=0),
+                        "blocks": step(hidden, weight, targets, VOCAB_BLOCK=args.block)}
+                grads = {name: run() for name, run in runs.items()}
+                for got, want in zip(grads["blocks"], grads["one"]):
+                    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-2)  # bf16's rounding
+                timings = time_interleaved(runs, repeats=args.repeats)
+                ratio = timings["one"].median / timings["blocks"].median
+                ratios[rows, width] = ratio
+                print(f"N {rows:5,} C {width:4}: one product {timings['one']}, blocks {timings['blocks']}: "
+                      f"one/blocks {ratio:.2f}", flush=True)
+    finally:
+        llm.loss.VOCAB_BLOCK = block
+    if TRAIN_SHAPE in ratios:
+        print(f"headblocks_train_shape={ratios[TRAIN_SHAPE]:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
