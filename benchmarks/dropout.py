@@ -5,8 +5,8 @@
 Two measurements, each as paired rounds (every candidate once a round, in turn; the median of
 `--repeats` rounds after a warm-up):
 - one dropout layer, forward and backward, at the two kinds of site in the book's model (gpt2-book at
-  context 256, batch 2): the attention weights (2, 12, 256, 256), in fp32 as autocast's softmax leaves
-  them, and the hidden states (2, 256, 768) in the training dtype;
+  context 256, batch 2): the attention weights (2, 12, 256, 256) and the hidden states (2, 256, 768),
+  both in the training dtype (llm/model.py keeps the attention weights in the scores' dtype);
 - a whole training step of that model (dropout 0.1; forward, backward, fused AdamW; bf16 autocast where
   the CPU computes bf16 natively, `--dtype auto`), with torch.nn.Dropout in every dropout's place (what
   the book's and nanoGPT's models use), with llm.dropout's, and with dropout off (p = 0), the floor: what
@@ -80,7 +80,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, native bf16: {native}; dropout {P}; "
           f"training dtype {name}")
 
-    sites = {"attention weights (2, 12, 256, 256) float32": torch.randn(BATCH, 12, CONTEXT, CONTEXT),
+    sites = {f"attention weights (2, 12, 256, 256) {name}": torch.randn(BATCH, 12, CONTEXT, CONTEXT, dtype=dtype),
              f"hidden states (2, 256, 768) {name}": torch.randn(BATCH, CONTEXT, 768, dtype=dtype)}
     for site, x in sites.items():
         x.requires_grad_(True)

@@ -12,7 +12,8 @@ attention weights and after every residual branch): a large part of its training
 words in bulk, four from each of its 64-bit draws, and an element is kept where its word is at or above
 p * 2**16 (p to within 2**-17, the scale from the same rounded p, so the expectation is exact; a p that
 rounds to 0 or to 1 takes F.dropout). Drawing the random bits is most of the mask's cost: 16 of them an
-element are half of 32's, and plenty for a rate.
+element are half of 32's, and plenty for a rate. In bf16 the scale is rounded to bf16, as F.dropout's is
+(for p 0.1, kept elements are multiplied by 1.109 rather than 1.111).
 
 The mask is still a function of torch's global generator: PCG64's seed is one draw from it, so
 `torch.manual_seed` decides every mask, as it decides `F.dropout`'s (the trainer reseeds per step for

@@ -158,7 +158,10 @@ class SelfAttention(nn.Module):
             scores = q @ k.transpose(-2, -1) / math.sqrt(hs)  # (B, nh, T, S)
             if allowed is not None:
                 scores = scores.masked_fill(~allowed, float("-inf"))
-        weights = torch.softmax(scores, dim=-1)
+        # In the scores' dtype: under bf16 autocast softmax would return fp32 weights, which dropout would
+        # then mask in fp32 and the product with v cast back to bf16, passes over (B, nh, T, S) for
+        # nothing; SDPA's kernels too give the product bf16 weights. (softmax computes in fp32 inside.)
+        weights = torch.softmax(scores, dim=-1, dtype=scores.dtype)
         return self.attn_dropout(weights) @ v  # (B, nh, T, hs)
 
     def _explicit_for(self, q: Tensor, S: int, dropout_p: float) -> bool:

@@ -81,3 +81,11 @@ def test_a_model_with_dropout_trains_deterministically_and_compiles_to_one_graph
     # Under compile the mask is F.dropout's, drawn inside the graph: no NumPy call breaks it.
     compiled = torch.compile(model, fullgraph=True, backend="eager")
     assert torch.isfinite(compiled(idx, idx))
+
+
+def test_in_bf16_the_kept_elements_are_scaled_as_f_dropout_scales_them():
+    x = torch.rand(100_000, dtype=torch.bfloat16) + 0.5
+    ours, theirs = dropout(x, 0.1), F.dropout(x, 0.1)
+    assert ours.dtype == torch.bfloat16
+    both = (ours != 0) & (theirs != 0)
+    assert torch.equal(ours[both], theirs[both])
