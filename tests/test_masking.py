@@ -240,13 +240,15 @@ def test_a_space_before_a_mask_belongs_to_the_token_that_fills_it():
         fill.encode_masked(enc, "no blanks here", 99999)
 
 
-def test_the_encoder_is_logged_as_a_mask_filling_model(trained, tmp_path):
+def test_the_encoder_is_logged_as_a_mask_filling_model(trained, tmp_path, monkeypatch):
     import mlflow
 
     from llm.registry import log_gpt_model
 
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    with mlflow.start_run():
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    # An experiment of its own, whose artifacts stay in tmp_path: the default one's go to ./mlruns.
+    experiment = mlflow.create_experiment("encoder", artifact_location=(tmp_path / "artifacts").as_uri())
+    with mlflow.start_run(experiment_id=experiment):
         version = log_gpt_model(trained[0], "test-encoder")
     served = mlflow.pyfunc.load_model(f"models:/test-encoder/{version}")
     rows = served.predict(pd.DataFrame({"text": [" the the [MASK] the", " and and [MASK] and [MASK]"]}),
