@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 _WORD = 2**16  # the mask's random words are uint16, compared as int16 (torch has no uint16 comparison)
 _WORDS_PER_DRAW = 4  # PCG64's draws are 64 bits
+_BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}  # an integer type of each float type's width
 
 
 def keep_threshold(p: float) -> int:
@@ -46,18 +47,26 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float) -> Tensor:
     n = math.prod(shape)
     draws = np.random.PCG64(seed).random_raw(-(-n // _WORDS_PER_DRAW))
     words = draws.view(np.int16)[:n]  # uint16 bits, read as int16
-    return torch.from_numpy(words).view(shape) >= keep_threshold(p) - _WORD // 2
+    return torch.from_numpy(np.greater_equal(words, keep_threshold(p) - _WORD // 2)).view(shape)
+
+
+def scaled_keep_mask(shape: torch.Size | tuple[int, ...], p: float, dtype: torch.dtype) -> Tensor:
+    """`keep_mask` in `dtype`: 1 / (1 - p) where kept (of the p the mask draws, rounded to `dtype`), 0
+    where dropped. Built in integers, as the scale's bit pattern times 1 or 0: ATen converts bool to a
+    float type about ten times slower than to an integer type of its width."""
+    bits = _BITS[dtype.itemsize]
+    scale = torch.tensor(_WORD / (_WORD - keep_threshold(p)), dtype=dtype).view(bits).item()
+    return keep_mask(shape, p).to(bits).mul_(scale).view(dtype)
 
 
 def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
-    """`F.dropout(x, p, training)`, with the mask from `keep_mask` on a CPU outside torch.compile."""
+    """`F.dropout(x, p, training)`, with the mask from `scaled_keep_mask` on a CPU outside torch.compile."""
     if not training or p == 0:
         return x
     threshold = keep_threshold(p)
     if x.device.type != "cpu" or torch.compiler.is_compiling() or not 0 < threshold < _WORD:
         return F.dropout(x, p, training)
-    scale = _WORD / (_WORD - threshold)  # 1 / (1 - p), with the p the mask draws
-    return x * keep_mask(x.shape, p).to(x.dtype).mul_(scale)
+    return x * scaled_keep_mask(x.shape, p, x.dtype)
 
 
 class Dropout(nn.Dropout):

@@ -46,11 +46,14 @@ def test_the_gradient_is_the_mask_and_scale_of_the_forward():
     torch.testing.assert_close(x.grad, kept.float() / 0.75)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_output_keeps_the_inputs_dtype_and_shape(dtype):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_the_output_keeps_the_inputs_dtype_and_shape_and_scales_by_the_scale_in_that_dtype(dtype):
     x = torch.randn(2, 3, 5, 7, dtype=dtype)
     y = dropout(x, 0.1)
     assert y.dtype == dtype and y.shape == x.shape
+    kept = y != 0
+    scale = torch.tensor(2**16 / (2**16 - keep_threshold(0.1)), dtype=dtype)
+    assert 0 < kept.sum() < x.numel() and torch.equal(y[kept], x[kept] * scale)
 
 
 def test_eval_mode_and_p_zero_pass_the_input_through():
