@@ -14,11 +14,11 @@ compute dtype).
   CHUNK_ROWS rows of them are upcast to fp32 and turned into their rows of the bf16 gradient the same
   way; never more than one chunk of fp32 logits in memory.
 - Under torch.compile, one chunk: Inductor fuses the pointwise passes into one kernel over each row
-  itself.
+  itself. Even so it beats compiling the plain head + cross-entropy, by one exp per logit and, in bf16,
+  the weight gradient laid out for speed (benchmarks/train.py times the whole step against nanoGPT's).
 
 In bf16 on a CPU the logits' product runs by blocks of VOCAB_BLOCK rows of the weight (`head_logits`):
-oneDNN multiplies 4,096 vocabulary rows at a time faster than all 50,257 at once (benchmarks/headblocks.py). Even so it beats compiling the plain head + cross-entropy, by one exp per logit and, in bf16,
-  the weight gradient laid out for speed (benchmarks/train.py times the whole step against nanoGPT's).
+oneDNN multiplies 4,096 vocabulary rows at a time faster than all 50,257 at once (benchmarks/headblocks.py).
 
 Under autocast the matmuls run in the autocast dtype (bf16), as the plain path's would.
 """
@@ -253,7 +253,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_
     log-probabilities that preference tuning sums per sequence).
 
     hidden (..., C), weight (V, C), targets (...): the leading dimensions are flattened. `chunk_rows`: rows
-    of logits computed at a time; by default all of them where they are computed straight into the gradient
+    of logits turned into losses at a time; by default all of them where they become the gradient in place
     (fp32 training) or under torch.compile, else CHUNK_ROWS.
     """
     if reduction not in REDUCTIONS:

@@ -160,7 +160,7 @@ class SelfAttention(nn.Module):
                 scores = scores.masked_fill(~allowed, float("-inf"))
         # In the scores' dtype: under bf16 autocast softmax would return fp32 weights, which dropout would
         # then mask in fp32 and the product with v cast back to bf16, passes over (B, nh, T, S) for
-        # nothing; SDPA's kernels too give the product bf16 weights. (softmax computes in fp32 inside.)
+        # nothing. softmax still computes in fp32 inside, as SDPA's bf16 kernels do.
         weights = torch.softmax(scores, dim=-1, dtype=scores.dtype)
         return self.attn_dropout(weights) @ v  # (B, nh, T, hs)
 
