@@ -26,8 +26,7 @@ import sys
 import torch
 
 import llm.loss
-from benchmarks.common import time_interleaved
-from benchmarks.headgrad import VOCAB, step
+from benchmarks.headgrad import VOCAB, sweep
 from llm.hardware import keep_freed_memory
 
 TRAIN_SHAPE = (2048, 256)  # (N, C)
@@ -43,30 +42,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.block < 1:
         parser.error(f"--block must be at least 1 vocabulary row, got {args.block}")
     keep_freed_memory()  # as the trainer runs
-    block = llm.loss.VOCAB_BLOCK
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; the fused loss forward + backward, bf16 "
           f"autocast, V {VOCAB:,}: one product against blocks of {args.block:,} vocabulary rows, median of "
           f"{args.repeats}")
+    settings = {"one": {"VOCAB_BLOCK": 0}, "blocks": {"VOCAB_BLOCK": args.block}}
     ratios = {}
-    try:
-        for width in (int(w) for w in args.widths.split(",")):
-            for rows in (int(r) for r in args.rows.split(",")):
-                torch.manual_seed(0)
-                hidden = torch.randn(rows, width, requires_grad=True)
-                weight = (torch.randn(VOCAB, width) * 0.02).requires_grad_()
-                targets = torch.randint(VOCAB, (rows,))
-                runs = {"one": step(hidden, weight, targets, VOCAB_BLOCK=0),
-                        "blocks": step(hidden, weight, targets, VOCAB_BLOCK=args.block)}
-                grads = {name: run() for name, run in runs.items()}
-                for got, want in zip(grads["blocks"], grads["one"]):
-                    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-2)  # bf16's rounding
-                timings = time_interleaved(runs, repeats=args.repeats)
-                ratio = timings["one"].median / timings["blocks"].median
-                ratios[rows, width] = ratio
-                print(f"N {rows:5,} C {width:4}: one product {timings['one']}, blocks {timings['blocks']}: "
-                      f"one/blocks {ratio:.2f}", flush=True)
-    finally:
-        llm.loss.VOCAB_BLOCK = block
+    for (rows, width), timings, ratio in sweep(args.rows, args.widths, settings, args.repeats, "one", "blocks"):
+        ratios[rows, width] = ratio
+        print(f"N {rows:5,} C {width:4}: one product {timings['one']}, blocks {timings['blocks']}: "
+              f"one/blocks {ratio:.2f}", flush=True)
     if TRAIN_SHAPE in ratios:
         print(f"headblocks_train_shape={ratios[TRAIN_SHAPE]:.2f}")
     return 0

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterator, Mapping
 
 import torch
 
 import llm.loss
-from benchmarks.common import time_interleaved
+from benchmarks.common import Timing, time_interleaved
 from llm.hardware import keep_freed_memory
 from llm.loss import linear_cross_entropy
 
@@ -48,6 +49,38 @@ def step(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, **se
     return run
 
 
+def time_settings(rows: int, width: int, settings: Mapping[str, Mapping[str, int]],
+                  repeats: int) -> dict[str, Timing]:
+    """The fused loss over N `rows` hidden states of width C `width` and an fp32 head of GPT-2's vocabulary
+    (random, seeded), under each of `settings` (a label: llm.loss module settings), timed in turn; their
+    gradients must agree to bf16 rounding. llm.loss's settings are left as they were found."""
+    found = {name: getattr(llm.loss, name) for values in settings.values() for name in values}
+    try:
+        torch.manual_seed(0)
+        hidden = torch.randn(rows, width, requires_grad=True)
+        weight = (torch.randn(VOCAB, width) * 0.02).requires_grad_()
+        targets = torch.randint(VOCAB, (rows,))
+        runs = {label: step(hidden, weight, targets, **values) for label, values in settings.items()}
+        first, *others = (run() for run in runs.values())
+        for grads in others:
+            for got, want in zip(grads, first):
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-2)  # bf16's rounding
+        return time_interleaved(runs, repeats=repeats)
+    finally:
+        for name, value in found.items():
+            setattr(llm.loss, name, value)
+
+
+def sweep(rows: str, widths: str, settings: Mapping[str, Mapping[str, int]], repeats: int, numerator: str,
+          denominator: str) -> Iterator[tuple[tuple[int, int], dict[str, Timing], float]]:
+    """`time_settings` at each (N, C) of the comma-separated `rows` and `widths` (widths outermost): the
+    shape, its timings, and the median time of the `numerator` setting over the `denominator`'s."""
+    for width in (int(w) for w in widths.split(",")):
+        for row_count in (int(r) for r in rows.split(",")):
+            timings = time_settings(row_count, width, settings, repeats)
+            yield (row_count, width), timings, timings[numerator].median / timings[denominator].median
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -58,29 +91,16 @@ def main(argv: list[str] | None = None) -> int:
     threshold = llm.loss.DIRECT_GRAD_WEIGHT_ROWS
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; DIRECT_GRAD_WEIGHT_ROWS = {threshold}; "
           f"the fused loss forward + backward, bf16 autocast, V {VOCAB:,}, median of {args.repeats}")
+    settings = {name: {"DIRECT_GRAD_WEIGHT_ROWS": direct_rows} for name, direct_rows in LAYOUTS.items()}
     ratios = {}
-    try:
-        for width in (int(w) for w in args.widths.split(",")):
-            for rows in (int(r) for r in args.rows.split(",")):
-                torch.manual_seed(0)
-                hidden = torch.randn(rows, width, requires_grad=True)
-                weight = (torch.randn(VOCAB, width) * 0.02).requires_grad_()
-                targets = torch.randint(VOCAB, (rows,))
-                runs = {name: step(hidden, weight, targets, DIRECT_GRAD_WEIGHT_ROWS=direct_rows)
-                        for name, direct_rows in LAYOUTS.items()}
-                grads = {name: run() for name, run in runs.items()}
-                for got, want in zip(grads["direct"], grads["transposed"]):
-                    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-2)  # bf16's rounding
-                timings = time_interleaved(runs, repeats=args.repeats)
-                ratio = timings["transposed"].median / timings["direct"].median
-                ratios[rows, width] = ratio
-                picked = "direct" if rows <= threshold else "transposed"
-                faster = "direct" if ratio > 1 else "transposed"
-                print(f"N {rows:5,} C {width:4}: direct {timings['direct']}, transposed {timings['transposed']}: "
-                      f"transposed/direct {ratio:.2f}; the threshold picks {picked}"
-                      f"{'' if picked == faster else ', the slower here'}", flush=True)
-    finally:
-        llm.loss.DIRECT_GRAD_WEIGHT_ROWS = threshold
+    for (rows, width), timings, ratio in sweep(args.rows, args.widths, settings, args.repeats, "transposed",
+                                               "direct"):
+        ratios[rows, width] = ratio
+        picked = "direct" if rows <= threshold else "transposed"
+        faster = "direct" if ratio > 1 else "transposed"
+        print(f"N {rows:5,} C {width:4}: direct {timings['direct']}, transposed {timings['transposed']}: "
+              f"transposed/direct {ratio:.2f}; the threshold picks {picked}"
+              f"{'' if picked == faster else ', the slower here'}", flush=True)
     if BOOK_SHAPE in ratios:
         print(f"headgrad_book_shape={ratios[BOOK_SHAPE]:.2f}")
     return 0
