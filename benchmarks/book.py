@@ -1,6 +1,6 @@
 """The book's chapter 5 pretraining run: the book's own loop against the pipeline's pretrain stage, in one run.
 
-    python -m benchmarks.book [--epochs 10] [--seed 123] [--precision auto | fp32 | bf16] [--rounds 1]
+    python -m benchmarks.book [--epochs 10] [--seed 123[,124,...]] [--precision auto | fp32 | bf16] [--rounds 1]
 
 Both sides train the book's GPT_CONFIG_124M (163M parameters: 12 layers, 12 heads, n_embd 768, context
 256, dropout 0.1, no qkv biases, an untied head) from the same starting weights (PyTorch's default
@@ -18,7 +18,10 @@ mirror in $LLM_MIRROR_DIR where there is no network), for `--epochs` of the book
   steps, a sample every epoch, its checkpoints and the final model included.
 The recipe is checked against the book's settings first (a benchmark of other settings is no comparison).
 `--seed` replaces the book's 123 on both sides, which then start from the weights drawn after it: the
-order of the windows and the dropout draws change with it, and so do both curves (how far: the README).
+order of the windows and the dropout draws change with it, and so do both curves, and with them the
+step at which each side reaches the target (how far: the README). Several seeds, comma-separated, run
+`--rounds` rounds each, one seed after another, and each round's equal-loss target comes from its own
+seed's curves: the median over seeds is the figure that does not hang on one draw.
 `--precision` replaces the recipe's training precision (auto): `fp32` measures on any host what a host
 without native bf16 runs (auto picks fp32 there), as `benchmarks.train --dtype fp32` does.
 
@@ -40,12 +43,13 @@ alike: eval mode, fp32, the mean loss over the book's 18 train windows and its 2
 
 The sides run one after the other, so a change in the host's load between them falls on one side only
 (the load average is printed at each side's start and end). `--rounds 2` pairs them: each round runs both,
-the first the book then ours, the second ours then the book, and so on, and the ratios are the medians of
-the rounds' (both curves are the same in every round, their seeds fixed: only the times differ).
+the first the book then ours, the second ours then the book, and so on (over all the seeds' rounds), and
+the ratios are the medians of the rounds' (a seed's curves are the same in each of its rounds: only the
+times differ).
 
 Both wall times, final losses and curves are printed. The book's loop takes most of a run: the full 10
 epochs took 8 minutes in all on 2 idle cores with AMX, and about an hour on 2 busy cores without it.
-Last line: `book_speedup=R` (goal: at least 3), the median over the rounds.
+Last line: `book_speedup=R` (goal: at least 3), the median over the rounds (of every seed).
 """
 
 from __future__ import annotations
@@ -205,11 +209,24 @@ def run_ours(params: Params, shards: Path, out: Path, measure: tuple[DataLoader,
     return Side("ours", seconds, curve, train_loss, val_loss)
 
 
+def seed_list(text: str) -> list[int]:
+    """`--seed`'s value: one seed or several, comma-separated, each an integer."""
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"seeds are integers, comma-separated (123 or 123,124,125), got {text!r}") from None
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"each seed once, got {text!r}")
+    return seeds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=book.NUM_EPOCHS, help="the book's epochs, on both sides")
-    parser.add_argument("--seed", type=int, default=book.SEED,
-                        help="the starting weights, window order and dropout of both sides (the book's: 123)")
+    parser.add_argument("--seed", type=seed_list, default=[book.SEED],
+                        help="the starting weights, window order and dropout of both sides (the book's: 123); "
+                        "several, comma-separated, run --rounds rounds each")
     parser.add_argument("--precision", choices=PRECISIONS,
                         help="the pipeline side's training precision instead of the recipe's (fp32: as a host "
                         "without native bf16 trains)")
@@ -234,7 +251,7 @@ def main() -> None:
         steps_per_epoch = len(train_loader)
         check_recipe(params, steps_per_epoch)
         params = dataclasses.replace(params, pretrain=dataclasses.replace(
-            params.pretrain, seed=args.seed, precision=args.precision or params.pretrain.precision))
+            params.pretrain, precision=args.precision or params.pretrain.precision))
         split_idx = int(book.TRAIN_RATIO * len(text))
         context = book.GPT_CONFIG_124M["context_length"]
         measure = (book.create_dataloader_v1(text[:split_idx], tokenizer, book.BATCH_SIZE, context, context,
@@ -247,40 +264,44 @@ def main() -> None:
               f"has the book's settings ({params.pretrain.max_steps} steps = {book.NUM_EPOCHS} epochs)")
 
         steps = args.epochs * steps_per_epoch
-        rounds: list[dict[str, Side]] = []
-        for number in range(args.rounds):
+        rounds: list[tuple[int, dict[str, Side]]] = []  # (seed, its sides)
+        for number, seed in enumerate(seed for seed in args.seed for _ in range(args.rounds)):
+            seeded = dataclasses.replace(params, pretrain=dataclasses.replace(params.pretrain, seed=seed))
             sides: dict[str, Side] = {}
             for name in ("book", "ours") if number % 2 == 0 else ("ours", "book"):
                 if name == "book":
                     print(f"round {number + 1}: the book's loop, {args.epochs} epochs ({steps} steps), fp32, seed "
-                          f"{args.seed}:")
-                    sides[name] = run_book(loaders, measure, tokenizer, args.epochs, args.seed)
+                          f"{seed}:")
+                    sides[name] = run_book(loaders, measure, tokenizer, args.epochs, seed)
                 else:
                     print(f"round {number + 1}: the pipeline's pretrain stage, {steps} steps, precision "
-                          f"{params.pretrain.precision}:")
+                          f"{seeded.pretrain.precision}, seed {seed}:")
                     out = Path(tmp) / f"pretrain-{number + 1}"  # a fresh folder: the stage resumes what it finds
-                    sides[name] = run_ours(params, Path(tmp) / "shards", out, measure, steps)
+                    sides[name] = run_ours(seeded, Path(tmp) / "shards", out, measure, steps)
                     shutil.rmtree(out)
                 print(f"  {sides[name].seconds:.0f} s; load average {load_average()}")
                 gc.collect()
-            rounds.append(sides)
+            rounds.append((seed, sides))
 
-    ref, ours = rounds[0]["book"], rounds[0]["ours"]  # the losses: each side's seed fixes them
-    for side, how in ((ref, "eval mode, 5 shuffled batches"), (ours, "the mean over the last steps, dropout on")):
-        last = side.curve[-1]
-        print(f"{side.name} at its last evaluation (step {last.step}): train loss {last.train_loss:.3f} ({how}), "
-              f"val loss {last.val_loss:.3f}; best val {side.best().val_loss:.3f} at step {side.best().step}")
-    print(f"the final models measured alike (eval mode, fp32, the book's {len(measure[0].dataset)} train and "
-          f"{len(measure[1].dataset)} val windows): the book train {ref.train_loss:.3f} val {ref.val_loss:.3f}; ours "
-          f"train {ours.train_loss:.3f} val {ours.val_loss:.3f}")
+    for seed in args.seed:  # the losses: a seed fixes both sides' curves, so its first round shows them
+        sides = next(sides for round_seed, sides in rounds if round_seed == seed)
+        ref, ours = sides["book"], sides["ours"]
+        for side, how in ((ref, "eval mode, 5 shuffled batches"), (ours, "the mean over the last steps, dropout on")):
+            last = side.curve[-1]
+            print(f"seed {seed}: {side.name} at its last evaluation (step {last.step}): train loss "
+                  f"{last.train_loss:.3f} ({how}), val loss {last.val_loss:.3f}; best val {side.best().val_loss:.3f} "
+                  f"at step {side.best().step}")
+        print(f"seed {seed}: the final models measured alike (eval mode, fp32, the book's {len(measure[0].dataset)} "
+              f"train and {len(measure[1].dataset)} val windows): the book train {ref.train_loss:.3f} val "
+              f"{ref.val_loss:.3f}; ours train {ours.train_loss:.3f} val {ours.val_loss:.3f}")
     walls, equals = [], []
-    for number, sides in enumerate(rounds, 1):
+    for number, (seed, sides) in enumerate(rounds, 1):
         ref, ours = sides["book"], sides["ours"]
         target = max(ref.best().val_loss, ours.best().val_loss) + MARGIN
         at = {side.name: side.first_at(target) for side in (ref, ours)}
         walls.append(ref.seconds / ours.seconds)
         equals.append(at["book"].seconds / at["ours"].seconds)
-        print(f"round {number} ({'the book' if number % 2 else 'ours'} first): wall time: the book "
+        print(f"round {number} (seed {seed}, {'the book' if number % 2 else 'ours'} first): wall time: the book "
               f"{ref.seconds:.0f} s, ours {ours.seconds:.0f} s ({walls[-1]:.2f}x); equal val loss: target "
               f"{target:.3f} (the worse best + {MARGIN}), the book reaches it at step {at['book'].step} after "
               f"{at['book'].seconds:.0f} s, ours at step {at['ours'].step} after {at['ours'].seconds:.0f} s "

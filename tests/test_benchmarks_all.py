@@ -82,7 +82,7 @@ def test_the_list_names_every_entry_of_the_suite_with_its_command(capsys):
     assert suite.main(["--list"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == len(suite.SUITE)
-    assert lines[2].split(None, 1) == ["book", "python -m benchmarks.book --rounds 2"]
+    assert lines[2].split(None, 1) == ["book", "python -m benchmarks.book --seed 123,124,125"]
     assert lines[3].split(None, 1) == ["book-fp32", "python -m benchmarks.book --precision fp32"]
 
 
