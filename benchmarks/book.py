@@ -283,8 +283,10 @@ def main() -> None:
                 gc.collect()
             rounds.append((seed, sides))
 
-    for seed in args.seed:  # the losses: a seed fixes both sides' curves, so its first round shows them
-        sides = next(sides for round_seed, sides in rounds if round_seed == seed)
+    first_rounds: dict[int, dict[str, Side]] = {}  # the losses: a seed fixes both sides' curves
+    for seed, sides in rounds:
+        first_rounds.setdefault(seed, sides)
+    for seed, sides in first_rounds.items():
         ref, ours = sides["book"], sides["ours"]
         for side, how in ((ref, "eval mode, 5 shuffled batches"), (ours, "the mean over the last steps, dropout on")):
             last = side.curve[-1]
