@@ -5,8 +5,8 @@
 
 Runs the benchmarks of SUITE (the README's benchmark table, with the arguments its figures come from) one
 after another, each in its own process: run side by side they would compete for the cores. On 2 cores
-the whole suite takes about 45 minutes, the book's runs (three seeds in bf16, one in fp32) more than half
-of it. Each one's
+the whole suite takes about 55 minutes, the book's runs (three seeds in bf16, one in fp32, and its curves
+over the same windows) more than half of it. Each one's
 output (stdout and stderr) goes to `<out>/<run>/<entry>.log`, and its last line, `name=value`, is its
 headline. `<out>/<run>.json` holds the host (CPU model, which bf16 hardware it has, threads, torch and
 Python versions), the code (git commit, and whether the tree had uncommitted changes), and per benchmark
@@ -57,6 +57,7 @@ SUITE: tuple[Entry, ...] = (
     Entry("train-fp32", "train", ("--dtype", "fp32")),
     Entry("book", "book", ("--seed", "123,124,125")),  # the equal-loss ratio hangs on the seed's draw
     Entry("book-fp32", "book", ("--precision", "fp32")),  # what a host without native bf16 trains in
+    Entry("book-curves", "book_curves"),  # whether the book's equal-loss spread is the draw's
     Entry("breakdown-fp32", "breakdown", ("--dtype", "fp32", "--no-compile")),
     Entry("breakdown-book", "breakdown", ("--against", "book")),
     Entry("headgrad", "headgrad"),

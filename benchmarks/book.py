@@ -19,7 +19,8 @@ mirror in $LLM_MIRROR_DIR where there is no network), for `--epochs` of the book
 The recipe is checked against the book's settings first (a benchmark of other settings is no comparison).
 `--seed` replaces the book's 123 on both sides, which then start from the weights drawn after it: the
 order of the windows and the dropout draws change with it, and so do both curves, and with them the
-step at which each side reaches the target (how far: the README). Several seeds, comma-separated, run
+step at which each side reaches the target (how far: the README; benchmarks/book_curves.py gives both sides
+the same windows in the same order, to tell the draw from the training). Several seeds, comma-separated, run
 `--rounds` rounds each, one seed after another, and each round's equal-loss target comes from its own
 seed's curves: the median over seeds is the figure that does not hang on one draw.
 `--precision` replaces the recipe's training precision (auto): `fp32` measures on any host what a host

@@ -22,23 +22,6 @@ def test_a_seed_that_is_not_an_integer_or_repeats_is_refused_naming_the_value(te
     assert repr(text) in str(error.value)
 
 
-class Listed:
-    """The trainer's batch source over fixed batches, in order."""
-
-    def __init__(self, batches):
-        self.batches, self.position = batches, 0
-
-    def next_batch(self):
-        self.position += 1
-        return self.batches[self.position - 1]
-
-    def state_dict(self):
-        return {"position": self.position}
-
-    def load_state_dict(self, state):
-        self.position = state["position"]
-
-
 def test_with_dropout_off_the_trainer_takes_the_books_training_steps(tmp_path):
     """What benchmarks.book compares computes the same training: from the book's starting weights, over the
     same batches, the pipeline's Trainer (the fused head and loss, SDPA, fused AdamW) reports the losses
@@ -48,6 +31,7 @@ def test_with_dropout_off_the_trainer_takes_the_books_training_steps(tmp_path):
     import torch
 
     from benchmarks import book_ch05 as book
+    from benchmarks.book_curves import FixedOrder
     from llm.config import TrainConfig
     from llm.model import GPT, model_config
     from llm.tracking import MemoryTracker
@@ -80,7 +64,7 @@ def test_with_dropout_off_the_trainer_takes_the_books_training_steps(tmp_path):
                          weight_decay=0.0, beta1=0.9, beta2=0.999, grad_clip=0.0, log_interval=1,
                          eval_interval=steps, eval_batches=1, sample_interval=0, checkpoint_interval=steps)
     tracker = MemoryTracker()
-    result = Trainer(ours, Listed(train), val, config, tmp_path, settings={}, tracker=tracker).fit()
+    result = Trainer(ours, FixedOrder(train), val, config, tmp_path, settings={}, tracker=tracker).fit()
 
     assert [loss for _, loss in tracker.series("train_loss")] == pytest.approx(book_losses, rel=1e-5)
     assert book_losses[-1] < book_losses[0] - 0.5  # it learns the two batches
@@ -93,3 +77,22 @@ def test_with_dropout_off_the_trainer_takes_the_books_training_steps(tmp_path):
         torch.testing.assert_close(trained[f"h.{i}.attn.c_attn.weight"], qkv, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(trained[f"h.{i}.mlp.c_proj.weight"], block.ff.layers[2].weight, rtol=1e-4,
                                    atol=1e-6)
+
+
+def test_the_curves_benchmark_runs_both_sides_from_one_start_over_one_order(tmp_path):
+    """benchmarks.book_curves at a tiny shape, dropout on: the sides' curves differ only by their draws."""
+    import torch
+
+    from benchmarks.book_curves import EVAL_EVERY, book_curve, epoch_order, our_curve
+
+    shape, steps = {"n_layer": 1, "n_head": 2, "n_embd": 32}, 2 * EVAL_EVERY
+    text = torch.randint(50257, (7, 257))
+    windows = [(window[:-1], window[1:]) for window in text[:6]]
+    batches = epoch_order(windows, steps, seed=1)
+    assert len(batches) == steps and all(x.shape == (2, 256) for x, _ in batches)
+    assert [b[0].tolist() for b in batches[:3]] != [b[0].tolist() for b in epoch_order(windows, steps, seed=2)[:3]]
+    val = (text[6:, :-1], text[6:, 1:])
+    theirs = book_curve(shape, batches, val, seed=1)
+    ours = our_curve(shape, batches, val, 1, "fp32", tmp_path)
+    assert len(theirs) == len(ours) == 2
+    assert ours == pytest.approx(theirs, abs=1.5e-3)  # from another seed's start, 4e-3 apart
