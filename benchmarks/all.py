@@ -62,6 +62,7 @@ SUITE: tuple[Entry, ...] = (
     Entry("breakdown-book", "breakdown", ("--against", "book")),
     Entry("headgrad", "headgrad"),
     Entry("headblocks", "headblocks"),
+    Entry("headsoftmax", "headsoftmax"),
     Entry("dropout", "dropout"),
     Entry("attention", "attention"),
     Entry("kvcache", "kvcache"),

@@ -35,9 +35,9 @@ BOOK_SHAPE = (512, 768)  # (N, C)
 LAYOUTS = {"direct": sys.maxsize, "transposed": 0}  # DIRECT_GRAD_WEIGHT_ROWS that forces each
 
 
-def step(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, **settings: int):
+def step(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, **settings: object):
     """The fused loss forward and backward in bf16 autocast, as training runs it, with llm.loss's module
-    settings (DIRECT_GRAD_WEIGHT_ROWS=..., VOCAB_BLOCK=...) set for each run: the gradients of hidden and
+    settings (DIRECT_GRAD_WEIGHT_ROWS=..., VOCAB_BLOCK=..., IN_PLACE_DTYPES=...) set for each run: the gradients of hidden and
     weight. The caller restores the settings."""
     def run() -> tuple[torch.Tensor, torch.Tensor]:
         for name, value in settings.items():
@@ -49,7 +49,7 @@ def step(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, **se
     return run
 
 
-def time_settings(rows: int, width: int, settings: Mapping[str, Mapping[str, int]],
+def time_settings(rows: int, width: int, settings: Mapping[str, Mapping[str, object]],
                   repeats: int) -> dict[str, Timing]:
     """The fused loss over N `rows` hidden states of width C `width` and an fp32 head of GPT-2's vocabulary
     (random, seeded), under each of `settings` (a label: llm.loss module settings), timed in turn; their
@@ -71,7 +71,7 @@ def time_settings(rows: int, width: int, settings: Mapping[str, Mapping[str, int
             setattr(llm.loss, name, value)
 
 
-def sweep(rows: str, widths: str, settings: Mapping[str, Mapping[str, int]], repeats: int, numerator: str,
+def sweep(rows: str, widths: str, settings: Mapping[str, Mapping[str, object]], repeats: int, numerator: str,
           denominator: str) -> Iterator[tuple[tuple[int, int], dict[str, Timing], float]]:
     """`time_settings` at each (N, C) of the comma-separated `rows` and `widths` (widths outermost): the
     shape, its timings, and the median time of the `numerator` setting over the `denominator`'s."""

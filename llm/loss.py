@@ -8,11 +8,15 @@ the gradient is kept in the compute dtype, and two matmuls at the end give the g
 states and of W. Same values as `F.cross_entropy(hidden @ W.T, targets)` (to the rounding of the
 compute dtype).
 
-- fp32, eager: the logits are computed straight into the gradient's buffer, and ATen's softmax kernel
-  turns them into the gradient in place, row by row while each row is in cache: no (N, V) temporary.
-- bf16 (autocast), eager: the bf16 logits are computed into the gradient's buffer, then chunks of
-  CHUNK_ROWS rows of them are upcast to fp32 and turned into their rows of the bf16 gradient the same
-  way; never more than one chunk of fp32 logits in memory.
+- fp32 or bf16 (autocast), eager: the logits are computed straight into the gradient's buffer, and ATen's
+  softmax kernel turns them into the gradient in place, row by row while each row is in cache: no (N, V)
+  temporary. On bf16 logits the kernel computes in fp32 and rounds each probability once, so the bf16
+  gradient is the one an fp32 softmax would give, rounded; the loss is -log of the target's bf16
+  probability, within 2**-8 of the exact loss of the bf16 logits (a bf16 loss value of 4 to 8 has a
+  spacing of 2**-5).
+- Another autocast dtype (fp16, whose probabilities lose precision as they shrink): chunks of CHUNK_ROWS
+  rows of the logits are upcast to fp32 and turned into their rows of the gradient the same way; never
+  more than one chunk of fp32 logits in memory.
 - Under torch.compile, one chunk: Inductor fuses the pointwise passes into one kernel over each row
   itself. Even so it beats compiling the plain head + cross-entropy, by one exp per logit and, in bf16,
   the weight gradient laid out for speed (benchmarks/train.py times the whole step against nanoGPT's).
@@ -37,6 +41,9 @@ IGNORE_INDEX = -100
 Reduction = Literal["mean", "none"]
 REDUCTIONS: tuple[str, ...] = typing.get_args(Reduction)
 CHUNK_ROWS = 128  # fp32 logits of 128 rows x 50,257 tokens: a 26 MB temporary
+# Dtypes whose logits ATen's softmax turns into the gradient in place: it computes them in fp32 and rounds
+# once. fp16 would keep too few bits of a small probability for its loss, so it is upcast by chunks.
+IN_PLACE_DTYPES = (torch.float32, torch.bfloat16)
 # Up to this many rows, a bf16 weight gradient is computed as G^T h, in the weight's layout; above, as
 # (h^T G)^T. The second layout multiplies faster as rows grow, but casting its (C, V) product into the
 # weight's (V, C) is a transposing pass that costs the same at any row count, and at C 768 several times
@@ -107,21 +114,21 @@ def _chunk_loss(logits: Tensor, targets: Tensor, valid: Tensor) -> Tensor:
 
 def _loss_and_grad_(logits: Tensor, targets: Tensor, valid: Tensor,
                     row_logits: Callable[[Tensor], Tensor]) -> Tensor:
-    """Eager: a chunk of fp32 logits (n, V) is overwritten with d(summed loss)/d(logits), softmax - one-hot
-    on valid rows and zero on ignored ones; returns the loss of each row (0 where ignored).
+    """Eager: a chunk of fp32 or bf16 logits (n, V) is overwritten with d(summed loss)/d(logits), softmax -
+    one-hot on valid rows and zero on ignored ones; returns the loss of each row (0 where ignored), fp32.
 
     ATen's softmax kernel takes each row through its max, its exps and their normalisation while the row
     is in cache, in place: one pass over the chunk's memory, one exp per logit, nothing of the chunk's size
-    allocated. The loss is -log of the target's probability, exact to fp32 rounding while that probability
-    is a normal float (a loss below 87); where it underflows, `row_logits(rows)` recomputes those rows'
-    logits for log-sum-exp minus the target's logit."""
+    allocated. The loss is -log of the target's probability, exact to the rounding of that probability
+    (fp32's, or bf16's 2**-8) while it is a normal float (a loss below 87); where it underflows,
+    `row_logits(rows)` recomputes those rows' fp32 logits for log-sum-exp minus the target's logit."""
     picked = logits.gather(1, targets[:, None]).squeeze(1)  # (n,), before the softmax overwrites it
     torch._softmax(logits, 1, False, out=logits)  # (n, V): elementwise per row, so in place is safe
-    probability = logits.gather(1, targets[:, None]).squeeze(1)  # (n,)
+    probability = logits.gather(1, targets[:, None]).squeeze(1).float()  # (n,)
     loss = -probability.log()
     underflow = ((probability < torch.finfo(torch.float32).tiny) & valid).nonzero().squeeze(1)
     if len(underflow):
-        loss[underflow] = logsumexp_(row_logits(underflow)) - picked[underflow]
+        loss[underflow] = logsumexp_(row_logits(underflow)) - picked[underflow].float()
     ignored = (~valid).nonzero().squeeze(1)
     if len(ignored):
         logits.index_fill_(0, ignored, 0.0)
@@ -194,10 +201,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         rows_loss = torch.empty(h.shape[0], dtype=torch.float32, device=hidden.device) if per_row else None
         grad_logits = _spare.take((h.shape[0], w.shape[0]), dtype, hidden.device)  # (N, V)
         compiling = torch.compiler.is_compiling()
-        # Eager, the logits are computed straight into G. In fp32 the softmax turns them into the gradient
-        # in place: no chunk-sized temporary and no copy, so nothing to chunk for either; in bf16 a chunk at
-        # a time is upcast, turned into its gradient and written back.
-        in_place = dtype == torch.float32 and not compiling
+        # Eager, the logits are computed straight into G. In fp32 and bf16 the softmax turns them into the
+        # gradient in place: no chunk-sized temporary and no copy, so nothing to chunk for either; in fp16
+        # a chunk at a time is upcast, turned into its gradient and written back.
+        in_place = dtype in IN_PLACE_DTYPES and not compiling
         if chunk_rows is None:
             chunk_rows = h.shape[0] if in_place else CHUNK_ROWS
         if not compiling:
@@ -254,7 +261,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_
 
     hidden (..., C), weight (V, C), targets (...): the leading dimensions are flattened. `chunk_rows`: rows
     of logits turned into losses at a time; by default all of them where they become the gradient in place
-    (fp32 training) or under torch.compile, else CHUNK_ROWS.
+    (fp32 and bf16 training) or under torch.compile, else CHUNK_ROWS.
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")

@@ -1,5 +1,7 @@
 """The fused, chunked head + cross-entropy equals the plain one, values and gradients."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -85,6 +87,31 @@ def test_under_bf16_autocast_it_stays_close_to_the_plain_path():
     fused.backward()
     assert hidden.grad.dtype == torch.float32 and weight.grad.dtype == torch.float32
 
+
+
+def test_in_bf16_the_gradient_is_the_fp32_softmax_rounded_and_the_loss_within_its_rounding():
+    """The bf16 logits become the gradient in place: ATen's softmax computes each row in fp32 and rounds
+    once, so the gradient of the logits is exactly softmax(fp32 logits) - one-hot, rounded to bf16; each
+    row's loss, -log of the target's bf16 probability, is within bf16's rounding (2**-8 of the probability)
+    of the exact loss of those logits."""
+    hidden = torch.randn(96, 64, requires_grad=True)
+    weight = (torch.randn(700, 64) * 0.3).requires_grad_()
+    targets = torch.randint(0, 700, (96,))
+    targets[:4] = IGNORE_INDEX
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rows = linear_cross_entropy(hidden, weight, targets, reduction="none")
+    logits = (hidden.detach().bfloat16() @ weight.detach().bfloat16().T).float()  # what the head computes
+    valid = targets != IGNORE_INDEX
+    exact = F.cross_entropy(logits, targets, reduction="none")
+    assert (rows[~valid] == 0).all()
+    assert (rows[valid] - exact[valid]).abs().max() <= -math.log1p(-2**-8)
+    assert (rows[valid] - exact[valid]).abs().max() > 0  # the bf16 probability, not an fp32 one
+    grad_rows = torch.randn(96)  # each row's weight in the loss: the gradient of the logits scales by row
+    (grad_hidden,) = torch.autograd.grad(rows, hidden, grad_rows)
+    grad_logits = torch.softmax(logits, 1) - F.one_hot(targets.clamp(min=0), 700) * valid[:, None]
+    grad_logits = grad_logits.bfloat16() * valid[:, None]
+    expected = (grad_logits @ weight.detach().bfloat16()).float() * grad_rows[:, None]
+    torch.testing.assert_close(grad_hidden, expected, rtol=2e-2, atol=1e-3)
 
 @pytest.mark.parametrize(("autocast", "direct_rows"), [(False, 1024), (True, 1024), (True, 0)])
 def test_a_head_tied_to_the_token_embedding_gets_the_sum_of_both_gradients(monkeypatch, autocast, direct_rows):
