@@ -26,7 +26,7 @@ import sys
 import torch
 
 import llm.loss
-from benchmarks.headgrad import VOCAB, sweep
+from benchmarks.headgrad import VOCAB, print_sweep, sweep
 from llm.hardware import keep_freed_memory
 
 TRAIN_SHAPE = (2048, 256)  # (N, C)
@@ -46,13 +46,9 @@ def main(argv: list[str] | None = None) -> int:
           f"autocast, V {VOCAB:,}: one product against blocks of {args.block:,} vocabulary rows, median of "
           f"{args.repeats}")
     settings = {"one": {"VOCAB_BLOCK": 0}, "blocks": {"VOCAB_BLOCK": args.block}}
-    ratios = {}
-    for (rows, width), timings, ratio in sweep(args.rows, args.widths, settings, args.repeats, "one", "blocks"):
-        ratios[rows, width] = ratio
-        print(f"N {rows:5,} C {width:4}: one product {timings['one']}, blocks {timings['blocks']}: "
-              f"one/blocks {ratio:.2f}", flush=True)
-    if TRAIN_SHAPE in ratios:
-        print(f"headblocks_train_shape={ratios[TRAIN_SHAPE]:.2f}")
+    print_sweep(sweep(args.rows, args.widths, settings, args.repeats, "one", "blocks"),
+                lambda rows, width, timings, ratio: f"N {rows:5,} C {width:4}: one product {timings['one']}, "
+                f"blocks {timings['blocks']}: one/blocks {ratio:.2f}", "headblocks_train_shape", TRAIN_SHAPE)
     return 0
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
@@ -81,6 +81,19 @@ def sweep(rows: str, widths: str, settings: Mapping[str, Mapping[str, object]], 
             yield (row_count, width), timings, timings[numerator].median / timings[denominator].median
 
 
+def print_sweep(results: Iterator[tuple[tuple[int, int], dict[str, Timing], float]],
+                line: Callable[[int, int, dict[str, Timing], float], str], headline: str,
+                headline_shape: tuple[int, int]) -> None:
+    """`line(N, C, timings, ratio)` for each shape of a `sweep` as it is timed, then `headline=R`, the ratio
+    at `headline_shape`, where it was among the shapes."""
+    ratios = {}
+    for (rows, width), timings, ratio in results:
+        ratios[rows, width] = ratio
+        print(line(rows, width, timings, ratio), flush=True)
+    if headline_shape in ratios:
+        print(f"{headline}={ratios[headline_shape]:.2f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -92,17 +105,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; DIRECT_GRAD_WEIGHT_ROWS = {threshold}; "
           f"the fused loss forward + backward, bf16 autocast, V {VOCAB:,}, median of {args.repeats}")
     settings = {name: {"DIRECT_GRAD_WEIGHT_ROWS": direct_rows} for name, direct_rows in LAYOUTS.items()}
-    ratios = {}
-    for (rows, width), timings, ratio in sweep(args.rows, args.widths, settings, args.repeats, "transposed",
-                                               "direct"):
-        ratios[rows, width] = ratio
+
+    def line(rows: int, width: int, timings: dict[str, Timing], ratio: float) -> str:
         picked = "direct" if rows <= threshold else "transposed"
         faster = "direct" if ratio > 1 else "transposed"
-        print(f"N {rows:5,} C {width:4}: direct {timings['direct']}, transposed {timings['transposed']}: "
-              f"transposed/direct {ratio:.2f}; the threshold picks {picked}"
-              f"{'' if picked == faster else ', the slower here'}", flush=True)
-    if BOOK_SHAPE in ratios:
-        print(f"headgrad_book_shape={ratios[BOOK_SHAPE]:.2f}")
+        return (f"N {rows:5,} C {width:4}: direct {timings['direct']}, transposed {timings['transposed']}: "
+                f"transposed/direct {ratio:.2f}; the threshold picks {picked}"
+                f"{'' if picked == faster else ', the slower here'}")
+
+    print_sweep(sweep(args.rows, args.widths, settings, args.repeats, "transposed", "direct"), line,
+                "headgrad_book_shape", BOOK_SHAPE)
     return 0
 
 

@@ -24,7 +24,7 @@ import sys
 
 import torch
 
-from benchmarks.headgrad import BOOK_SHAPE, VOCAB, sweep
+from benchmarks.headgrad import BOOK_SHAPE, VOCAB, print_sweep, sweep
 from llm.hardware import keep_freed_memory
 
 PATHS = {"chunks": {"IN_PLACE_DTYPES": (torch.float32,)},
@@ -41,13 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; the fused loss forward + backward, bf16 "
           f"autocast, eager, V {VOCAB:,}: the softmax on fp32 chunks against in place on bf16, median of "
           f"{args.repeats}")
-    ratios = {}
-    for (rows, width), timings, ratio in sweep(args.rows, args.widths, PATHS, args.repeats, "chunks", "in place"):
-        ratios[rows, width] = ratio
-        print(f"N {rows:5,} C {width:4}: chunks {timings['chunks']}, in place {timings['in place']}: "
-              f"chunks/in place {ratio:.2f}", flush=True)
-    if BOOK_SHAPE in ratios:
-        print(f"headsoftmax_book_shape={ratios[BOOK_SHAPE]:.2f}")
+    print_sweep(sweep(args.rows, args.widths, PATHS, args.repeats, "chunks", "in place"),
+                lambda rows, width, timings, ratio: f"N {rows:5,} C {width:4}: chunks {timings['chunks']}, "
+                f"in place {timings['in place']}: chunks/in place {ratio:.2f}", "headsoftmax_book_shape", BOOK_SHAPE)
     return 0
 
 
