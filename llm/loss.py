@@ -11,9 +11,9 @@ compute dtype).
 - fp32 or bf16 (autocast), eager: the logits are computed straight into the gradient's buffer, and ATen's
   softmax kernel turns them into the gradient in place, row by row while each row is in cache: no (N, V)
   temporary. On bf16 logits the kernel computes in fp32 and rounds each probability once, so the bf16
-  gradient is the one an fp32 softmax would give, rounded; the loss is -log of the target's bf16
-  probability, within 2**-8 of the exact loss of the bf16 logits (a bf16 loss value of 4 to 8 has a
-  spacing of 2**-5).
+  gradient is the one an fp32 softmax would give, rounded; the target's, p - 1, is the sum of the other
+  probabilities in fp32 (1 - p from the rounded p would be 0 for any p over 1 - 2**-9), and the loss
+  within 2**-8 of the exact loss of the bf16 logits, relatively so where p is at least 1/2.
 - Another autocast dtype (fp16, whose probabilities lose precision as they shrink): chunks of CHUNK_ROWS
   rows of the logits are upcast to fp32 and turned into their rows of the gradient the same way; never
   more than one chunk of fp32 logits in memory.
@@ -119,20 +119,30 @@ def _loss_and_grad_(logits: Tensor, targets: Tensor, valid: Tensor,
 
     ATen's softmax kernel takes each row through its max, its exps and their normalisation while the row
     is in cache, in place: one pass over the chunk's memory, one exp per logit, nothing of the chunk's size
-    allocated. The loss is -log of the target's probability, exact to the rounding of that probability
-    (fp32's, or bf16's 2**-8) while it is a normal float (a loss below 87); where it underflows,
-    `row_logits(rows)` recomputes those rows' fp32 logits for log-sum-exp minus the target's logit."""
-    picked = logits.gather(1, targets[:, None]).squeeze(1)  # (n,), before the softmax overwrites it
+    allocated. In fp32 the target's gradient is p - 1 and the loss -log p, exact to fp32 rounding while p
+    is a normal float (a loss below 87). In bf16, p itself is rounded to 2**-8, and 1 - p taken from it
+    would lose a confident row's gradient (any p above 1 - 2**-9 rounds to 1): 1 - p is instead the sum of
+    the other probabilities, in fp32, one more read of the chunk, so the target's gradient is as exact as
+    theirs; the loss is -log1p(-(1 - p)) where p is at least 1/2, and -log p, within 2**-8, below. Where p
+    underflows, `row_logits(rows)` recomputes those rows' fp32 logits for log-sum-exp minus the target's
+    logit."""
+    rows = torch.arange(len(targets), device=logits.device)
+    picked = logits[rows, targets]  # (n,), before the softmax overwrites it
     torch._softmax(logits, 1, False, out=logits)  # (n, V): elementwise per row, so in place is safe
-    probability = logits.gather(1, targets[:, None]).squeeze(1).float()  # (n,)
-    loss = -probability.log()
+    probability = logits[rows, targets].float()  # (n,)
+    if logits.dtype == torch.float32:
+        loss, target_grad = -probability.log(), probability - 1
+    else:
+        logits[rows, targets] = 0.0
+        rest = logits.sum(dim=1, dtype=torch.float32)  # (n,): 1 - p, to the others' rounding
+        loss, target_grad = torch.where(probability < 0.5, -probability.log(), -torch.log1p(-rest)), -rest
     underflow = ((probability < torch.finfo(torch.float32).tiny) & valid).nonzero().squeeze(1)
     if len(underflow):
         loss[underflow] = logsumexp_(row_logits(underflow)) - picked[underflow].float()
     ignored = (~valid).nonzero().squeeze(1)
     if len(ignored):
         logits.index_fill_(0, ignored, 0.0)
-    logits[torch.arange(len(targets), device=logits.device), targets] -= valid.float()
+    logits[rows, targets] = target_grad.where(valid, 0.0).to(logits.dtype)
     return loss.where(valid, 0.0)  # not loss * valid: an ignored row's loss may be inf
 
 
