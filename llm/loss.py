@@ -12,7 +12,7 @@ compute dtype).
   softmax kernel turns them into the gradient in place, row by row while each row is in cache: no (N, V)
   temporary. On bf16 logits the kernel computes in fp32 and rounds each probability once, so the bf16
   gradient is the one an fp32 softmax would give, rounded; the target's, p - 1, is the sum of the other
-  probabilities in fp32 (1 - p from the rounded p would be 0 for any p over 1 - 2**-9), and the loss
+  probabilities, accumulated in fp32 (1 - p from the rounded p would be 0 for any p over 1 - 2**-9), the loss
   within 2**-8 of the exact loss of the bf16 logits, relatively so where p is at least 1/2.
 - Another autocast dtype (fp16, whose probabilities lose precision as they shrink): chunks of CHUNK_ROWS
   rows of the logits are upcast to fp32 and turned into their rows of the gradient the same way; never
@@ -122,8 +122,8 @@ def _loss_and_grad_(logits: Tensor, targets: Tensor, valid: Tensor,
     allocated. In fp32 the target's gradient is p - 1 and the loss -log p, exact to fp32 rounding while p
     is a normal float (a loss below 87). In bf16, p itself is rounded to 2**-8, and 1 - p taken from it
     would lose a confident row's gradient (any p above 1 - 2**-9 rounds to 1): 1 - p is instead the sum of
-    the other probabilities, in fp32, one more read of the chunk, so the target's gradient is as exact as
-    theirs; the loss is -log1p(-(1 - p)) where p is at least 1/2, and -log p, within 2**-8, below. Where p
+    the other probabilities (accumulated in fp32, rounded once), one more read of the chunk, so the
+    target's gradient is as exact as theirs; the loss is -log1p(-(1 - p)) where p is at least 1/2, and -log p, within 2**-8, below. Where p
     underflows, `row_logits(rows)` recomputes those rows' fp32 logits for log-sum-exp minus the target's
     logit."""
     rows = torch.arange(len(targets), device=logits.device)
@@ -134,7 +134,9 @@ def _loss_and_grad_(logits: Tensor, targets: Tensor, valid: Tensor,
         loss, target_grad = -probability.log(), probability - 1
     else:
         logits[rows, targets] = 0.0
-        rest = logits.sum(dim=1, dtype=torch.float32)  # (n,): 1 - p, to the others' rounding
+        # (n,): 1 - p, to the others' rounding. ATen sums bf16 in fp32 and rounds the sum once; asking it
+        # for an fp32 sum instead upcasts the whole chunk first, a pass twenty times as long.
+        rest = logits.sum(dim=1).float()
         loss, target_grad = torch.where(probability < 0.5, -probability.log(), -torch.log1p(-rest)), -rest
     underflow = ((probability < torch.finfo(torch.float32).tiny) & valid).nonzero().squeeze(1)
     if len(underflow):
