@@ -26,7 +26,7 @@ import sys
 import torch
 
 import llm.loss
-from benchmarks.headgrad import VOCAB, print_sweep, sweep
+from benchmarks.headgrad import VOCAB, add_sweep_arguments, print_sweep, sweep
 from llm.hardware import keep_freed_memory
 
 TRAIN_SHAPE = (2048, 256)  # (N, C)
@@ -34,9 +34,7 @@ TRAIN_SHAPE = (2048, 256)  # (N, C)
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--rows", default="256,512,1024,2048", help="N: tokens per micro-batch")
-    parser.add_argument("--widths", default="256,768", help="C: n_embd")
+    add_sweep_arguments(parser, "256,512,1024,2048")
     parser.add_argument("--block", type=int, default=llm.loss.VOCAB_BLOCK, help="vocabulary rows per product")
     args = parser.parse_args(argv)
     if args.block < 1:

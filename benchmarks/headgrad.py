@@ -81,6 +81,13 @@ def sweep(rows: str, widths: str, settings: Mapping[str, Mapping[str, object]], 
             yield (row_count, width), timings, timings[numerator].median / timings[denominator].median
 
 
+def add_sweep_arguments(parser: argparse.ArgumentParser, rows: str) -> None:
+    """The shapes a sweep times (--rows, --widths: comma-separated N and C) and its --repeats."""
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--rows", default=rows, help="N: tokens per micro-batch")
+    parser.add_argument("--widths", default="256,768", help="C: n_embd")
+
+
 def print_sweep(results: Iterator[tuple[tuple[int, int], dict[str, Timing], float]],
                 line: Callable[[int, int, dict[str, Timing], float], str], headline: str,
                 headline_shape: tuple[int, int]) -> None:
@@ -96,9 +103,7 @@ def print_sweep(results: Iterator[tuple[tuple[int, int], dict[str, Timing], floa
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--rows", default="256,512,1024,1536,2048", help="N: tokens per micro-batch")
-    parser.add_argument("--widths", default="256,768", help="C: n_embd")
+    add_sweep_arguments(parser, "256,512,1024,1536,2048")
     args = parser.parse_args(argv)
     keep_freed_memory()  # as the trainer runs
     threshold = llm.loss.DIRECT_GRAD_WEIGHT_ROWS

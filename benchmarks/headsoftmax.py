@@ -24,7 +24,7 @@ import sys
 
 import torch
 
-from benchmarks.headgrad import BOOK_SHAPE, VOCAB, print_sweep, sweep
+from benchmarks.headgrad import BOOK_SHAPE, VOCAB, add_sweep_arguments, print_sweep, sweep
 from llm.hardware import keep_freed_memory
 
 PATHS = {"chunks": {"IN_PLACE_DTYPES": (torch.float32,)},
@@ -33,9 +33,7 @@ PATHS = {"chunks": {"IN_PLACE_DTYPES": (torch.float32,)},
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--rows", default="256,512,1024,2048", help="N: tokens per micro-batch")
-    parser.add_argument("--widths", default="256,768", help="C: n_embd")
+    add_sweep_arguments(parser, "256,512,1024,2048")
     args = parser.parse_args(argv)
     keep_freed_memory()  # as the trainer runs
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; the fused loss forward + backward, bf16 "
