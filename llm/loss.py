@@ -123,9 +123,9 @@ def _loss_and_grad_(logits: Tensor, targets: Tensor, valid: Tensor,
     is a normal float (a loss below 87). In bf16, p itself is rounded to 2**-8, and 1 - p taken from it
     would lose a confident row's gradient (any p above 1 - 2**-9 rounds to 1): 1 - p is instead the sum of
     the other probabilities (accumulated in fp32, rounded once), one more read of the chunk, so the
-    target's gradient is as exact as theirs; the loss is -log1p(-(1 - p)) where p is at least 1/2, and -log p, within 2**-8, below. Where p
-    underflows, `row_logits(rows)` recomputes those rows' fp32 logits for log-sum-exp minus the target's
-    logit."""
+    target's gradient is as exact as theirs; the loss is -log1p(-(1 - p)) where p is at least 1/2, and
+    -log p, within 2**-8, below. Where p underflows, `row_logits(rows)` recomputes those rows' fp32
+    logits for log-sum-exp minus the target's logit."""
     rows = torch.arange(len(targets), device=logits.device)
     picked = logits[rows, targets]  # (n,), before the softmax overwrites it
     torch._softmax(logits, 1, False, out=logits)  # (n, V): elementwise per row, so in place is safe
@@ -135,7 +135,7 @@ def _loss_and_grad_(logits: Tensor, targets: Tensor, valid: Tensor,
     else:
         logits[rows, targets] = 0.0
         # (n,): 1 - p, to the others' rounding. ATen sums bf16 in fp32 and rounds the sum once; asking it
-        # for an fp32 sum instead upcasts the whole chunk first, a pass twenty times as long.
+        # for an fp32 sum instead upcasts the whole chunk into a temporary first.
         rest = logits.sum(dim=1).float()
         loss, target_grad = torch.where(probability < 0.5, -probability.log(), -torch.log1p(-rest)), -rest
     underflow = ((probability < torch.finfo(torch.float32).tiny) & valid).nonzero().squeeze(1)
