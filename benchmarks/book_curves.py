@@ -41,7 +41,7 @@ from torch import Tensor
 
 from benchmarks import book_ch05 as book
 from benchmarks.book import RECIPE, fetch_corpus
-from llm.config import PRECISIONS, load_params
+from llm.config import PRECISIONS, Params, load_params
 from llm.model import GPT, model_config
 from llm.tracking import MemoryTracker
 from llm.train import Batch, Trainer
@@ -100,10 +100,10 @@ def book_curve(shape: dict[str, int], batches: list[Batch], val: Batch, seed: in
     return curve
 
 
-def our_curve(shape: dict[str, int], batches: list[Batch], val: Batch, seed: int, precision: str | None,
-              out_dir: Path) -> list[float]:
-    """The pipeline's trainer with the recipe's settings over `batches`; its val loss every EVAL_EVERY steps."""
-    params = load_params(RECIPE)
+def our_curve(params: Params, shape: dict[str, int], batches: list[Batch], val: Batch, seed: int,
+              precision: str | None, out_dir: Path) -> list[float]:
+    """The pipeline's trainer with the recipe's settings (`params`) over `batches`; its val loss every
+    EVAL_EVERY steps."""
     config = dataclasses.replace(params.pretrain, seed=seed, max_steps=len(batches), device="cpu",
                                  precision=precision or params.pretrain.precision, eval_interval=EVAL_EVERY,
                                  log_interval=EVAL_EVERY, eval_batches=1, sample_interval=0,
@@ -134,7 +134,8 @@ def main() -> None:
     sys.stdout.reconfigure(line_buffering=True)
     shape = SHAPES[args.shape]
     with tempfile.TemporaryDirectory() as tmp:
-        text = fetch_corpus(load_params(RECIPE), Path(tmp) / "raw").read_text(encoding="utf-8")
+        params = load_params(RECIPE)
+        text = fetch_corpus(params, Path(tmp) / "raw").read_text(encoding="utf-8")
         train_loader, val_loader = book.book_loaders(text, tiktoken.get_encoding("gpt2"))
         windows = list(train_loader.dataset)
         val = (torch.stack([x for x, _ in val_loader.dataset]), torch.stack([y for _, y in val_loader.dataset]))
@@ -145,7 +146,7 @@ def main() -> None:
         for seed in range(1, args.seeds + 1):
             batches = epoch_order(windows, args.steps, seed)
             books.append(book_curve(shape, batches, val, seed))
-            ours.append(our_curve(shape, batches, val, seed, args.precision, Path(tmp) / f"ours-{seed}"))
+            ours.append(our_curve(params, shape, batches, val, seed, args.precision, Path(tmp) / f"ours-{seed}"))
             print(f"seed {seed}: the book best {min(books[-1]):.3f}, final {books[-1][-1]:.3f}; "
                   f"ours best {min(ours[-1]):.3f}, final {ours[-1][-1]:.3f}")
     (book_mean, book_error), (our_mean, our_error) = mean_and_error(books), mean_and_error(ours)

@@ -83,7 +83,9 @@ def test_the_curves_benchmark_runs_both_sides_from_one_start_over_one_order(tmp_
     """benchmarks.book_curves at a tiny shape, dropout on: the sides' curves differ only by their draws."""
     import torch
 
+    from benchmarks.book import RECIPE
     from benchmarks.book_curves import EVAL_EVERY, book_curve, epoch_order, our_curve
+    from llm.config import load_params
 
     shape, steps = {"n_layer": 1, "n_head": 2, "n_embd": 32}, 2 * EVAL_EVERY
     text = torch.randint(50257, (7, 257))
@@ -93,6 +95,6 @@ def test_the_curves_benchmark_runs_both_sides_from_one_start_over_one_order(tmp_
     assert [b[0].tolist() for b in batches[:3]] != [b[0].tolist() for b in epoch_order(windows, steps, seed=2)[:3]]
     val = (text[6:, :-1], text[6:, 1:])
     theirs = book_curve(shape, batches, val, seed=1)
-    ours = our_curve(shape, batches, val, 1, "fp32", tmp_path)
+    ours = our_curve(load_params(RECIPE), shape, batches, val, 1, "fp32", tmp_path)
     assert len(theirs) == len(ours) == 2
     assert ours == pytest.approx(theirs, abs=1.5e-3)  # from another seed's start, 4e-3 apart
