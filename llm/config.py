@@ -251,6 +251,10 @@ class TrainConfig:
     sample_prompt: str = "Every effort moves you"
     sample_tokens: int = 40
     checkpoint_interval: int = 50  # steps between resumable checkpoints (and at the end)
+    # Also one once this many seconds of the run (training, evaluations, samples) have passed since the
+    # last checkpoint or the start, whichever comes first; null: by steps only. Steps suit one host,
+    # seconds any: a slower host saves as often, and a short run on a fast one pays for none.
+    checkpoint_interval_s: float | None = None
     keep_checkpoints: int = 2  # resumable checkpoints kept; the oldest is deleted once a newer one is on disk
     keep_superseded: int = 2  # sets of checkpoints of other settings kept aside (resume/superseded-*)
 
@@ -259,6 +263,8 @@ class TrainConfig:
                     "eval_batches", "checkpoint_interval", "keep_checkpoints", "sample_tokens"):
             yield from check_positive(key, getattr(self, key))
         yield from check_range("keep_superseded", self.keep_superseded, 0)
+        if self.checkpoint_interval_s is not None:
+            yield from check_positive("checkpoint_interval_s", self.checkpoint_interval_s)
         yield from check_range("max_steps", self.max_steps, 0)
         if self.batch_size > 0 and (problem := global_batch_problem(self.batch_size, self.global_batch_size)):
             yield "global_batch_size", problem
@@ -278,8 +284,8 @@ class TrainConfig:
 # run's fingerprint (a new one counts by default, which sets old checkpoints aside rather than mixing runs).
 RUN_ONLY_SETTINGS = frozenset({
     "device", "precision", "compile", "log_interval", "eval_interval", "eval_batches", "sample_interval",
-    "sample_prompt", "sample_tokens", "checkpoint_interval", "keep_checkpoints", "keep_superseded",
-    "registered_model", "registered_encoder",
+    "sample_prompt", "sample_tokens", "checkpoint_interval", "checkpoint_interval_s", "keep_checkpoints",
+    "keep_superseded", "registered_model", "registered_encoder",
 })
 
 

@@ -65,6 +65,14 @@ def mean(value: torch.Tensor, dist: Dist) -> torch.Tensor:
     return value
 
 
+def broadcast(value: torch.Tensor, dist: Dist) -> torch.Tensor:
+    """The main process's `value`, on every process."""
+    if dist.enabled:
+        value = value.clone()
+        torch_dist.broadcast(value, src=0)
+    return value
+
+
 def barrier(dist: Dist) -> None:
     if dist.enabled:
         torch_dist.barrier()

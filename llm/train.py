@@ -182,6 +182,7 @@ class Trainer:
         self.settings = dict(settings)
         self.store = ResumeStore(out_dir, config.keep_checkpoints, config.keep_superseded)
         self.progress = Progress(fingerprint=settings_digest(settings), run_id=run_id)
+        self._saved_at = time.monotonic()  # the last checkpoint's end, or the loop's start
 
     # --- the loop -----------------------------------------------------------------------------------
 
@@ -200,6 +201,7 @@ class Trainer:
         if not resumed:
             self._report(self.evaluation())  # the starting point of the curve
         window_time, window_tokens = 0.0, 0
+        self._saved_at = time.monotonic()
         bar = tqdm(total=self.max_steps, initial=progress.step, desc="train", unit="step",
                    disable=None if self.dist.is_main else True)
         with bar:
@@ -240,7 +242,7 @@ class Trainer:
                     self._report(self.evaluation())
                 if self.sampler and cfg.sample_interval and (progress.step % cfg.sample_interval == 0 or last):
                     self._write_samples()
-                if progress.step % cfg.checkpoint_interval == 0 or last:
+                if progress.step % cfg.checkpoint_interval == 0 or last or self._checkpoint_due():
                     self.save_checkpoint()
                 faults.pause_point("train.step")
         self.save_final()
@@ -287,6 +289,15 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss_value, grad_norm, round(tokens_value * self.dist.world_size), dict(zip(sums, figure_values))
+
+    def _checkpoint_due(self) -> bool:
+        """Whether `checkpoint_interval_s` has passed since the last checkpoint (or the start). The main
+        process's clock decides for all: each saves, or none, as save_checkpoint's barrier needs."""
+        interval_s = self.config.checkpoint_interval_s
+        if interval_s is None:
+            return False
+        due = torch.tensor(float(time.monotonic() - self._saved_at >= interval_s), device=self.device)
+        return bool(distributed.broadcast(due, self.dist).item())
 
     def _reports(self, step: int) -> bool:
         """Whether the step that ends at `step` reports its figures (loss, gradient norm, tokens/s)."""
@@ -357,6 +368,7 @@ class Trainer:
                        "precisions": progress.precisions,
                        "settings": self.settings})
         distributed.barrier(self.dist)
+        self._saved_at = time.monotonic()
         return folder
 
     def _resume(self) -> bool:

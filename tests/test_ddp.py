@@ -16,7 +16,8 @@ from tests.data import make_shards, patterned_tokens
 SETTINGS = {"model": {"preset": "tiny", "vocab_size": 512, "context_length": 32},
             "pretrain": {"global_batch_size": 8, "max_steps": 6, "lr": 3e-3, "warmup_steps": 2, "log_interval": 1,
                          "eval_interval": 3, "eval_batches": 1, "sample_interval": 0, "checkpoint_interval": 3,
-                         "precision": "fp32", "device": "cpu"}}
+                         # by the clock, a checkpoint after every step: the ranks save when rank 0's clock says
+                         "checkpoint_interval_s": 1e-6, "precision": "fp32", "device": "cpu"}}
 
 WORKER = textwrap.dedent("""
     import hashlib, json, sys
@@ -65,3 +66,5 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     assert ranks[0]["losses"] == pytest.approx(single["losses"], abs=1e-5)
     assert ranks[0]["logged"] > 0 and ranks[1]["logged"] == 0  # only rank 0 reports
     assert (tmp_path / "two" / "ckpt" / "model.safetensors").is_file()
+    kept = sorted(path.name for path in (tmp_path / "two" / "ckpt" / "resume").glob("step-*"))
+    assert kept == ["step-000005", "step-000006"]  # saved after every step (by steps alone: 3 and 6)

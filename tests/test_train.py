@@ -7,7 +7,9 @@ import subprocess
 import sys
 import shutil
 import textwrap
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import safetensors.torch
@@ -154,6 +156,38 @@ def test_settings_that_leave_the_weights_alone_resume(tmp_path, shards):
     assert [step for step, _ in tracker.series("train_loss")] == [10]  # resumed at step 9: one step left
     assert result.precision_used == "fp32 then bf16"
     assert not list((out / "resume").glob("superseded-*"))
+
+
+class StepClock:
+    """A monotonic clock that moves `seconds_per_step` at the end of every training step, and not otherwise."""
+
+    def __init__(self, seconds_per_step: float) -> None:
+        self.now, self.seconds_per_step = 0.0, seconds_per_step
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def step_ends(self, point: str) -> None:
+        if point == "train.step":
+            self.now += self.seconds_per_step
+
+
+@pytest.mark.parametrize("interval_s, saved", [(None, [10]), (10.0, [4, 7, 10]), (3600.0, [10])])
+def test_checkpoints_also_come_every_checkpoint_interval_s(tmp_path, shards, monkeypatch, interval_s, saved):
+    import llm.train
+
+    clock = StepClock(seconds_per_step=4.0)  # 10 s are due at the third step after the last checkpoint
+    monkeypatch.setattr(llm.train, "time", SimpleNamespace(monotonic=clock.monotonic, perf_counter=time.perf_counter))
+    monkeypatch.setattr(llm.train.faults, "pause_point", clock.step_ends)
+    out = tmp_path / "out"
+    run_pretrain(params(max_steps=10, checkpoint_interval=100, checkpoint_interval_s=interval_s, keep_checkpoints=5),
+                 shards, out, tracker=MemoryTracker())
+    assert sorted(int(path.name.removeprefix("step-")) for path in (out / "resume").glob("step-*")) == saved
+
+
+def test_checkpoint_interval_s_must_be_positive():
+    with pytest.raises(ConfigError, match=r"pretrain.checkpoint_interval_s: must be > 0, got 0"):
+        params(checkpoint_interval_s=0)
 
 
 def test_new_code_starts_over_instead_of_resuming_a_finished_run(tmp_path, shards, monkeypatch):
