@@ -291,13 +291,14 @@ class Trainer:
         return loss_value, grad_norm, round(tokens_value * self.dist.world_size), dict(zip(sums, figure_values))
 
     def _checkpoint_due(self) -> bool:
-        """Whether `checkpoint_interval_s` has passed since the last checkpoint (or the start). The main
-        process's clock decides for all: each saves, or none, as save_checkpoint's barrier needs."""
+        """Whether `checkpoint_interval_s` has passed since the last checkpoint (or the loop's start)."""
         interval_s = self.config.checkpoint_interval_s
         if interval_s is None:
             return False
-        due = torch.tensor(float(time.monotonic() - self._saved_at >= interval_s), device=self.device)
-        return bool(distributed.broadcast(due, self.dist).item())
+        due = time.monotonic() - self._saved_at >= interval_s
+        if self.dist.enabled:  # the main process's clock decides: all save or none, as the barrier needs
+            due = bool(distributed.broadcast(torch.tensor(float(due), device=self.device), self.dist).item())
+        return due
 
     def _reports(self, step: int) -> bool:
         """Whether the step that ends at `step` reports its figures (loss, gradient norm, tokens/s)."""
