@@ -15,8 +15,8 @@ mirror in $LLM_MIRROR_DIR where there is no network), for `--epochs` of the book
   autocast on a CPU that runs it fast; SDPA attention; the head and loss fused; fused AdamW), on shards
   that `llm.tokenize.tokenize_corpus` writes from the same file with the recipe's tokenize section (its
   last 10% of characters held out), for the same number of steps; its evaluation at step 0, every 5
-  steps, a sample every epoch, its resumable checkpoints (the recipe's: at the end, and every 5 minutes
-  where the run takes longer) and the final model included.
+  steps, a sample every epoch, its resumable checkpoints (when the recipe's checkpoint_interval and
+  checkpoint_interval_s say) and the final model included.
 The recipe is checked against the book's settings first (a benchmark of other settings is no comparison).
 `--seed` replaces the book's 123 on both sides, which then start from the weights drawn after it: the
 order of the windows and the dropout draws change with it, and so do both curves, and with them the
