@@ -1,22 +1,32 @@
-"""What keeping freed memory gains the evaluate stage on a CPU: its perplexity under glibc's default malloc
-against `keep_freed_memory` (llm/hardware.py), which the stage sets as the trainer does.
+"""What keeping freed memory gains training on a CPU: the trainer under glibc's default malloc against
+`keep_freed_memory` (llm/hardware.py), which `llm.train.Trainer` sets for its whole process on a CPU.
 
-    python -m benchmarks.allocator [--rounds 3] [--megabytes 1]
+    python -m benchmarks.allocator [--rounds 3] [--preset gpt2-book] [--context 256] [--batch 2] [--steps 6]
+                                   [--warmup 2]
 
-The corpus (tinyshakespeare repeated to `--megabytes`) is tokenized by the tokenize stage's code with its
-default 10% val split. Each side then runs in a fresh process of its own, since the setting holds for the
-whole process and cannot be undone: a `cpu-small` GPT (seeded; perplexity's speed does not depend on the
-weights) scores the whole val split with `llm.perplexity.perplexity` at the evaluate stage's default batch
-of 8 windows in fp32, as the stage does. Each batch's (8, 256, 50,257) logits and their log-softmax are
-412 MB each; by default glibc maps each afresh and unmaps it when freed, so every page faults again at
-every batch. The rounds take the two sides in turn, the order swapped each round, and both must give the
-same loss to the bit. Printed: each side's tokens/s and peak memory per round. Last line:
+Every training step frees and reallocates the same large buffers: the gradients (set to None after each
+step), the embedding's zero-filled gradient, autocast's bf16 copies of the weights. By default glibc
+serves each one above its mmap threshold (32 MB at most) with a fresh mapping and unmaps it when freed,
+so every page of it faults again on its first write, at every step. The default shape is the book
+recipe's (recipes/book-ch05.yaml: `gpt2-book` at context 256, batch 2, dropout 0.1, AdamW at lr 4e-4 with
+weight decay 0.1 and betas 0.9/0.999, no clipping, no warmup), whose (50,257, 768) gradients are 154 MB
+each; `--preset cpu-small --batch 8` is the default pipeline's.
+
+Each side runs the real Trainer in a fresh process of its own, since the setting holds for the whole
+process and cannot be undone; on the default side the Trainer's one call to `keep_freed_memory` is
+replaced by a no-op, and nothing else differs. Both train the same model from the same seed on the same
+windows of the corpus (tinyshakespeare repeated to `--megabytes`, tokenized by the tokenize stage's
+code), in the trainer's precision (`precision: auto`: bf16 where the CPU computes it natively): `--warmup`
+steps untimed, then `--steps` timed, each step reported (its tokens/s covers the optimizer step alone). The
+rounds take the two sides in turn, the order swapped each round, and both must report the same losses
+to the bit. Printed: each side's tokens/s over the timed steps and its peak memory, per round. Last line:
 `allocator_speedup=R`, the median of the rounds' ratios of tokens/s (kept over default).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -25,31 +35,51 @@ from pathlib import Path
 MODES = ("default", "keep")
 
 
-def worker(mode: str, shards: Path) -> None:
+def worker(mode: str, shards: Path, preset: str, context: int, batch: int, warmup: int, steps: int) -> None:
     import torch
 
+    import llm.train
     from benchmarks.common import emit
-    from llm.hardware import keep_freed_memory
+    from llm.config import TrainConfig
+    from llm.hardware import precision_name
     from llm.model import GPT, model_config
-    from llm.perplexity import perplexity
-    from llm.shards import TokenStream
+    from llm.shards import RandomWindows, TokenStream
+    from llm.tracking import MemoryTracker
 
-    kept = keep_freed_memory() if mode == "keep" else False
+    if mode == "default":
+        llm.train.keep_freed_memory = lambda: False  # the Trainer's one call: glibc's defaults stay
     torch.manual_seed(0)
-    model = GPT(model_config("cpu-small"))
-    result = perplexity(model, TokenStream.from_manifest(shards, "val"), model.config.context_length, batch_size=8)
-    emit({"kept": kept, "tokens": result.tokens, "tokens_per_s": result.tokens_per_s, "loss": result.loss})
+    model = GPT(model_config(preset, context_length=context))
+    windows = RandomWindows(TokenStream.from_manifest(shards, "train"), context, batch, seed=0)
+    val = [RandomWindows(TokenStream.from_manifest(shards, "val"), context, batch, seed=0).next_batch()]
+    config = TrainConfig(device="cpu", batch_size=batch, global_batch_size=batch, max_steps=warmup + steps,
+                         lr=4e-4, min_lr=4e-4, warmup_steps=0, weight_decay=0.1, beta2=0.999, grad_clip=0.0,
+                         log_interval=1, eval_interval=10**9, eval_batches=1, sample_interval=0,
+                         checkpoint_interval=10**9)
+    with tempfile.TemporaryDirectory() as out:
+        trainer = llm.train.Trainer(model, windows, val, config, out, settings={"bench": 1}, tracker=MemoryTracker())
+        history = trainer.fit().progress.history
+    timed = [rate for step, rate in history["tokens_per_s"] if step > warmup]
+    tokens = batch * context
+    emit({"precision": precision_name(trainer.dtype),
+          "tokens_per_s": steps * tokens / sum(tokens / rate for rate in timed),  # over the timed steps
+          "losses": [loss for _, loss in history["train_loss"]]})
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--preset", default="gpt2-book", help="the model's shape (llm/model_config.py)")
+    parser.add_argument("--context", type=int, default=256, help="tokens a window (the model's context_length)")
+    parser.add_argument("--batch", type=int, default=2, help="windows a step")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--steps", type=int, default=6, help="timed steps")
     parser.add_argument("--megabytes", type=int, default=1, help="size of the corpus tokenized")
     parser.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--shards", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        worker(args.worker, args.shards)
+        worker(args.worker, args.shards, args.preset, args.context, args.batch, args.warmup, args.steps)
         return 0
 
     from benchmarks.common import run_worker
@@ -57,22 +87,24 @@ def main(argv: list[str] | None = None) -> int:
     from llm.config import TokenizeConfig
     from llm.tokenize import tokenize_corpus
 
+    shape = ["--preset", args.preset, "--context", str(args.context), "--batch", str(args.batch), "--warmup", str(args.warmup),
+             "--steps", str(args.steps)]
     ratios = []
     with tempfile.TemporaryDirectory() as tmp:
         tokenize_corpus(build_corpus(Path(tmp), args.megabytes), Path(tmp) / "shards", TokenizeConfig())
         for round_ in range(args.rounds):
             order = MODES if round_ % 2 == 0 else MODES[::-1]
-            results = {mode: run_worker("benchmarks.allocator", "--worker", mode, "--shards", str(Path(tmp) / "shards"))
-                       for mode in order}
+            results = {mode: run_worker("benchmarks.allocator", "--worker", mode, "--shards", str(Path(tmp) / "shards"),
+                                        *shape) for mode in order}
             default, keep = results["default"], results["keep"]
-            if not keep["kept"]:
-                raise SystemExit("keep_freed_memory() changed nothing here (not glibc): nothing to compare")
-            if keep["loss"] != default["loss"]:
-                raise SystemExit(f"the two sides' losses differ: {default['loss']!r} and {keep['loss']!r}")
+            if default["losses"] != keep["losses"]:
+                raise SystemExit(f"the two sides' losses differ: {json.dumps(default['losses'])} and "
+                                 f"{json.dumps(keep['losses'])}")
             ratios.append(keep["tokens_per_s"] / default["tokens_per_s"])
-            print(f"round {round_ + 1}: {default['tokens']} val tokens, loss {default['loss']:.6f} on both sides; "
-                  f"default {default['tokens_per_s']:7.0f} tokens/s, peak {default['peak_rss_mib']:6.0f} MiB; "
-                  f"kept {keep['tokens_per_s']:7.0f} tokens/s, peak {keep['peak_rss_mib']:6.0f} MiB: "
+            print(f"round {round_ + 1}: {args.preset}, batch {args.batch} x {args.context}, {keep['precision']}, {args.steps} steps "
+                  f"timed after {args.warmup}, the same losses on both sides (last {keep['losses'][-1]:.4f}); "
+                  f"default {default['tokens_per_s']:6.0f} tokens/s, peak {default['peak_rss_mib']:6.0f} MiB; "
+                  f"kept {keep['tokens_per_s']:6.0f} tokens/s, peak {keep['peak_rss_mib']:6.0f} MiB: "
                   f"{ratios[-1]:.2f}x", flush=True)
     print(f"allocator_speedup={statistics.median(ratios):.2f}")
     return 0

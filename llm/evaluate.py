@@ -34,8 +34,8 @@ import torch
 from llm.checkpoint import SPLIT_FILE, load_model, read_config, read_history
 from llm.config import EvaluateConfig
 from llm.generate import Sampling
+from llm.hardware import inference_dtype, precision_name, resolve_device
 from llm.hellaswag import HellaSwagResult, Item, hellaswag
-from llm.hardware import inference_dtype, keep_freed_memory, precision_name, resolve_device
 from llm.instructions import TEMPLATES, prompt_text, read_split
 from llm.judge import JudgeResult, judge_responses
 from llm.masking import MaskedMetrics, split_metrics
@@ -128,10 +128,6 @@ def evaluate_models(config: EvaluateConfig, base_dir: str | Path, tuned_dirs: Ma
     tuned_dirs = {stage: Path(folder) for stage, folder in tuned_dirs.items()}
     finetuned_dir = next(iter(tuned_dirs.values()))
     device = resolve_device(config.device)
-    if device.type == "cpu":
-        # Each perplexity batch allocates its (B, T, vocab) logits and their log-softmax afresh: without
-        # this, every page of both faults again at every batch (llm/hardware.py).
-        keep_freed_memory()
     dtype = inference_dtype(device, config.precision)  # fp32 unless asked: scores independent of the host
     autocast_dtype = None if dtype == torch.float32 else dtype
     manifest = read_manifest(shards_dir)

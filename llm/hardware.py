@@ -23,9 +23,9 @@ set to None after each step; the embedding's dense gradient, zero-filled; autoca
 weights). glibc's malloc serves each one above its mmap threshold (32 MB at most) with a fresh mmap and
 unmaps it when freed, so the first write to each of its pages faults again at every step, a cost that
 grows with the vocabulary, not with the batch. `keep_freed_memory` turns that off for the process (the
-trainer does so on a CPU, and so does the evaluate stage, whose perplexity allocates each batch's logits
-afresh): freed buffers stay in the heap and the next step reuses them as they are. The price: a process
-keeps its peak of memory until it exits. benchmarks/book.py measures the gain.
+trainer does so on a CPU): freed buffers stay in the heap and the next step reuses them as they are. The
+price: a process keeps its peak of memory until it exits. `python -m benchmarks.allocator` measures the
+gain, with the trainer under each setting.
 """
 
 from __future__ import annotations

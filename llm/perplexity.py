@@ -13,7 +13,10 @@ context_length times the cost.
 
 The loss is the sum of the per-target losses over the number of targets, a token-weighted mean. The
 mean of per-batch means (what `model(idx, targets)` returns) would weigh the padded last window's few
-targets as much as a full batch's, so the sums are taken here from the logits.
+targets as much as a full batch's, so each target's loss is asked for (`reduction="none"`) and summed here.
+They come from the model's own head + loss (llm/loss.py), which without gradients turns the logits into
+losses a chunk of rows at a time: a batch's (B, T, vocab) logits (412 MB in fp32 for 8 windows of 256 over
+GPT-2's vocabulary), and their log-softmax as large, are never held.
 """
 
 from __future__ import annotations
@@ -26,7 +29,6 @@ from dataclasses import dataclass
 import numpy as np
 import tiktoken
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from llm.loss import IGNORE_INDEX
@@ -56,8 +58,9 @@ def perplexity(
     autocast_dtype: torch.dtype | None = None,
     token_bytes: torch.Tensor | None = None,
 ) -> PerplexityResult:
-    """Loss and perplexity of `model` (token ids (B, T) -> logits (B, T, vocab)) over all of `stream`,
-    and with `token_bytes` (each token id's length in bytes, `token_byte_lengths`) bits per byte.
+    """Loss and perplexity of `model` over all of `stream`, and with `token_bytes` (each token id's length
+    in bytes, `token_byte_lengths`) bits per byte. `model(idx, targets, reduction="none")` gives each
+    target's loss (B, T), 0 where the target is IGNORE_INDEX, as `llm.model.GPT` does.
 
     `model` must already be on `device`. `autocast_dtype` (e.g. torch.bfloat16 on a GPU) runs the
     forward under autocast; the cross-entropy is always summed in float32 and accumulated in float64.
@@ -74,10 +77,9 @@ def perplexity(
     autocast = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
     with eval_mode(model), torch.inference_mode(), autocast:
         for inputs, targets in sequential_batches(stream, context_length, batch_size):
-            logits = model(inputs.to(device))
-            targets = targets.to(device).flatten()
-            losses = F.cross_entropy(logits.flatten(0, 1).float(), targets, ignore_index=IGNORE_INDEX,
-                                     reduction="none")  # 0 where ignored
+            targets = targets.to(device)
+            losses = model(inputs.to(device), targets, reduction="none").flatten().float()  # 0 where ignored
+            targets = targets.flatten()
             total += losses.sum()
             tokens += int((targets != IGNORE_INDEX).sum())
             if lengths is not None:

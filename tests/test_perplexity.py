@@ -4,8 +4,10 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
-from llm.loss import IGNORE_INDEX
+from llm.loss import CHUNK_ROWS, IGNORE_INDEX
 from llm.model import GPT, model_config
 from llm.perplexity import perplexity, sequential_batches
 from llm.shards import TokenStream
@@ -29,6 +31,20 @@ def test_sequential_batches_cover_every_target_once(tmp_path):
     assert targets == tokens[1:].tolist()
 
 
+class TargetLosses(nn.Module):
+    """What perplexity calls: `model(idx, targets, reduction="none")`, each target's loss, 0 where ignored;
+    here the cross-entropy of the logits of `logits` (a module from token ids to logits)."""
+
+    def __init__(self, logits: nn.Module):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor, reduction: str) -> torch.Tensor:
+        assert reduction == "none"
+        return torch.nn.functional.cross_entropy(self.logits(idx).flatten(0, 1), targets.flatten(),
+                                                 ignore_index=IGNORE_INDEX, reduction="none").view(targets.shape)
+
+
 class Bigram(nn.Module):
     """Logits that depend on the current token only: row `a` of a fixed table for input token `a`."""
 
@@ -48,7 +64,7 @@ def test_loss_is_the_token_weighted_mean_over_every_target_including_the_padded_
     stream = val_stream(tmp_path, [0, 1, 2, 3, 0, 2, 2, 3, 1, 2], vocab_size=4)
 
     # Windows of 4 targets in batches of 2: the second batch is one window with one target, 3 padded.
-    result = perplexity(Bigram(table), stream, context_length=4, batch_size=2)
+    result = perplexity(TargetLosses(Bigram(table)), stream, context_length=4, batch_size=2)
 
     expected = (6 * math.log(2) + 3 * math.log(6)) / 9  # = ln(24) / 3
     assert result.tokens == 9
@@ -86,11 +102,41 @@ def test_a_gpt_scores_what_a_naive_loop_over_every_position_scores_with_dropout_
     assert result.perplexity == pytest.approx(math.exp(expected), rel=1e-5)
 
 
+class LargestTensor(TorchDispatchMode):
+    """Records the most elements of any tensor an operator returns while the mode is on."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for value in tree_leaves(out):
+            if isinstance(value, torch.Tensor):
+                self.numel = max(self.numel, value.numel())
+        return out
+
+
+def test_a_gpt_is_scored_without_ever_holding_a_batch_of_logits(tmp_path):
+    torch.manual_seed(0)
+    vocab, context, batch = 1024, 64, 8  # 512 rows of logits a batch, 4 of the loss's chunks
+    model = GPT(model_config("tiny", vocab_size=vocab, context_length=context))
+    tokens = torch.randint(0, vocab, (3 * batch * context,)).tolist()
+    stream = val_stream(tmp_path, tokens, vocab_size=vocab)
+
+    with LargestTensor() as largest:
+        result = perplexity(model, stream, context_length=context, batch_size=batch)
+
+    assert largest.numel <= CHUNK_ROWS * vocab < batch * context * vocab
+    expected, _ = naive_loss(model.eval(), tokens, context)
+    assert result.loss == pytest.approx(expected, rel=1e-5)
+
+
 def test_a_split_without_a_target_is_refused_with_the_fix(tmp_path):
     stream = val_stream(tmp_path, [3], vocab_size=4)
     with pytest.raises(ValueError, match=r"^the split holds 1 token\(s\): perplexity needs at least 2 "
                                          r"\(one next-token target\); tokenize more text into it$"):
-        perplexity(Bigram(torch.zeros(4, 4)), stream, context_length=4, batch_size=2)
+        perplexity(TargetLosses(Bigram(torch.zeros(4, 4))), stream, context_length=4, batch_size=2)
 
 
 def test_bits_per_byte_is_the_loss_in_bits_over_the_targets_bytes_without_end_of_text(tmp_path):
@@ -105,10 +151,11 @@ def test_bits_per_byte_is_the_loss_in_bits_over_the_targets_bytes_without_end_of
     ids = enc.encode_ordinary(text) + [enc.eot_token] + enc.encode_ordinary(" A second document.")
     stream = val_stream(tmp_path, ids, 50257)
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Embedding(50257, 8), nn.Linear(8, 50257))  # logits from the current token alone
+    logits = nn.Sequential(nn.Embedding(50257, 8), nn.Linear(8, 50257))  # from the current token alone
+    model = TargetLosses(logits)
     result = perplexity(model, stream, context_length=8, batch_size=2, token_bytes=lengths)
     with torch.no_grad():
-        losses = torch.nn.functional.cross_entropy(model(torch.tensor(ids[:-1])), torch.tensor(ids[1:]),
+        losses = torch.nn.functional.cross_entropy(logits(torch.tensor(ids[:-1])), torch.tensor(ids[1:]),
                                                    reduction="none")
     counted = torch.tensor([t != enc.eot_token for t in ids[1:]])
     nbytes = len(enc.decode_bytes([t for t in ids[1:] if t != enc.eot_token]))
