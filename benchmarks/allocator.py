@@ -10,7 +10,7 @@ serves each one above its mmap threshold (32 MB at most) with a fresh mapping an
 so every page of it faults again on its first write, at every step. The default shape is the book
 recipe's (recipes/book-ch05.yaml: `gpt2-book` at context 256, batch 2, dropout 0.1, AdamW at lr 4e-4 with
 weight decay 0.1 and betas 0.9/0.999, no clipping, no warmup), whose (50,257, 768) gradients are 154 MB
-each; `--preset cpu-small --batch 8` is the default pipeline's.
+each; `--preset cpu-small --batch 8` is the default pipeline's shape (with the same optimizer settings).
 
 Each side runs the real Trainer in a fresh process of its own, since the setting holds for the whole
 process and cannot be undone; on the default side the Trainer's one call to `keep_freed_memory` is
@@ -85,10 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.common import run_worker
     from benchmarks.tokenize import build_corpus
     from llm.config import TokenizeConfig
+    from llm.hardware import has_glibc
     from llm.tokenize import tokenize_corpus
 
-    shape = ["--preset", args.preset, "--context", str(args.context), "--batch", str(args.batch), "--warmup", str(args.warmup),
-             "--steps", str(args.steps)]
+    if not has_glibc():
+        raise SystemExit("keep_freed_memory() changes nothing here (the C library is not glibc): nothing to compare")
+    shape = ["--preset", args.preset, "--context", str(args.context), "--batch", str(args.batch),
+             "--warmup", str(args.warmup), "--steps", str(args.steps)]
     ratios = []
     with tempfile.TemporaryDirectory() as tmp:
         tokenize_corpus(build_corpus(Path(tmp), args.megabytes), Path(tmp) / "shards", TokenizeConfig())
@@ -101,8 +104,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"the two sides' losses differ: {json.dumps(default['losses'])} and "
                                  f"{json.dumps(keep['losses'])}")
             ratios.append(keep["tokens_per_s"] / default["tokens_per_s"])
-            print(f"round {round_ + 1}: {args.preset}, batch {args.batch} x {args.context}, {keep['precision']}, {args.steps} steps "
-                  f"timed after {args.warmup}, the same losses on both sides (last {keep['losses'][-1]:.4f}); "
+            print(f"round {round_ + 1}: {args.preset}, batch {args.batch} x {args.context}, {keep['precision']}, "
+                  f"{args.steps} steps timed after {args.warmup}, the same losses on both sides (last "
+                  f"{keep['losses'][-1]:.4f}); "
                   f"default {default['tokens_per_s']:6.0f} tokens/s, peak {default['peak_rss_mib']:6.0f} MiB; "
                   f"kept {keep['tokens_per_s']:6.0f} tokens/s, peak {keep['peak_rss_mib']:6.0f} MiB: "
                   f"{ratios[-1]:.2f}x", flush=True)
