@@ -37,8 +37,8 @@ LAYOUTS = {"direct": sys.maxsize, "transposed": 0}  # DIRECT_GRAD_WEIGHT_ROWS th
 
 def step(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, **settings: object):
     """The fused loss forward and backward in bf16 autocast, as training runs it, with llm.loss's module
-    settings (DIRECT_GRAD_WEIGHT_ROWS=..., VOCAB_BLOCK=..., IN_PLACE_DTYPES=...) set for each run: the gradients of hidden and
-    weight. The caller restores the settings."""
+    settings (DIRECT_GRAD_WEIGHT_ROWS=..., VOCAB_BLOCK=..., IN_PLACE_DTYPES=...) set for each run: the
+    gradients of hidden and weight. The caller restores the settings."""
     def run() -> tuple[torch.Tensor, torch.Tensor]:
         for name, value in settings.items():
             setattr(llm.loss, name, value)

@@ -112,7 +112,7 @@ def _models(e: Evaluation) -> str:
     return "\n".join([
         f"- **Base model:** {cell(e.base_model)}",
         *(f"- **{cell(t.label)} model:** {cell(t.model)}" for t in e.tuned),
-        f"- **Promoted to champion:** "
+        "- **Promoted to champion:** "
         + (f"{cell(champion.label)} ({cell(champion.model)})" if champion else "none (the holder stays champion)"),
     ])
 

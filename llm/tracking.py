@@ -18,16 +18,17 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
-from llm.lineage import DataInput, flatten, lineage_tags
+from llm.lineage import DataInput, flatten
 from llm.store import (TrackingUnavailable, configure, display_uri, ensure_experiment, is_transient, retrying,
                        short_error)
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class Tracker(Protocol):

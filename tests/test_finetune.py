@@ -77,7 +77,9 @@ def test_lora_trains_adapters_only_and_saves_a_plain_merged_model(stage):
                           tracker=MemoryTracker())
     saved = safetensors.torch.load_file(out / "model.safetensors")
     assert not any("lora" in name for name in saved)
-    embedding = lambda weights: weights.get("wte.weight", weights.get("lm_head.weight"))  # tied: stored once
+    def embedding(weights):  # tied: stored once, under either name
+        return weights.get("wte.weight", weights.get("lm_head.weight"))
+
     assert torch.equal(embedding(saved), embedding(before))  # frozen: not a target
     assert not torch.equal(saved["h.0.attn.c_attn.weight"], before["h.0.attn.c_attn.weight"])  # merged adapter
     merged = load_model(out)

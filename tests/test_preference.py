@@ -18,7 +18,7 @@ from llm.checkpoint import SPLIT_FILE, load_model, read_config, save_model
 from llm.config import Params
 from llm.validation import from_mapping
 from llm.download import write_manifests
-from llm.instructions import read_split, split_records, load_records
+from llm.instructions import load_records, split_records
 from llm.model import GPT, IGNORE_INDEX, model_config
 from llm.preference import (DPOObjective, PairBatches, PreferenceDataError, collate_pairs, dpo_loss, encode_pairs,
                             final_scores, load_pairs, read_pairs_split, run_preference, sequence_logprobs,

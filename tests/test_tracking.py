@@ -286,7 +286,6 @@ def test_a_runs_inputs_are_mlflow_datasets_with_their_sha256_and_a_checkpoint_li
     import json
 
     import mlflow
-    import torch
 
     from llm.checkpoint import save_model
     from llm.files import sha256_file
