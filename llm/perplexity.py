@@ -80,10 +80,11 @@ def perplexity(
             targets = targets.to(device)
             losses = model(inputs.to(device), targets, reduction="none").flatten().float()  # 0 where ignored
             targets = targets.flatten()
+            counted = targets != IGNORE_INDEX
             total += losses.sum()
-            tokens += int((targets != IGNORE_INDEX).sum())
+            tokens += int(counted.sum())
             if lengths is not None:
-                size = lengths[targets.clamp(min=0)] * (targets != IGNORE_INDEX)
+                size = lengths[targets.clamp(min=0)] * counted
                 with_bytes += losses[size > 0].sum()
                 nbytes += int(size.sum())
     loss = total.item()  # waits for the device: the timing below covers all of the work
